@@ -1,0 +1,305 @@
+"""The Qwen2 / Qwen2.5 / Qwen3 decoder-only transformer, a static KV cache and the config.
+
+Module names follow the Hugging Face checkpoints (model.embed_tokens, model.layers.N.self_attn.q_proj,
+model.norm, lm_head) so that a checkpoint's state dict maps onto this model one to one.
+Qwen3 differs from Qwen2 only in: RMSNorm on each q/k head before RoPE, no q/k/v bias, explicit head_dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int  # hidden_size // heads unless the config gives it
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True  # Qwen2: q/k/v bias; Qwen3: False
+    qk_norm: bool = False  # Qwen3: True
+    model_type: str = "qwen2"  # "qwen2" | "qwen3"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        """Read a Hugging Face config.json dict; refuse anything this model would compute differently."""
+        model_type = d.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"unsupported model_type {model_type!r} (supported: qwen2, qwen3)")
+        archs = d.get("architectures") or [ARCHITECTURES[model_type]]
+        if archs != [ARCHITECTURES[model_type]]:
+            raise ValueError(f"unsupported architectures {archs!r} (expected [{ARCHITECTURES[model_type]!r}])")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (only 'silu')")
+        # rope: newer configs nest it in rope_parameters, older ones use top-level rope_theta (+ rope_scaling).
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"unsupported rope_type {rope_type!r} in rope_parameters/rope_scaling (only 'default')")
+        rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or []):
+            raise ValueError("unsupported use_sliding_window=true / layer_types with sliding_attention "
+                             "(only full attention)")
+        if model_type == "qwen3" and d.get("attention_bias"):
+            raise ValueError("unsupported attention_bias=true for qwen3")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in d:
+                raise ValueError(f"config field {key!r} is missing")
+        heads = d["num_attention_heads"]
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", model_type=model_type,
+            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
+        )
+
+    def to_hf(self) -> dict:
+        """A config.json dict that transformers (old and new) and vLLM load as Qwen2/Qwen3ForCausalLM."""
+        d = {
+            "architectures": [ARCHITECTURES[self.model_type]], "model_type": self.model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            # Both rope styles, so transformers before and after v5 read the same theta.
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "use_sliding_window": False,
+            "attention_dropout": 0.0, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.model_type == "qwen3":
+            d["attention_bias"] = False
+        return d
+
+
+class KVCache:
+    """Static cache: per layer one preallocated [B, n_kv, max_seq_len, head_dim] tensor for keys and one for values."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.seq_len = 0  # positions filled so far (same for every row: rows are left-padded)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k/v at seq_len and return all keys/values so far (views, no copy)."""
+        end = self.seq_len + k.shape[2]
+        self.k[layer][:, :, self.seq_len:end] = k
+        self.v[layer][:, :, self.seq_len:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def repeat_interleave(self, n: int) -> "KVCache":
+        """Row i becomes rows i*n .. i*n+n-1 (GRPO: prefill each prompt once, then sample G times)."""
+        out = KVCache.__new__(KVCache)
+        out.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+        out.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+        out.seq_len = self.seq_len
+        return out
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale in the input dtype (as the reference does: bf16 parity).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
+    hd = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # Qwen/HF convention: the two halves of head_dim form the (real, imaginary) pairs, not interleaved pairs.
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * c.head_dim, c.hidden_size, bias=False)
+        self.qk_norm = c.qk_norm
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        # GQA by repeating kv heads (SDPA's enable_gqa needs torch>=2.5 and blocks the fused masked kernels).
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_4d(attention_mask: torch.Tensor | None, T: int, start: int, device) -> torch.Tensor | None:
+    """One boolean SDPA mask [B|1, 1, T, S] (True = may attend): causal AND key is not padding.
+
+    Query i sits at absolute position start+i. A padding query (left padding) would see no key at all and
+    SDPA would return NaN, so every query may always attend to itself.
+    """
+    S = start + T
+    if attention_mask is None and start == 0:
+        return None  # plain causal: let SDPA use is_causal (fast fused path)
+    q_pos = torch.arange(start, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    allowed = k_pos <= q_pos  # [T, S]
+    if attention_mask is None:
+        return allowed
+    if attention_mask.shape[-1] != S:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys but cache + input have {S}")
+    allowed = allowed & (attention_mask[:, None, :].bool() | (k_pos == q_pos))  # [B, T, S]
+    return allowed[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Not persistent: never in checkpoints; the loader recomputes it after building on the meta device.
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module):
+        # HF-style init (std 0.02) so a model trained from scratch starts with small logits.
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def init_buffers(self, device=None):
+        """Recompute the RoPE buffer (after meta-device construction or on a new device)."""
+        self.inv_freq = rope_inv_freq(self.config, device=device)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        B, T = input_ids.shape
+        start = 0 if kv_cache is None else kv_cache.seq_len
+        if kv_cache is not None and start + T > kv_cache.max_seq_len:
+            raise ValueError(f"KV cache full: {start} + {T} positions > max_seq_len {kv_cache.max_seq_len}")
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: real tokens count from 0
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        mask = attention_mask_4d(attention_mask, T, start, input_ids.device)
+
+        x = self.model.embed_tokens(input_ids)
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # fp32: positions up to 1e5 need it
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
+        for i, layer in enumerate(self.model.layers):
+            if use_ckpt:  # recompute activations in backward: memory O(layers * B*T*H) instead of all internals
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.seq_len += T
+        h = self.model.norm(x)
+        if return_hidden:
+            return h
+        return F.linear(h, self.output_weight()).float()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
