@@ -1,0 +1,144 @@
+"""A Hugging Face `tokenizer.json` wrapped with the checkpoint's special tokens and chat template.
+
+Text <-> ids goes through the `tokenizers` library; EOS/pad come from tokenizer_config.json and
+generation_config.json; the chat template is rendered with jinja2 the way transformers'
+`apply_chat_template(..., tokenize=False)` renders it, so prompts match what the model was trained on.
+Decoding never applies `clean_up_tokenization_spaces` (Qwen checkpoints turn it off; it corrupts BPE text).
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.sandbox
+import tokenizers
+
+# Used when a checkpoint has no template of its own (plain ChatML, no default system prompt).
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _token_text(value) -> str | None:
+    # tokenizer_config.json stores a special token either as a string or as an AddedToken dict.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # jinja's own tojson escapes HTML characters; templates expect plain JSON (transformers does the same).
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def compile_template(source: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class Tokenizer:
+    def __init__(self, tok: tokenizers.Tokenizer, config: dict, eos_token_ids: list[int], pad_token_id: int,
+                 chat_template: str | None):
+        self.tok = tok
+        self.config = config  # tokenizer_config.json contents, written back by save_pretrained
+        self.eos_token_ids = eos_token_ids
+        self.pad_token_id = pad_token_id
+        self.chat_template = chat_template or CHATML_TEMPLATE
+        self._template = compile_template(self.chat_template)
+        # Templates may refer to {{ eos_token }} etc.; unset ones stay undefined, as in transformers.
+        self.special_tokens = {k: _token_text(config.get(k)) for k in SPECIAL_TOKEN_KEYS
+                               if _token_text(config.get(k)) is not None}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        return _lookup(self.tok, token, "tokenizer")
+
+    @classmethod
+    def from_pretrained(cls, path) -> "Tokenizer":
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path / 'tokenizer.json'}: no such file")
+        tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        # Newer checkpoints keep the template in its own file; it wins over tokenizer_config.json.
+        template_file = path / "chat_template.jinja"
+        template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+        if isinstance(template, list):  # several named templates: use the default one
+            named = {t["name"]: t["template"] for t in template}
+            template = named.get("default")
+        config.pop("chat_template", None)
+
+        eos_ids = []
+        if _token_text(config.get("eos_token")) is not None:
+            eos_ids.append(_lookup(tok, _token_text(config["eos_token"]), config_file))
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():  # chat models often stop on several ids (e.g. <|im_end|> and <|endoftext|>)
+            extra = json.loads(gen_file.read_text()).get("eos_token_id")
+            for i in [extra] if isinstance(extra, int) else (extra or []):
+                if i not in eos_ids:
+                    eos_ids.append(i)
+        if not eos_ids:
+            raise ValueError(f"{path}: no EOS token (no eos_token in tokenizer_config.json, "
+                             "no eos_token_id in generation_config.json)")
+        pad = _token_text(config.get("pad_token"))
+        pad_id = _lookup(tok, pad, config_file) if pad is not None else eos_ids[0]
+        return cls(tok, config, eos_ids, pad_id, template)
+
+    @classmethod
+    def from_tokenizers(cls, tok: tokenizers.Tokenizer, eos_token: str, pad_token: str | None = None,
+                        chat_template: str | None = None) -> "Tokenizer":
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None,
+                  "eos_token": eos_token, "pad_token": pad_token}
+        eos_id = _lookup(tok, eos_token, "eos_token")
+        pad_id = _lookup(tok, pad_token, "pad_token") if pad_token is not None else eos_id
+        return cls(tok, config, [eos_id], pad_id, chat_template)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        # transformers drops None-valued keys first (content=None from chat APIs) so templates see them as unset.
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        return self._template.render(messages=messages, tools=None, documents=None,
+                                     add_generation_prompt=add_generation_prompt, **self.special_tokens)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+    def save_pretrained(self, path) -> None:
+        """tokenizer.json + tokenizer_config.json (with the chat template in use, so serving renders the same)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(path / "tokenizer.json"))
+        config = dict(self.config, chat_template=self.chat_template)
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def _lookup(tok: tokenizers.Tokenizer, token: str, where) -> int:
+    i = tok.token_to_id(token)
+    if i is None:
+        raise ValueError(f"{where}: special token {token!r} is not in tokenizer.json's vocabulary")
+    return i
