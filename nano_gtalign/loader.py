@@ -1,0 +1,187 @@
+"""Read and write Hugging Face model directories: config.json + safetensors (single or sharded) + tokenizer.
+
+Loading builds the model on the meta device and assigns the tensors read from disk, so the weights exist
+once in memory (a 3B bf16 model needs 6 GB, not 12). Saving writes the same layout back, loadable by
+transformers and vLLM unchanged. Every problem with a checkpoint is a one-line CheckpointError naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import safetensors
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nano_gtalign.model import ModelConfig, Transformer
+from nano_gtalign.tokenizer import Tokenizer
+
+# Older safetensors releases do not export their error type.
+SafetensorError = getattr(safetensors, "SafetensorError", Exception)
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded; the message names the file and the problem."""
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: file is missing")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({_one_line(e)})") from None
+
+
+def load_config(path) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model directory does not exist")
+    file = path / "config.json"
+    try:
+        return ModelConfig.from_hf(_read_json(file))
+    except (ValueError, TypeError, KeyError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{file}: {_one_line(e)}") from None
+
+
+def weight_files(path: Path) -> tuple[Path, list[Path]]:
+    """(the file that lists the weights, the safetensors files to read)."""
+    index = path / INDEX
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no weight_map")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: shard listed in {INDEX} is missing")
+        return index, files
+    if (path / SINGLE).is_file():
+        return path / SINGLE, [path / SINGLE]
+    raise CheckpointError(f"{path / SINGLE}: no weights ({SINGLE} and {INDEX} are both missing)")
+
+
+def _as_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        return getattr(torch, str(dtype))
+    raise ValueError(f"unknown dtype {dtype!r} (e.g. 'bfloat16', 'float32')")
+
+
+def load_pretrained(path, dtype=None, device="cpu") -> Transformer:
+    """Load a Qwen2/Qwen3 model directory. dtype None keeps the checkpoint's dtype. Returned in eval mode."""
+    path = Path(path)
+    config = load_config(path)
+    dtype = _as_dtype(dtype)
+    with torch.device("meta"):  # no memory is allocated for these parameters
+        model = Transformer(config)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    listing, files = weight_files(path)
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    # Tied checkpoints sometimes still store lm_head; old ones store the RoPE buffer.
+                    if (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if name not in expected:
+                        raise CheckpointError(f"{file}: unexpected weight {name!r} (not part of a "
+                                              f"{config.model_type} model with this config.json)")
+                    t = f.get_tensor(name)
+                    if t.shape != expected[name]:
+                        raise CheckpointError(f"{file}: weight {name!r} has shape {tuple(t.shape)}, "
+                                              f"config.json implies {tuple(expected[name])}")
+                    dtype = dtype or t.dtype  # a mixed-dtype checkpoint is cast to its first tensor's dtype
+                    state[name] = t.to(dtype)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({_one_line(e)})") from None
+    missing = [name for name in expected if name not in state]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{listing}: missing weights {missing[:3]}{more}")
+
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers(device)  # non-persistent buffers are still on meta after assign
+    return model.eval()
+
+
+def load_tokenizer(path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model directory does not exist")
+    try:
+        return Tokenizer.from_pretrained(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(_one_line(e)) from None
+
+
+def _shards(state: dict[str, torch.Tensor], max_shard_size: int) -> list[list[str]]:
+    shards, size = [[]], 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, max_shard_size: int = 5 * 10**9) -> None:
+    """Write a Hugging Face model directory. Everything goes to a temporary sibling directory that is renamed
+    into place at the end, so a crash never leaves a half-written model that looks complete."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    # The state dict has no lm_head when tied (one tensor, as transformers expects for tied checkpoints).
+    state = model.state_dict()
+    shards = _shards(state, max_shard_size)
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(len(shards))]
+    for file, shard in zip(names, shards):
+        tensors = {name: state[name].detach().to("cpu").contiguous() for name in shard}
+        save_file(tensors, str(tmp / file), metadata={"format": "pt"})  # transformers requires format=pt
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: file for file, shard in zip(names, shards) for name in shard}}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2))
+
+    c = model.config
+    eos = tokenizer.eos_token_ids if tokenizer is not None else c.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer is not None else c.pad_token_id
+    if isinstance(eos, list) and len(eos) == 1:
+        eos = eos[0]
+    gen = {"bos_token_id": c.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    dtype = str(model.output_weight().dtype).removeprefix("torch.")
+    config = dict(c.to_hf(), torch_dtype=dtype)  # torch_dtype: the key transformers <5 and vLLM read
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+    if path.exists():  # swap the old directory out only once the new one is complete
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
