@@ -1,0 +1,315 @@
+"""The game a completion plays: its four blocks, its payoff matrix, and the choices on it.
+
+A completion is `<thinking>…</thinking><payoff>…</payoff><analyze>…</analyze><response>…</response>`
+(SPEC §2). The payoff block is a 2x3 game: question type (DQ clear / VQ vague) x assistant
+strategy (DA direct answer / CQ clarifying question / AQ answer + one follow-up), each cell an
+(LLM, user) payoff. This file parses that matrix, finds its Pareto frontier, applies the welfare
+choice rules (SPEC §3) and checks whether the model's own <analyze> picked a frontier cell.
+
+Everything here is linear in the completion length: blocks are found with str.find, never with
+backtracking regexes, and the payoff parser refuses blocks over MAX_PAYOFF_CHARS.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from dataclasses import dataclass
+
+KEYS = ("DQ_AQ", "DQ_CQ", "DQ_DA", "VQ_AQ", "VQ_CQ", "VQ_DA")
+QUESTION_TYPES = ("DQ", "VQ")
+STRATEGIES = ("DA", "CQ", "AQ")
+FIELDS = ("LLM", "user")
+TAGS = ("thinking", "payoff", "analyze", "response")
+
+Matrix = dict[str, tuple[float, float]]  # key -> (llm, user), keys in KEYS order
+
+# A real payoff block is ~300 characters; 100 kB is far beyond any honest one and small enough
+# that json/ast parse it in milliseconds, so junk cannot make parsing slow or exhaust memory.
+MAX_PAYOFF_CHARS = 100_000
+
+_CURLY_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'"})
+
+
+class PayoffError(ValueError):
+    """The payoff block is not the six-key {"LLM": x, "user": y} object; the message says why."""
+
+
+# -----------------------------------------------------------------------------
+# payoff parsing
+
+def _short(x: object, n: int = 40) -> str:
+    r = repr(x)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _load(text: str) -> object:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; deep nesting recurses
+        pass
+    try:
+        return ast.literal_eval(text.translate(_CURLY_QUOTES))
+    # literal_eval raises SyntaxError, ValueError, TypeError (unhashable dict keys),
+    # MemoryError/RecursionError (deep nesting) and more on junk; all of it means "not a literal".
+    except Exception as e:
+        raise PayoffError(f"payoff is neither JSON nor a Python literal ({type(e).__name__})") from None
+
+
+def _number(value: object, where: str) -> float:
+    # bool is an int subclass in Python, so it must be refused before the int check
+    if isinstance(value, bool):
+        raise PayoffError(f"{where} is a boolean ({value}), not a number")
+    if not isinstance(value, (int, float)):
+        raise PayoffError(f"{where} must be a number, got {type(value).__name__} {_short(value)}")
+    try:
+        x = float(value)
+    except OverflowError:  # a huge int literal such as 10**400 written out
+        raise PayoffError(f"{where} is too large to be a payoff") from None
+    if not math.isfinite(x):
+        raise PayoffError(f"{where} is {value}, payoffs must be finite")
+    return x
+
+
+def parse_payoff(text: str) -> Matrix:
+    """Parse a <payoff> block into {key: (llm, user)} in KEYS order, or raise PayoffError."""
+    if not isinstance(text, str):
+        raise PayoffError(f"payoff must be text, got {type(text).__name__}")
+    if len(text) > MAX_PAYOFF_CHARS:
+        raise PayoffError(f"payoff block is {len(text)} characters, more than {MAX_PAYOFF_CHARS}")
+    text = text.strip()
+    if not text:
+        raise PayoffError("payoff block is empty")
+    obj = _load(text)
+    if not isinstance(obj, dict):
+        raise PayoffError(f"payoff must be an object with the six keys, got {type(obj).__name__}")
+    missing = [k for k in KEYS if k not in obj]
+    extra = [k for k in obj if k not in KEYS]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append("missing key(s) " + ", ".join(missing))
+        if extra:
+            parts.append("unexpected key(s) " + ", ".join(_short(k) for k in extra[:5]))
+        raise PayoffError("payoff has " + " and ".join(parts))
+    matrix: Matrix = {}
+    for key in KEYS:
+        cell = obj[key]
+        if not isinstance(cell, dict):
+            raise PayoffError(f'payoff["{key}"] must be an object {{"LLM": x, "user": y}}, '
+                              f"got {type(cell).__name__}")
+        if set(cell) != set(FIELDS) or len(cell) != 2:
+            raise PayoffError(f'payoff["{key}"] must have exactly the fields "LLM" and "user", '
+                              f"got {', '.join(_short(f) for f in list(cell)[:5]) or 'none'}")
+        llm = _number(cell["LLM"], f'payoff["{key}"]["LLM"]')
+        user = _number(cell["user"], f'payoff["{key}"]["user"]')
+        matrix[key] = (llm, user)
+    return matrix
+
+
+def format_payoff(matrix: Matrix) -> str:
+    """Strict JSON in the published shape: {"DQ_AQ": {"LLM": 1.0, "user": 2.0}, ...}."""
+    if set(matrix) != set(KEYS):
+        raise PayoffError(f"matrix must have exactly the keys {', '.join(KEYS)}, got {', '.join(map(str, matrix))}")
+    cells = {}
+    for k in KEYS:
+        llm, user = matrix[k]
+        cells[k] = {"LLM": _number(llm, f'matrix["{k}"] LLM'), "user": _number(user, f'matrix["{k}"] user')}
+    return json.dumps(cells)
+
+
+# -----------------------------------------------------------------------------
+# the four blocks
+
+@dataclass
+class Blocks:
+    thinking: str | None
+    payoff: str | None
+    analyze: str | None
+    response: str | None
+    response_start: int | None = None  # index of the "<response>" tag: the reasoning is completion[:response_start]
+
+
+def split_blocks(completion: str) -> Blocks:
+    """Contents of the four blocks, leniently: each is searched after the end of the previous
+    block that was found; a block is the text between its first opening tag and the first
+    closing tag after it, None when either tag is missing. Contents are not stripped."""
+    found: dict[str, str | None] = {}
+    cursor, response_start = 0, None
+    for tag in TAGS:
+        open_tag, close_tag = f"<{tag}>", f"</{tag}>"
+        start = completion.find(open_tag, cursor)
+        end = completion.find(close_tag, start + len(open_tag)) if start >= 0 else -1
+        if end < 0:
+            found[tag] = None
+            continue
+        found[tag] = completion[start + len(open_tag): end]
+        cursor = end + len(close_tag)
+        if tag == "response":
+            response_start = start
+    return Blocks(found["thinking"], found["payoff"], found["analyze"], found["response"], response_start)
+
+
+_SPACES = re.compile(r"\s*")
+
+
+def _strict_blocks(completion: str) -> Blocks | None:
+    """The four blocks if the completion is exactly them, in order, separated and followed only by
+    whitespace; else None. Same language as SPEC §2's regex except that a block may not contain
+    its own closing tag (the regex could backtrack over one); nothing may precede <thinking>,
+    not even whitespace, as the regex's `^<thinking>` says."""
+    pos, contents = 0, []
+    for i, tag in enumerate(TAGS):
+        open_tag, close_tag = f"<{tag}>", f"</{tag}>"
+        if i > 0:  # whitespace only between blocks
+            pos = _SPACES.match(completion, pos).end()
+        if not completion.startswith(open_tag, pos):
+            return None
+        end = completion.find(close_tag, pos + len(open_tag))
+        if end < 0:
+            return None
+        contents.append(completion[pos + len(open_tag): end])
+        response_start = pos
+        pos = end + len(close_tag)
+    if completion[pos:].strip():
+        return None
+    return Blocks(*contents, response_start=response_start)
+
+
+def format_ok(completion: str) -> bool:
+    """SPEC §2 format check: the exact four-block layout with nothing after </response> but
+    whitespace, AND a payoff that parses."""
+    blocks = _strict_blocks(completion)
+    if blocks is None:
+        return False
+    try:
+        parse_payoff(blocks.payoff)
+    except PayoffError:
+        return False
+    return True
+
+
+# -----------------------------------------------------------------------------
+# Pareto frontier, welfare and choice
+
+def pareto_frontier(matrix: Matrix, eps: float = 1e-9) -> list[str]:
+    """Keys of non-dominated cells, in the matrix's order. j dominates k if it is at least as good
+    for both players and better for one, comparing with tolerance eps; equal cells all stay."""
+    frontier = []
+    for k, (lk, uk) in matrix.items():
+        dominated = any(
+            lj >= lk - eps and uj >= uk - eps and (lj > lk + eps or uj > uk + eps)
+            for j, (lj, uj) in matrix.items() if j != k
+        )
+        if not dominated:
+            frontier.append(k)
+    return frontier
+
+
+def welfare_sum(l: float, u: float) -> float:
+    return l + u
+
+
+def cobb_douglas(l: float, u: float) -> float:
+    """sqrt(l*u); only defined for l, u >= 0 (a product of two negatives must not look good)."""
+    if not (l >= 0 and u >= 0):  # also catches NaN
+        raise ValueError(f"cobb_douglas needs non-negative payoffs, got l={l}, u={u}")
+    return math.sqrt(l * u)
+
+
+def _better_by_sum(a: tuple[float, float], b: tuple[float, float], eps: float) -> bool:
+    """The prompt's order: higher l+u, then higher user, then higher LLM; eps-equal counts as a tie."""
+    (la, ua), (lb, ub) = a, b
+    for x, y in ((la + ua, lb + ub), (ua, ub), (la, lb)):
+        if x > y + eps:
+            return True
+        if x < y - eps:
+            return False
+    return False
+
+
+def choose_action(matrix: Matrix, rule: str = "sum", eps: float = 1e-9) -> str:
+    """Pick one key. "sum": the prompt's rule, max l+u, ties by user, then LLM, then the first in
+    the matrix order. "cobb_douglas" (sign-safe): among the Pareto frontier only, shift both
+    coordinates by min(0, smallest payoff in the matrix) so every point is >= 0, then maximise
+    sqrt(l'*u'); ties by the "sum" order. With no negative payoffs this is plain sqrt(l*u), and
+    (-3,-3) can never beat (2,2) as it did with upstream's raw product."""
+    if not matrix:
+        raise ValueError("choose_action needs a non-empty matrix")
+    if rule == "sum":
+        candidates = list(matrix)
+        score = {k: 0.0 for k in candidates}
+    elif rule == "cobb_douglas":
+        candidates = pareto_frontier(matrix, eps)
+        shift = min(0.0, min(min(l, u) for l, u in matrix.values()))
+        score = {k: cobb_douglas(matrix[k][0] - shift, matrix[k][1] - shift) for k in candidates}
+    else:
+        raise ValueError(f'unknown choice rule {rule!r}; use "sum" or "cobb_douglas"')
+    best = candidates[0]
+    for k in candidates[1:]:
+        if score[k] > score[best] + eps or (
+            abs(score[k] - score[best]) <= eps and _better_by_sum(matrix[k], matrix[best], eps)
+        ):
+            best = k
+    return best
+
+
+# -----------------------------------------------------------------------------
+# what the <analyze> block chose, and whether it is on the frontier
+
+_KEY_RE = re.compile(r"(?<![A-Za-z0-9])(DQ|VQ)[_\-/ ]?(DA|CQ|AQ)(?![A-Za-z0-9])")
+_STRATEGY_RE = re.compile(r"(?<![A-Za-z0-9])(DA|CQ|AQ)(?![A-Za-z0-9])")
+_CHOICE_RE = re.compile(r"\b(?:choos|chose|choice|pick|select|recommend|opt for|go with|going with)",
+                        re.IGNORECASE)
+_CHOICE_WINDOW = 40  # characters between a choice word and the key it introduces
+
+
+def _last_named(text: str, pattern: re.Pattern, verbs: list[int]) -> str | None:
+    """Last match of pattern that starts within _CHOICE_WINDOW characters after a choice word,
+    else the last match at all. One pass over both sorted position lists, so linear."""
+    last = explicit = None
+    vi, last_verb_end = 0, None
+    for m in pattern.finditer(text):
+        while vi < len(verbs) and verbs[vi] <= m.start():
+            last_verb_end = verbs[vi]
+            vi += 1
+        name = "_".join(m.groups())
+        last = name
+        if last_verb_end is not None and m.start() - last_verb_end <= _CHOICE_WINDOW:
+            explicit = name
+    return explicit or last
+
+
+def analyze_choice(analyze_text: str | None) -> str | None:
+    """The key the <analyze> block chose. Rule: the last key (DQ_DA; also DQ-DA, "DQ DA") that
+    follows a choice word (choose/chose/chosen/choice/pick/select/recommend/opt for/go with)
+    within 40 characters; failing that, the last key mentioned. If no full key is named, the same
+    rule on bare strategies (DA/CQ/AQ) returns the strategy. None if nothing is named."""
+    if not analyze_text:
+        return None
+    verbs = [m.end() for m in _CHOICE_RE.finditer(analyze_text)]
+    return _last_named(analyze_text, _KEY_RE, verbs) or _last_named(analyze_text, _STRATEGY_RE, verbs)
+
+
+def choice_on_frontier(matrix: Matrix, choice: str | None, eps: float = 1e-9) -> bool:
+    """A key is consistent if it is on the frontier; a bare strategy if any frontier key uses it."""
+    if choice is None:
+        return False
+    frontier = pareto_frontier(matrix, eps)
+    if choice in STRATEGIES:
+        return any(k.endswith("_" + choice) for k in frontier)
+    return choice in frontier
+
+
+def pareto_consistency(completion: str) -> float:
+    """1.0 if the <analyze> block names a frontier choice of the completion's own payoff matrix,
+    else 0.0 (also when there is no payoff/analyze block or the payoff does not parse)."""
+    blocks = split_blocks(completion)
+    if blocks.payoff is None or blocks.analyze is None:
+        return 0.0
+    try:
+        matrix = parse_payoff(blocks.payoff)
+    except PayoffError:
+        return 0.0
+    return 1.0 if choice_on_frontier(matrix, analyze_choice(blocks.analyze)) else 0.0
