@@ -1,0 +1,292 @@
+"""Batched text generation with the static KV cache: the sampler GRPO and sample.py use.
+
+One call of `generate` does:
+  1. left-pad the (ragged) prompts and prefill each distinct prompt ONCE;
+  2. expand the cache to `num_samples` rows per prompt (GRPO's group of G);
+  3. decode one token per step for every row until each row has stopped on an
+     EOS id, on a stop string, or at `max_new_tokens`.
+
+Rows of the result are prompt-major: row i*G + g is sample g of prompt i.
+
+Log-probs. `Generation.logprobs` holds log p(token) under the distribution the
+token was drawn from: softmax(logits / temperature) after the top-k and top-p
+filters (the filtered-out tokens get probability 0 and the rest is
+renormalised). For greedy decoding (temperature 0) there is no sampling
+distribution, so the log-prob is taken under the plain temperature-1 softmax
+of the unfiltered logits.
+
+Stop strings are matched on decoded text, so they may span several tokens: after
+every step the tail of each running row's completion is decoded and searched,
+and the row stops right after the token that completes a stop string (the stop
+string stays in the text and in the mask). This is the only per-token Python
+work in the decode loop, and it runs only when stop strings are set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Row states during decoding; anything but RUNNING means the row has finished.
+RUNNING, EOS, STOP = 0, 1, 2
+_REASONS = {RUNNING: "length", EOS: "eos", STOP: "stop"}
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1 = no nucleus filter
+    stop_strings: tuple[str, ...] = ()  # stop right after the token that completes one (kept in output + mask)
+    eos_token_ids: tuple[int, ...] | None = None  # None: tokenizer.eos_token_ids; () disables EOS stopping
+    seed: int | None = None  # used when no generator is passed to generate()
+
+    def __post_init__(self):
+        if isinstance(self.stop_strings, str):
+            raise ValueError(f"stop_strings must be a tuple of strings, got the single string {self.stop_strings!r}")
+        self.stop_strings = tuple(self.stop_strings)
+        if any(not isinstance(s, str) or s == "" for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        if self.eos_token_ids is not None:
+            if isinstance(self.eos_token_ids, int):
+                self.eos_token_ids = (self.eos_token_ids,)
+            self.eos_token_ids = tuple(int(i) for i in self.eos_token_ids)
+        if int(self.max_new_tokens) != self.max_new_tokens or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+
+
+@dataclass
+class Generation:  # rows are prompt-major: row i*G + g is sample g of prompt i
+    prompt_ids: list[list[int]]  # per row
+    completion_ids: torch.LongTensor  # [R, T] right-padded with pad_token_id
+    completion_mask: torch.BoolTensor  # [R, T] True for generated tokens incl. the EOS / stop-completing token
+    logprobs: torch.Tensor  # [R, T] fp32 log-prob of each sampled token under the sampling distribution (0 where masked)
+    texts: list[str]  # decoded completions (without the EOS token text)
+    finish_reasons: list[str]  # "eos" | "stop" | "length"
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from fp32 logits [R, V]; return (tokens [R], log-probs [R]).
+
+    temperature 0 is greedy: argmax, with the log-prob under softmax(logits).
+    """
+    if temperature == 0.0:
+        tokens = logits.argmax(dim=-1)
+        logprobs = logits.gather(-1, tokens[:, None])[:, 0] - logits.logsumexp(dim=-1)
+        return tokens, logprobs
+    scores = logits / temperature
+    vocab = scores.shape[-1]
+    # Work on the candidates only: top-k keeps k of them (already sorted by topk),
+    # top-p alone needs the full vocabulary sorted.
+    if 0 < top_k < vocab:
+        scores, index = scores.topk(top_k, dim=-1)
+    elif top_p < 1.0:
+        scores, index = scores.sort(dim=-1, descending=True)
+    else:
+        index = None
+    if top_p < 1.0:
+        probs = scores.softmax(dim=-1)
+        # Keep a token while the mass strictly before it is below top_p: the smallest
+        # prefix reaching top_p; the most likely token always survives.
+        mass_before = probs.cumsum(dim=-1) - probs
+        scores = scores.masked_fill(mass_before >= top_p, float("-inf"))
+    logp = scores.log_softmax(dim=-1)
+    choice = torch.multinomial(logp.exp(), 1, generator=generator)  # [R, 1]
+    logprobs = logp.gather(-1, choice)[:, 0]
+    tokens = choice[:, 0] if index is None else index.gather(-1, choice)[:, 0]
+    return tokens, logprobs
+
+
+def _next_logits(model, input_ids, position_ids, attention_mask, kv_cache) -> torch.Tensor:
+    """fp32 logits [R, V] of the last position only (prefill would otherwise build [B, P, V])."""
+    hidden = model(
+        input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        kv_cache=kv_cache,
+        return_hidden=True,
+    )
+    return F.linear(hidden[:, -1], model.output_weight()).float()
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: pass at least one prompt (a list of token ids)")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            p = p.tolist()
+        if isinstance(p, str) or not isinstance(p, (list, tuple)):
+            raise ValueError(f"prompt {i} must be a list of token ids, got {type(p).__name__} (encode text first)")
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token to condition on")
+        ids = [int(t) for t in p]
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside the model vocabulary [0, {vocab_size})")
+        out.append(ids)
+    return out
+
+
+def _stop_window(stop_strings: tuple[str, ...]) -> int:
+    """How many trailing tokens can hold a stop string that the newest token completed.
+
+    Every token covering part of the string contributes at least one of its UTF-8
+    bytes, so the byte length bounds the token count (byte-level BPE, as in Qwen).
+    """
+    return max(len(s.encode("utf-8")) for s in stop_strings)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Sample `num_samples` completions for each prompt (lists of token ids).
+
+    `generator` (on the model's device) drives the sampling; without one, a fresh
+    generator seeded with `params.seed` is used, or torch's global RNG when the
+    seed is None. The same prompts, params and seed give the same tokens.
+    """
+    # Local import: model.py owns the cache; sampling only drives it.
+    from nano_gtalign.model import KVCache
+
+    config = model.config
+    prompts = _check_prompts(prompts, config.vocab_size)
+    if int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    max_new = int(params.max_new_tokens)
+    lengths = [len(p) for p in prompts]
+    P = max(lengths)
+    if P + max_new > config.max_position_embeddings:
+        raise ValueError(
+            f"longest prompt ({P} tokens) + max_new_tokens ({max_new}) = {P + max_new} exceeds the model's "
+            f"max_position_embeddings ({config.max_position_embeddings}); shorten the prompt or lower max_new_tokens"
+        )
+    eos_ids = tokenizer.eos_token_ids if params.eos_token_ids is None else params.eos_token_ids
+    eos_ids = [int(i) for i in (eos_ids or ())]
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = eos_ids[0] if eos_ids else 0
+    weight = model.output_weight()
+    device, dtype = weight.device, weight.dtype
+    if generator is None and params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(params.seed))
+
+    # Left-pad so every row's last prompt token sits at column P-1 and new tokens align.
+    B, G = len(prompts), int(num_samples)
+    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[i, P - len(p):] = 1
+    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
+    ragged = min(lengths) != P
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+
+    # Prefill once per distinct prompt, then copy rows for the group.
+    cache = KVCache(config, B, P + max_new, device, dtype)
+    logits = _next_logits(model, input_ids, position_ids, prompt_mask if ragged else None, cache)
+    if G > 1:
+        cache = cache.repeat_interleave(G)
+        logits = logits.repeat_interleave(G, dim=0)
+    R = B * G
+    row_lengths = torch.tensor(lengths, device=device).repeat_interleave(G)
+    # Keys seen at decode step t are the first P+t+1 columns; generated columns are
+    # always real, so the whole mask is built once. Unpadded batches need no mask.
+    full_mask = None
+    if ragged:
+        full_mask = torch.cat(
+            [prompt_mask.repeat_interleave(G, dim=0), torch.ones((R, max_new), dtype=torch.long, device=device)], dim=1
+        )
+
+    tokens_out = torch.full((R, max_new), pad_id, dtype=torch.long, device=device)
+    logprobs_out = torch.zeros((R, max_new), dtype=torch.float32, device=device)
+    mask_out = torch.zeros((R, max_new), dtype=torch.bool, device=device)
+    state = torch.full((R,), RUNNING, dtype=torch.long, device=device)
+    eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    stop_strings = params.stop_strings
+    if stop_strings:
+        window = _stop_window(stop_strings)
+        row_tokens: list[list[int]] = [[] for _ in range(R)]
+        row_done = [False] * R
+
+    for t in range(max_new):
+        running = state == RUNNING
+        tok, logp = sample_tokens(logits, params.temperature, params.top_k, params.top_p, generator)
+        # Finished rows keep feeding pad tokens (static batch); their columns are masked out.
+        tok = torch.where(running, tok, pad_id)
+        tokens_out[:, t] = tok
+        logprobs_out[:, t] = torch.where(running, logp, 0.0)
+        mask_out[:, t] = running
+        if eos_ids:
+            state = torch.where(running & torch.isin(tok, eos_tensor), EOS, state)
+        if stop_strings:
+            new_tokens, states = tok.tolist(), state.tolist()
+            stopped = []
+            for r in range(R):
+                if row_done[r]:
+                    continue
+                row_tokens[r].append(new_tokens[r])
+                if states[r] != RUNNING:  # just produced an EOS
+                    row_done[r] = True
+                    continue
+                tail = tokenizer.decode(row_tokens[r][-window:])
+                if any(s in tail for s in stop_strings):
+                    row_done[r] = True
+                    stopped.append(r)
+            if stopped:
+                state[torch.tensor(stopped, device=device)] = STOP
+            if all(row_done):
+                break
+        elif eos_ids and not bool((state == RUNNING).any()):
+            break
+        if t == max_new - 1:
+            break  # the last token needs no forward pass
+        keys = cache.seq_len + 1
+        logits = _next_logits(
+            model,
+            tok[:, None],
+            (row_lengths + t)[:, None],
+            None if full_mask is None else full_mask[:, :keys],
+            cache,
+        )
+
+    # Drop trailing columns no row used (every row stopped early).
+    used = int(mask_out.sum(dim=1).max())
+    tokens_out, logprobs_out, mask_out = tokens_out[:, :used], logprobs_out[:, :used], mask_out[:, :used]
+    states = state.tolist()
+    lengths_out = mask_out.sum(dim=1).tolist()
+    ids_cpu = tokens_out.cpu().tolist()
+    texts = []
+    for r in range(R):
+        n = lengths_out[r] - (1 if states[r] == EOS else 0)  # texts leave the EOS out
+        texts.append(tokenizer.decode(ids_cpu[r][:n]))
+    return Generation(
+        prompt_ids=[list(p) for p in prompts for _ in range(G)],
+        completion_ids=tokens_out,
+        completion_mask=mask_out,
+        logprobs=logprobs_out,
+        texts=texts,
+        finish_reasons=[_REASONS[s] for s in states],
+    )

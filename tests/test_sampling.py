@@ -1,0 +1,281 @@
+"""The KV-cache sampler: parity with transformers' greedy generate, stop strings, EOS masking,
+GRPO group expansion, seeding, and log-probs checked against hand numbers and a full forward."""
+import math
+
+import pytest
+import torch
+
+from nano_gtalign.loader import load_pretrained, load_tokenizer
+from nano_gtalign.sampling import Generation, SamplingParams, generate, sample_tokens
+from tiny import make_hf_model
+
+PROMPTS = ["What is 37 + 48?", "Hello", "The quick brown fox jumps over the lazy dog."]
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen3"])
+def checkpoint(request, tmp_path_factory):
+    path = make_hf_model(tmp_path_factory.mktemp(request.param), arch=request.param)
+    return path, load_pretrained(path), load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    path = make_hf_model(tmp_path_factory.mktemp("qwen2_sampling"), arch="qwen2", seed=1)
+    return load_pretrained(path), load_tokenizer(path)
+
+
+def encode_all(tokenizer, texts=PROMPTS):
+    return [tokenizer.encode(t) for t in texts]
+
+
+def greedy(model, tokenizer, prompts, n=32, **kw) -> Generation:
+    return generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=n, temperature=0.0, eos_token_ids=(), **kw))
+
+
+def row(gen: Generation, r: int) -> list[int]:
+    """Row r's generated tokens (mask applied)."""
+    return gen.completion_ids[r][gen.completion_mask[r]].tolist()
+
+
+# ---------------------------------------------------------------------------- parity with transformers
+
+
+def test_greedy_matches_transformers_on_ragged_batch(checkpoint):
+    transformers = pytest.importorskip("transformers")
+    path, model, tok = checkpoint
+    prompts = encode_all(tok)
+    assert len({len(p) for p in prompts}) == 3, "the batch must be ragged to exercise left padding"
+    gen = greedy(model, tok, prompts, n=32)
+    assert gen.completion_ids.shape == (3, 32)
+    assert gen.completion_mask.all() and gen.finish_reasons == ["length"] * 3
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    hf.generation_config.eos_token_id = None  # EOS disabled on both sides: compare all 32 tokens
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([p])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                          eos_token_id=None, pad_token_id=tok.pad_token_id)
+        ref = out[0, len(p):].tolist()
+        assert len(ref) == 32, "transformers stopped early; EOS was not disabled"
+        assert gen.completion_ids[i].tolist() == ref, f"row {i} differs from transformers' greedy output"
+
+
+def test_group_copies_of_greedy_equal_single_rows(checkpoint):
+    # Greedy decoding is deterministic, so the G rows of a prompt must equal its G=1 row:
+    # checks that the expanded cache carries each prompt's keys/values to the right rows.
+    _, model, tok = checkpoint
+    prompts = encode_all(tok)
+    single = greedy(model, tok, prompts, n=12)
+    grouped = generate(model, tok, prompts, SamplingParams(max_new_tokens=12, temperature=0.0, eos_token_ids=()),
+                       num_samples=3)
+    assert grouped.completion_ids.shape == (9, 12)
+    for r in range(9):
+        assert grouped.prompt_ids[r] == prompts[r // 3]
+        assert torch.equal(grouped.completion_ids[r], single.completion_ids[r // 3])
+        torch.testing.assert_close(grouped.logprobs[r], single.logprobs[r // 3])
+
+
+# ---------------------------------------------------------------------------- stopping
+
+
+def test_stop_string_spanning_tokens_stops_after_completing_token(qwen2):
+    model, tok = qwen2
+    prompts = encode_all(tok, PROMPTS[:2])
+    free = greedy(model, tok, prompts, n=32)
+    a = row(free, 0)
+    # Stop string: the text of tokens k-2..k of row 0 minus its first character, so it starts
+    # inside one token and ends exactly at the end of token k. Pick the first k where that text
+    # is new, spans >= 2 tokens and no earlier prefix of the completion contains it.
+    chosen = None
+    for k in range(3, 30):
+        text = tok.decode(a[k - 2:k + 1])[1:]
+        if (len(text) >= 2 and len(tok.decode(a[k:k + 1])) < len(text)
+                and text not in tok.decode(a[:k]) and text.strip()):
+            chosen = k, text
+            break
+    assert chosen is not None, "no usable stop string in the greedy output"
+    k, stop = chosen
+    gen = generate(model, tok, prompts, SamplingParams(max_new_tokens=32, temperature=0.0, eos_token_ids=(),
+                                                       stop_strings=("never-generated-xyz", stop)))
+    assert row(gen, 0) == a[:k + 1]
+    assert gen.finish_reasons[0] == "stop"
+    assert gen.texts[0] == tok.decode(a[:k + 1]) and gen.texts[0].endswith(stop)
+    assert not gen.completion_mask[0, k + 1:].any()
+    assert (gen.logprobs[0, k + 1:] == 0).all()
+    # Row 1 runs on independently and stops at its own first occurrence (if any).
+    b = row(free, 1)
+    hits = [i for i in range(len(b)) if stop in tok.decode(b[:i + 1])]
+    assert row(gen, 1) == (b[:hits[0] + 1] if hits else b)
+    assert gen.finish_reasons[1] == ("stop" if hits else "length")
+
+
+def test_eos_is_inside_the_mask_and_nothing_after(qwen2):
+    model, tok = qwen2
+    prompts = encode_all(tok, PROMPTS[:2])
+    free = greedy(model, tok, prompts, n=24)
+    a = row(free, 0)
+    # Declare as EOS a token greedy produces in row 0 at step k (its first occurrence).
+    k = next(i for i in range(4, 24) if a[i] not in a[:i])
+    eos = a[k]
+    unused_eos = max(set(range(tok.vocab_size)) - set(a) - set(row(free, 1)))  # an EOS id never produced
+    gen = generate(model, tok, prompts, SamplingParams(max_new_tokens=24, temperature=0.0,
+                                                       eos_token_ids=(unused_eos, eos)))
+    assert gen.finish_reasons[0] == "eos"
+    assert gen.completion_mask[0].tolist() == [True] * (k + 1) + [False] * (gen.completion_ids.shape[1] - k - 1)
+    assert row(gen, 0) == a[:k + 1] and gen.completion_ids[0, k] == eos
+    assert (gen.completion_ids[0, k + 1:] == tok.pad_token_id).all()
+    assert (gen.logprobs[0, k + 1:] == 0).all() and (gen.logprobs[0, :k + 1] < 0).all()
+    assert gen.texts[0] == tok.decode(a[:k])  # the EOS token's text is left out
+    b = row(free, 1)
+    end = b.index(eos) + 1 if eos in b else len(b)
+    assert row(gen, 1) == b[:end]
+    assert gen.finish_reasons[1] == ("eos" if eos in b else "length")
+
+
+def test_all_rows_stopping_early_trims_the_output(qwen2):
+    model, tok = qwen2
+    prompts = encode_all(tok, PROMPTS[:1])
+    a = row(greedy(model, tok, prompts, n=16), 0)
+    gen = generate(model, tok, prompts, SamplingParams(max_new_tokens=16, temperature=0.0, eos_token_ids=(a[2],)))
+    k = a.index(a[2])
+    assert gen.completion_ids.shape == (1, k + 1) and gen.completion_mask.all()
+
+
+# ---------------------------------------------------------------------------- groups and seeds
+
+
+def test_group_expansion_prefills_once_and_gives_independent_samples(qwen2, monkeypatch):
+    model, tok = qwen2
+    prompts = encode_all(tok, PROMPTS[:2])
+    calls = []
+    forward = model.forward
+
+    def counting_forward(input_ids, **kw):
+        calls.append(tuple(input_ids.shape))
+        return forward(input_ids, **kw)
+
+    monkeypatch.setattr(model, "forward", counting_forward)
+    gen = generate(model, tok, prompts, SamplingParams(max_new_tokens=16, temperature=1.0, eos_token_ids=(), seed=0),
+                   num_samples=4)
+    monkeypatch.undo()
+    prefill = [s for s in calls if s[1] > 1]
+    assert prefill == [(2, max(len(p) for p in prompts))], "each distinct prompt must be prefilled exactly once"
+    assert all(s == (8, 1) for s in calls[1:]) and len(calls) == 16  # 1 prefill + 15 decode steps
+    assert gen.completion_ids.shape == (8, 16)
+    assert gen.prompt_ids == [prompts[0]] * 4 + [prompts[1]] * 4
+    for i in range(2):
+        group = {tuple(gen.completion_ids[i * 4 + g].tolist()) for g in range(4)}
+        assert len(group) == 4, f"the 4 samples of prompt {i} are not all different"
+
+
+def test_seeded_runs_repeat_and_different_seeds_differ(qwen2):
+    model, tok = qwen2
+    prompts = encode_all(tok, PROMPTS[:2])
+
+    def run(seed=None, generator=None):
+        params = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.95, eos_token_ids=(), seed=seed)
+        return generate(model, tok, prompts, params, num_samples=2, generator=generator)
+
+    a, b, c = run(seed=123), run(seed=123), run(seed=124)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    d = run(generator=torch.Generator().manual_seed(123))  # an explicit generator is the same stream
+    assert torch.equal(a.completion_ids, d.completion_ids)
+
+
+def test_top_k_1_is_greedy(qwen2):
+    model, tok = qwen2
+    prompts = encode_all(tok)
+    g = greedy(model, tok, prompts, n=16)
+    s = generate(model, tok, prompts, SamplingParams(max_new_tokens=16, temperature=0.8, top_k=1,
+                                                     eos_token_ids=(), seed=7))
+    assert torch.equal(g.completion_ids, s.completion_ids)
+    assert torch.equal(s.logprobs, torch.zeros_like(s.logprobs))  # one candidate: probability 1
+
+
+# ---------------------------------------------------------------------------- log-probs
+
+
+def reference_logprobs(model, prompt, completion, temperature, top_k=0):
+    """log p(completion token) from one full forward pass of prompt+completion (no cache, no padding)."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1:-1] / temperature
+    if top_k:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.7, 0), (1.3, 0), (0.9, 5)])
+def test_logprobs_match_a_full_forward(qwen2, temperature, top_k):
+    model, tok = qwen2
+    prompts = encode_all(tok)
+    gen = generate(model, tok, prompts, SamplingParams(max_new_tokens=12, temperature=temperature, top_k=top_k,
+                                                       eos_token_ids=(), seed=3), num_samples=2)
+    assert gen.logprobs.dtype == torch.float32
+    for r in range(6):
+        ref = reference_logprobs(model, gen.prompt_ids[r], row(gen, r), temperature, top_k)
+        torch.testing.assert_close(gen.logprobs[r, :len(ref)], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_logprob_by_hand():
+    # logits (0, ln 3): argmax is token 1 and p = 3 / (1 + 3) under the temperature-1 softmax.
+    tokens, logp = sample_tokens(torch.tensor([[0.0, math.log(3.0)]]), temperature=0.0)
+    assert tokens.tolist() == [1]
+    assert logp.item() == pytest.approx(math.log(0.75), abs=1e-6)
+
+
+def test_top_k_logprob_by_hand():
+    # logits (1, 2, 3, 4), top-k 2: candidates are tokens 3 and 2 with p = e^4/(e^4+e^3) = 0.731059, 0.268941.
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]]).repeat(2000, 1)
+    tokens, logp = sample_tokens(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {2, 3}
+    assert logp[tokens == 3].unique().tolist() == pytest.approx([math.log(0.731059)], abs=1e-5)
+    assert logp[tokens == 2].unique().tolist() == pytest.approx([math.log(0.268941)], abs=1e-5)
+    assert (tokens == 3).float().mean().item() == pytest.approx(0.731, abs=0.04)
+
+
+def test_top_p_logprob_by_hand():
+    # p = (0.5, 0.3, 0.15, 0.05), top-p 0.7: mass before token 1 is 0.5 < 0.7 (kept), before token 2
+    # it is 0.8 >= 0.7 (dropped). Renormalised: 0.5/0.8 = 0.625 and 0.3/0.8 = 0.375.
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(2000, 1)
+    tokens, logp = sample_tokens(logits, temperature=1.0, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) == {0, 1}
+    assert logp[tokens == 0].unique().tolist() == pytest.approx([math.log(0.625)], abs=1e-5)
+    assert logp[tokens == 1].unique().tolist() == pytest.approx([math.log(0.375)], abs=1e-5)
+    assert (tokens == 0).float().mean().item() == pytest.approx(0.625, abs=0.04)
+
+
+def test_temperature_logprob_by_hand():
+    # logits (0, ln 3) at temperature 0.5 become (0, 2 ln 3): p = (1/10, 9/10).
+    logits = torch.tensor([[0.0, math.log(3.0)]]).repeat(500, 1)
+    tokens, logp = sample_tokens(logits, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    assert logp[tokens == 1].unique().tolist() == pytest.approx([math.log(0.9)], abs=1e-5)
+    assert logp[tokens == 0].unique().tolist() == pytest.approx([math.log(0.1)], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_clear_errors(qwen2):
+    model, tok = qwen2
+    p = SamplingParams(max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate(model, tok, [], p)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, tok, [[5], []], p)
+    with pytest.raises(ValueError, match="encode text first"):
+        generate(model, tok, ["hello"], p)
+    with pytest.raises(ValueError, match="outside the model vocabulary"):
+        generate(model, tok, [[5, 10**6]], p)
+    with pytest.raises(ValueError, match="num_samples"):
+        generate(model, tok, [[5]], p, num_samples=0)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(model, tok, [[5] * (limit - 3)], SamplingParams(max_new_tokens=4))
+    generate(model, tok, [[5] * (limit - 4)], SamplingParams(max_new_tokens=4, eos_token_ids=()))  # exactly fits
+    for bad in [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
+                dict(max_new_tokens=0), dict(stop_strings="</payoff>"), dict(stop_strings=("",))]:
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
