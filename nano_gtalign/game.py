@@ -15,6 +15,7 @@ import ast
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 KEYS = ("DQ_AQ", "DQ_CQ", "DQ_DA", "VQ_AQ", "VQ_CQ", "VQ_DA")
@@ -50,7 +51,9 @@ def _load(text: str) -> object:
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; deep nesting recurses
         pass
     try:
-        return ast.literal_eval(text.translate(_CURLY_QUOTES))
+        with warnings.catch_warnings():  # junk such as a backslash before a letter warns (invalid escape)
+            warnings.simplefilter("ignore")
+            return ast.literal_eval(text.translate(_CURLY_QUOTES))
     # literal_eval raises SyntaxError, ValueError, TypeError (unhashable dict keys),
     # MemoryError/RecursionError (deep nesting) and more on junk; all of it means "not a literal".
     except Exception as e:
@@ -259,33 +262,36 @@ def choose_action(matrix: Matrix, rule: str = "sum", eps: float = 1e-9) -> str:
 # what the <analyze> block chose, and whether it is on the frontier
 
 _KEY_RE = re.compile(r"(?<![A-Za-z0-9])(DQ|VQ)[_\-/ ]?(DA|CQ|AQ)(?![A-Za-z0-9])")
-_STRATEGY_RE = re.compile(r"(?<![A-Za-z0-9])(DA|CQ|AQ)(?![A-Za-z0-9])")
+_STRATEGY_RE = re.compile(r"(?<![A-Za-z0-9_])(DA|CQ|AQ)(?![A-Za-z0-9_])")
 _CHOICE_RE = re.compile(r"\b(?:choos|chose|choice|pick|select|recommend|opt for|go with|going with)",
                         re.IGNORECASE)
 _CHOICE_WINDOW = 40  # characters between a choice word and the key it introduces
 
 
 def _last_named(text: str, pattern: re.Pattern, verbs: list[int]) -> str | None:
-    """Last match of pattern that starts within _CHOICE_WINDOW characters after a choice word,
-    else the last match at all. One pass over both sorted position lists, so linear."""
+    """The last name that is the first match of pattern within _CHOICE_WINDOW characters after a
+    choice word ("choose DQ_DA over DQ_AQ" names DQ_DA), else the last match at all. One pass
+    over both sorted position lists, so linear."""
     last = explicit = None
-    vi, last_verb_end = 0, None
+    vi, verb_end = 0, None  # end of the latest choice word not yet followed by a name
     for m in pattern.finditer(text):
         while vi < len(verbs) and verbs[vi] <= m.start():
-            last_verb_end = verbs[vi]
+            verb_end = verbs[vi]
             vi += 1
         name = "_".join(m.groups())
         last = name
-        if last_verb_end is not None and m.start() - last_verb_end <= _CHOICE_WINDOW:
+        if verb_end is not None and m.start() - verb_end <= _CHOICE_WINDOW:
             explicit = name
+        verb_end = None
     return explicit or last
 
 
 def analyze_choice(analyze_text: str | None) -> str | None:
-    """The key the <analyze> block chose. Rule: the last key (DQ_DA; also DQ-DA, "DQ DA") that
-    follows a choice word (choose/chose/chosen/choice/pick/select/recommend/opt for/go with)
-    within 40 characters; failing that, the last key mentioned. If no full key is named, the same
-    rule on bare strategies (DA/CQ/AQ) returns the strategy. None if nothing is named."""
+    """The key the <analyze> block chose. Rule: take every choice word (choose/chose/chosen/
+    choice/pick/select/recommend/opt for/go with) and the first key (DQ_DA; also DQ-DA, "DQ DA")
+    after it if that key starts within 40 characters; the last such key wins. Failing that, the
+    last key mentioned. If no full key is named, the same rule on bare strategies (DA/CQ/AQ)
+    returns the strategy. None if nothing is named. Negations ("not DQ_CQ") are not understood."""
     if not analyze_text:
         return None
     verbs = [m.end() for m in _CHOICE_RE.finditer(analyze_text)]
