@@ -1,0 +1,237 @@
+"""Loader: HF model directories in and out, and a one-line CheckpointError naming the file for every bad input.
+
+Run: python -m pytest tests/test_loader.py -q
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import nano_gtalign.loader as loader
+from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer, save_pretrained
+from nano_gtalign.model import rope_inv_freq
+from tests.tiny import make_hf_model
+
+transformers = pytest.importorskip("transformers")
+IDS = torch.tensor([[5, 17, 33, 2, 48, 9, 120, 7]])
+
+
+def hf_logits(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        "qwen2": make_hf_model(root / "qwen2", "qwen2"),
+        "qwen2_sharded": make_hf_model(root / "qwen2_sharded", "qwen2", max_shard_size="60KB"),
+        "qwen3_tied": make_hf_model(root / "qwen3_tied", "qwen3", tie_word_embeddings=True),
+        "qwen2_bf16": make_hf_model(root / "qwen2_bf16", "qwen2", dtype="bfloat16"),
+    }
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS)
+
+
+# ---------------------------------------------------------------- loading
+
+def test_sharded_checkpoint_equals_single_file(dirs):
+    sharded = dirs["qwen2_sharded"]
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) >= 2
+    assert torch.equal(logits(load_pretrained(sharded)), logits(load_pretrained(dirs["qwen2"])))
+
+
+def test_built_on_meta_then_materialised(dirs, monkeypatch):
+    built_on = []
+    real = loader.Transformer
+
+    def recording(config):
+        m = real(config)
+        built_on.append(next(m.parameters()).device.type)
+        return m
+
+    monkeypatch.setattr(loader, "Transformer", recording)
+    model = load_pretrained(dirs["qwen3_tied"])
+    assert built_on == ["meta"]
+    assert all(t.device.type == "cpu" for t in list(model.parameters()) + list(model.buffers()))
+    torch.testing.assert_close(model.inv_freq, rope_inv_freq(model.config), rtol=0, atol=0)
+    assert not model.training
+    with safe_open(str(dirs["qwen3_tied"] / "model.safetensors"), "pt") as f:
+        torch.testing.assert_close(model.model.norm.weight, f.get_tensor("model.norm.weight"), rtol=0, atol=0)
+
+
+def test_dtype_choice(dirs):
+    assert load_pretrained(dirs["qwen2_bf16"]).output_weight().dtype == torch.bfloat16  # checkpoint's dtype
+    m32 = load_pretrained(dirs["qwen2_bf16"], dtype="float32")
+    assert {p.dtype for p in m32.parameters()} == {torch.float32}
+    assert load_pretrained(dirs["qwen2"], dtype=torch.bfloat16).output_weight().dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp33'"):
+        load_pretrained(dirs["qwen2"], dtype="fp33")
+
+
+def test_tied_checkpoint_that_also_stores_lm_head(dirs, tmp_path):
+    path = copy(dirs["qwen3_tied"], tmp_path / "m")
+    state = load_file(path / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    assert torch.equal(logits(load_pretrained(path)), logits(load_pretrained(dirs["qwen3_tied"])))
+
+
+# ---------------------------------------------------------------- saving
+
+@pytest.mark.parametrize("name, shard", [("qwen2", None), ("qwen3_tied", 40_000)])
+def test_save_loads_back_in_transformers_and_here(dirs, tmp_path, name, shard):
+    model, tok = load_pretrained(dirs[name]), load_tokenizer(dirs[name])
+    out = tmp_path / "saved"
+    save_pretrained(model, tok, out, **({"max_shard_size": shard} if shard else {}))
+    want = logits(model)
+    assert (hf_logits(out) - want).abs().max().item() <= 1e-5
+    assert torch.equal(logits(load_pretrained(out)), want)
+
+    files = sorted(p.name for p in out.iterdir())
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    if shard:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) >= 2
+        assert "lm_head.weight" not in index["weight_map"]  # tied: stored once, as transformers does
+    else:
+        assert "model.safetensors" in files
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert "lm_head.weight" in f.keys()
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    assert load_tokenizer(out).apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temporary directory left behind
+
+
+def test_save_bf16_without_tokenizer_and_overwrite(dirs, tmp_path):
+    model = load_pretrained(dirs["qwen2_bf16"])
+    out = tmp_path / "saved"
+    save_pretrained(load_pretrained(dirs["qwen2"]), None, out)
+    save_pretrained(model, None, out)  # replaces the earlier save
+    assert not (out / "tokenizer.json").exists()
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    again = load_pretrained(out)
+    assert again.output_weight().dtype == torch.bfloat16
+    assert torch.equal(logits(again), logits(model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+def test_crash_during_save_leaves_no_complete_looking_model(dirs, tmp_path, monkeypatch):
+    model, tok = load_pretrained(dirs["qwen2"]), load_tokenizer(dirs["qwen2"])
+
+    def crash(path):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tok, "save_pretrained", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pretrained(model, tok, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    # An existing save stays intact when its replacement fails.
+    save_pretrained(model, None, tmp_path / "old")
+    before = (tmp_path / "old" / "model.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pretrained(model, tok, tmp_path / "old")
+    assert (tmp_path / "old" / "model.safetensors").read_bytes() == before
+    assert torch.equal(logits(load_pretrained(tmp_path / "old")), logits(model))
+
+
+# ---------------------------------------------------------------- bad input
+
+def expect_error(path, *fragments):
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(path)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for fragment in fragments:
+        assert fragment in msg, msg
+    return msg
+
+
+def test_missing_directory(tmp_path):
+    expect_error(tmp_path / "nope", str(tmp_path / "nope"), "does not exist")
+
+
+def test_missing_or_broken_config(dirs, tmp_path):
+    path = copy(dirs["qwen2"], tmp_path / "m")
+    (path / "config.json").unlink()
+    expect_error(path, str(path / "config.json"), "missing")
+    (path / "config.json").write_text("{not json")
+    expect_error(path, "config.json", "not valid JSON")
+
+
+def test_unsupported_architecture(dirs, tmp_path):
+    path = copy(dirs["qwen2"], tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    expect_error(path, "config.json", "unsupported model_type 'llama'")
+
+
+def test_missing_shard(dirs, tmp_path):
+    path = copy(dirs["qwen2_sharded"], tmp_path / "m")
+    victim = sorted(path.glob("model-*-of-*.safetensors"))[1]
+    victim.unlink()
+    expect_error(path, victim.name, "shard listed in model.safetensors.index.json is missing")
+
+
+def test_no_weights(dirs, tmp_path):
+    path = copy(dirs["qwen2"], tmp_path / "m")
+    (path / "model.safetensors").unlink()
+    expect_error(path, "model.safetensors", "no weights")
+
+
+def test_truncated_safetensors(dirs, tmp_path):
+    path = copy(dirs["qwen2"], tmp_path / "m")
+    f = path / "model.safetensors"
+    os.truncate(f, f.stat().st_size - 1000)
+    expect_error(path, str(f), "corrupt or truncated safetensors")
+    f.write_bytes(b"\x05")  # not even a header length
+    expect_error(path, str(f), "corrupt or truncated safetensors")
+
+
+def rewrite_weights(path, change):
+    f = path / "model.safetensors"
+    state = load_file(f)
+    change(state)
+    save_file(state, f, metadata={"format": "pt"})
+
+
+def test_wrong_shape(dirs, tmp_path):
+    path = copy(dirs["qwen2"], tmp_path / "m")
+    rewrite_weights(path, lambda s: s.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(100, 64)}))
+    expect_error(path, "model.safetensors", "'model.layers.1.mlp.up_proj.weight' has shape (100, 64)",
+                 "config.json implies (128, 64)")
+
+
+def test_missing_and_unexpected_weights(dirs, tmp_path):
+    path = copy(dirs["qwen2"], tmp_path / "m")
+    rewrite_weights(path, lambda s: s.pop("model.layers.0.self_attn.k_proj.bias"))
+    expect_error(path, "model.safetensors", "missing weights ['model.layers.0.self_attn.k_proj.bias']")
+    rewrite_weights(path, lambda s: s.update({"model.layers.0.self_attn.k_proj.bias": torch.zeros(32),
+                                              "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}))
+    expect_error(path, "model.safetensors", "unexpected weight 'model.layers.0.self_attn.o_proj.bias'")
+
+
+def test_missing_tokenizer(dirs, tmp_path):
+    path = copy(dirs["qwen2"], tmp_path / "m")
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json: no such file"):
+        load_tokenizer(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
