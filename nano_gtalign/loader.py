@@ -96,7 +96,8 @@ def load_pretrained(path, dtype=None, device="cpu") -> Transformer:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for name in f.keys():
                     # Tied checkpoints sometimes still store lm_head; old ones store the RoPE buffer.
-                    if (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq"):
+                    tied_copy = name == "lm_head.weight" and config.tie_word_embeddings
+                    if tied_copy or name.endswith("rotary_emb.inv_freq"):
                         continue
                     if name not in expected:
                         raise CheckpointError(f"{file}: unexpected weight {name!r} (not part of a "

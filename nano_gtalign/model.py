@@ -284,7 +284,10 @@ class Transformer(nn.Module):
         mask = attention_mask_4d(attention_mask, T, start, input_ids.device)
 
         x = self.model.embed_tokens(input_ids)
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # fp32: positions up to 1e5 need it
+        if self.inv_freq.dtype != torch.float32:  # model.to(bfloat16) casts buffers too; restore exact fp32 values
+            self.init_buffers(self.inv_freq.device)
+        # fp32 angles: bf16 frequencies (0.4% error) would be off by tens of radians at position 1e4.
+        freqs = position_ids[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 

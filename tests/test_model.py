@@ -272,6 +272,13 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
     assert any(g.abs().sum() > 0 for g in plain.values())
 
 
+def test_rope_frequencies_stay_fp32_after_casting_the_model():
+    model = Transformer(tiny_config(rope_theta=1e6)).to(torch.bfloat16)
+    model(torch.zeros(1, 2, dtype=torch.long))
+    assert model.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.inv_freq, rope_inv_freq(model.config), rtol=0, atol=0)
+
+
 def test_tied_head_is_the_embedding():
     model = Transformer(tiny_config(tie_word_embeddings=True))
     assert model.output_weight() is model.model.embed_tokens.weight
