@@ -1,0 +1,291 @@
+"""Pricing steering at inference (SPEC §9): reprice the model's own payoff matrix, choose again,
+and let the model answer for the new choice in the same generation.
+
+A pricing policy is a small dataclass with `apply(matrix) -> matrix`:
+- `none`                  leaves the matrix as it is (to see the steering pipeline alone);
+- `upstream-llm:S`        upstream's price on the LLM side: every LLM payoff += S, the user
+                          gets +0 (DA), +0.5 (CQ), +1 (AQ);
+- `upstream-user:S`       upstream's price on the user side: every user payoff += S, the LLM
+                          gets +1 (DA), +0.5 (AQ), +0 (CQ);
+- `token:per_1k=P,payer=user|llm,DA=n,CQ=n,AQ=n`
+                          a per-token price: the payer's payoff of every cell drops by
+                          P * (expected tokens of the cell's strategy) / 1000. P is in payoff
+                          points (the matrix's scale, roughly -5..5) per 1,000 tokens.
+`parse_policy` reads those specs (sample.py --price).
+
+The choice after repricing is game.choose_action(matrix, rule="cobb_douglas"): among the
+Pareto frontier, the cell with the largest sqrt(l'*u') after shifting both coordinates by the
+matrix's most negative payoff, so a cell where both players lose can never win by a product of
+two negatives (upstream compared raw l*u, and (-3,-3) beat (2,2)).
+
+`steer` runs the two stages: generate until `</payoff>`; parse and reprice the matrix; then
+continue from the prompt + the model's own text before `<payoff>` (its <thinking>) + the
+repriced `<payoff>` + an `<analyze>` written here that states the new frontier and choice +
+`<response>`, and let the model write the response.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from nano_gtalign.game import (
+    KEYS, STRATEGIES, Matrix, PayoffError, choose_action, format_payoff, parse_payoff, pareto_frontier,
+)
+from nano_gtalign.sampling import SamplingParams, generate
+
+# Upstream's per-strategy bonuses (SPEC §9), given to the side that is NOT priced.
+UPSTREAM_LLM_USER_BONUS = {"DA": 0.0, "CQ": 0.5, "AQ": 1.0}
+UPSTREAM_USER_LLM_BONUS = {"DA": 1.0, "AQ": 0.5, "CQ": 0.0}
+
+# Expected response tokens per strategy for the token price, when the spec does not say: a direct
+# answer of a few short paragraphs (DA), one question (CQ), and an answer plus one question (AQ).
+DEFAULT_TOKENS = {"DA": 300, "CQ": 60, "AQ": 360}
+
+# Payoffs after repricing are rounded to this many decimals so the matrix the model reads in its
+# context (and the one the choice is made on) carries no float noise like 0.30000000000000004.
+ROUND_DECIMALS = 6
+
+POLICY_HELP = """\
+pricing policies for --price (payoffs are on the matrix's scale, roughly -5..5):
+  none                 keep the model's matrix (runs the two-stage pipeline without repricing)
+  upstream-llm:S       price S on the LLM side (upstream): every LLM payoff += S;
+                       user payoff += 0 (DA), 0.5 (CQ), 1 (AQ)
+  upstream-user:S      price S on the user side (upstream): every user payoff += S;
+                       LLM payoff += 1 (DA), 0.5 (AQ), 0 (CQ)
+  token:per_1k=P[,payer=user|llm][,DA=N][,CQ=N][,AQ=N]
+                       a token price: the payer (default user: billed per token; llm: the
+                       service pays for the compute) loses P payoff points per 1,000 tokens,
+                       times the expected tokens of each cell's strategy (defaults DA=300,
+                       CQ=60, AQ=360). E.g. token:per_1k=2,payer=user makes a 300-token direct
+                       answer cost the user 0.6 and a clarifying question 0.12.
+the new action: sign-safe Cobb-Douglas welfare over the repriced matrix's Pareto frontier."""
+
+
+class PolicyError(ValueError):
+    """A --price spec that cannot be read; the message names the bad part."""
+
+
+def _strategy(key: str) -> str:
+    return key.split("_", 1)[1]
+
+
+def _rounded(matrix: Matrix) -> Matrix:
+    return {k: (round(l, ROUND_DECIMALS) + 0.0, round(u, ROUND_DECIMALS) + 0.0) for k, (l, u) in matrix.items()}
+
+
+@dataclass
+class NoPrice:
+    def apply(self, matrix: Matrix) -> Matrix:
+        return dict(matrix)
+
+    def describe(self) -> str:
+        return "none (the model's own matrix)"
+
+
+@dataclass
+class UpstreamLLM:
+    s: float
+
+    def apply(self, matrix: Matrix) -> Matrix:
+        return _rounded({k: (l + self.s, u + UPSTREAM_LLM_USER_BONUS[_strategy(k)]) for k, (l, u) in matrix.items()})
+
+    def describe(self) -> str:
+        return f"upstream-llm:{self.s:g} (LLM +{self.s:g} on every cell; user +0 DA, +0.5 CQ, +1 AQ)"
+
+
+@dataclass
+class UpstreamUser:
+    s: float
+
+    def apply(self, matrix: Matrix) -> Matrix:
+        return _rounded({k: (l + UPSTREAM_USER_LLM_BONUS[_strategy(k)], u + self.s) for k, (l, u) in matrix.items()})
+
+    def describe(self) -> str:
+        return f"upstream-user:{self.s:g} (user +{self.s:g} on every cell; LLM +1 DA, +0.5 AQ, +0 CQ)"
+
+
+@dataclass
+class TokenPrice:
+    per_1k: float                 # payoff points per 1,000 tokens
+    payer: str = "user"           # "user" (billed per token) or "llm" (the service pays the compute)
+    tokens: dict = field(default_factory=lambda: dict(DEFAULT_TOKENS))  # expected tokens per strategy
+
+    def cost(self, strategy: str) -> float:
+        return self.per_1k * self.tokens[strategy] / 1000.0
+
+    def apply(self, matrix: Matrix) -> Matrix:
+        out = {}
+        for k, (l, u) in matrix.items():
+            c = self.cost(_strategy(k))
+            out[k] = (l - c, u) if self.payer == "llm" else (l, u - c)
+        return _rounded(out)
+
+    def describe(self) -> str:
+        costs = ", ".join(f"{s} {self.tokens[s]} tok = -{self.cost(s):g}" for s in STRATEGIES)
+        return f"token:per_1k={self.per_1k:g},payer={self.payer} ({self.payer} pays: {costs})"
+
+
+Policy = NoPrice | UpstreamLLM | UpstreamUser | TokenPrice
+
+
+def _number(text: str, what: str, spec: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise PolicyError(f"--price {spec!r}: {what} must be a number, got {text!r}") from None
+    if not math.isfinite(x):
+        raise PolicyError(f"--price {spec!r}: {what} must be finite, got {text!r}")
+    return x
+
+
+def parse_policy(spec: str) -> Policy:
+    """Read a policy spec (see POLICY_HELP); PolicyError names the part that is wrong."""
+    name, sep, arg = spec.strip().partition(":")
+    name = name.strip().lower()
+    if name == "none":
+        if arg.strip():
+            raise PolicyError(f"--price {spec!r}: 'none' takes no argument")
+        return NoPrice()
+    if name in ("upstream-llm", "upstream-user"):
+        if not arg.strip():
+            raise PolicyError(f"--price {spec!r}: {name} needs a price, e.g. {name}:1.5")
+        s = _number(arg.strip(), "the price S", spec)
+        return UpstreamLLM(s) if name == "upstream-llm" else UpstreamUser(s)
+    if name in ("token", "token-price"):
+        per_1k, payer, tokens = None, "user", dict(DEFAULT_TOKENS)
+        for part in filter(None, (p.strip() for p in arg.split(","))):
+            key, eq, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if not eq or not value:
+                raise PolicyError(f"--price {spec!r}: {part!r} must be KEY=VALUE")
+            if key == "per_1k":
+                per_1k = _number(value, "per_1k", spec)
+                if per_1k < 0:
+                    raise PolicyError(f"--price {spec!r}: per_1k must be >= 0, got {value}")
+            elif key == "payer":
+                if value not in ("user", "llm"):
+                    raise PolicyError(f"--price {spec!r}: payer must be 'user' or 'llm', got {value!r}")
+                payer = value
+            elif key.upper() in STRATEGIES:
+                n = _number(value, f"expected tokens for {key.upper()}", spec)
+                if n < 0:
+                    raise PolicyError(f"--price {spec!r}: expected tokens for {key.upper()} must be >= 0, got {value}")
+                tokens[key.upper()] = n
+            else:
+                raise PolicyError(f"--price {spec!r}: unknown token-price field {key!r} "
+                                  "(fields: per_1k, payer, DA, CQ, AQ)")
+        if per_1k is None:
+            raise PolicyError(f"--price {spec!r}: the token price needs per_1k=P, e.g. token:per_1k=2,payer=user")
+        return TokenPrice(per_1k, payer, tokens)
+    raise PolicyError(f"--price {spec!r}: unknown policy {name!r} (use none, upstream-llm:S, upstream-user:S "
+                      "or token:per_1k=P,...)")
+
+
+# -----------------------------------------------------------------------------
+# two-stage generation
+
+STRATEGY_MEANING = {
+    "DA": "a direct answer only",
+    "CQ": "exactly one clarifying question and no answer yet",
+    "AQ": "a brief answer followed by exactly one follow-up question",
+}
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def write_analyze(matrix: Matrix, frontier: list[str], action: str, rule: str = "cobb_douglas") -> str:
+    """The <analyze> text for a repriced matrix: its frontier, why the rest is out, the choice.
+    The chosen key comes last, after "Choose", which is how game.analyze_choice reads it."""
+    points = ", ".join(f"{k} ({_num(matrix[k][0])}, {_num(matrix[k][1])})" for k in frontier)
+    dominated = [k for k in KEYS if k in matrix and k not in frontier]
+    out = f"Pareto frontier (LLM, user): {points}."
+    if dominated:
+        out += f" {', '.join(dominated)} {'is' if len(dominated) == 1 else 'are'} dominated by a frontier cell."
+    welfare = "largest welfare sqrt(LLM x user), sign-safe" if rule == "cobb_douglas" else "largest LLM + user"
+    return out + f" On the frontier {action} has the {welfare}; its strategy is {STRATEGY_MEANING[_strategy(action)]}. Choose {action}."
+
+
+@dataclass
+class SteerResult:
+    policy: str                            # the policy's description
+    payoff_raw: Matrix | None              # the model's matrix (None: it did not parse)
+    payoff_priced: Matrix | None
+    frontier_raw: list[str]
+    frontier_priced: list[str]
+    action_raw: str | None                 # the choice on the raw matrix, by the same rule
+    action_priced: str | None
+    response: str | None                   # the <response> content the model wrote after the rewrite
+    text: str                              # the whole completion as it now reads (or the raw stage-one text)
+    stage_one: str                         # what the model wrote before we intervened
+    finish_reason: str | None = None       # of the last generation stage
+    error: str | None = None               # why steering stopped early (None: it ran through)
+
+    def to_json(self) -> dict:
+        def m(x):
+            return None if x is None else {k: {"LLM": l, "user": u} for k, (l, u) in x.items()}
+        return {"policy": self.policy, "payoff_raw": m(self.payoff_raw), "payoff_priced": m(self.payoff_priced),
+                "frontier_raw": self.frontier_raw, "frontier_priced": self.frontier_priced,
+                "action_raw": self.action_raw, "action_priced": self.action_priced, "response": self.response,
+                "text": self.text, "stage_one": self.stage_one, "finish_reason": self.finish_reason,
+                "error": self.error}
+
+
+def steer(model, tokenizer, messages: list[dict], policy: Policy, params: SamplingParams,
+          generate_fn=generate, rule: str = "cobb_douglas") -> SteerResult:
+    """Two-stage pricing steering of one chat prompt. generate_fn has sampling.generate's
+    signature (tests pass a stub); params apply to both stages, with the stop string replaced by
+    `</payoff>` in stage one and `</response>` in stage two (max_new_tokens is per stage).
+    A payoff that cannot be reached or parsed gives a result with `error` set and the raw text."""
+    prompt_ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
+    first = generate_fn(model, tokenizer, [prompt_ids], replace(params, stop_strings=("</payoff>",)))
+    stage_one, reason = first.texts[0], first.finish_reasons[0]
+
+    def stopped(error: str, raw: Matrix | None = None) -> SteerResult:
+        return SteerResult(policy.describe(), raw, None, pareto_frontier(raw) if raw else [], [],
+                           choose_action(raw, rule) if raw else None, None, None, stage_one, stage_one, reason, error)
+
+    end = stage_one.find("</payoff>")
+    if end < 0:
+        return stopped(f"the model ended stage one ({reason}) without writing </payoff>, so there is no payoff "
+                       "matrix to reprice")
+    start = stage_one.rfind("<payoff>", 0, end)
+    if start < 0:
+        return stopped("the model wrote </payoff> without an opening <payoff> tag")
+    try:
+        raw = parse_payoff(stage_one[start + len("<payoff>"): end])
+    except PayoffError as e:
+        return stopped(f"the model's payoff does not parse: {e}")
+    priced = policy.apply(raw)
+    frontier_raw, frontier_priced = pareto_frontier(raw), pareto_frontier(priced)
+    action_raw, action_priced = choose_action(raw, rule), choose_action(priced, rule)
+    # Keep the model's own words before <payoff> (its thinking) verbatim; everything after is ours
+    # up to <response>, which the model then fills in.
+    context = (stage_one[:start] + "<payoff>" + format_payoff(priced) + "</payoff>"
+               + "<analyze>" + write_analyze(priced, frontier_priced, action_priced, rule) + "</analyze><response>")
+    second = generate_fn(model, tokenizer, [prompt_ids + tokenizer.encode(context)],
+                         replace(params, stop_strings=("</response>",)))
+    cont = second.texts[0]
+    close = cont.find("</response>")
+    response = (cont if close < 0 else cont[:close]).strip()
+    return SteerResult(policy.describe(), raw, priced, frontier_raw, frontier_priced, action_raw, action_priced,
+                       response, context + cont, stage_one, second.finish_reasons[0])
+
+
+def format_side_by_side(result: SteerResult) -> str:
+    """The raw and repriced matrices as a table, frontier cells starred, chosen cells marked."""
+    raw, priced = result.payoff_raw, result.payoff_priced
+    lines = [f"{'cell':6s} {'raw (LLM, user)':>18s}   {'priced (LLM, user)':>20s}"]
+    for k in KEYS:
+        def cell(m, frontier, action):
+            if m is None:
+                return "-"
+            mark = ("*" if k in frontier else " ") + ("<" if k == action else " ")
+            return f"({_num(m[k][0])}, {_num(m[k][1])}){mark}"
+        lines.append(f"{k:6s} {cell(raw, result.frontier_raw, result.action_raw):>18s}   "
+                     f"{cell(priced, result.frontier_priced, result.action_priced):>20s}")
+    lines.append("(* = on the Pareto frontier, < = chosen)")
+    lines.append(f"frontier before: {', '.join(result.frontier_raw) or '-'}   chosen: {result.action_raw or '-'}")
+    lines.append(f"frontier after:  {', '.join(result.frontier_priced) or '-'}   chosen: {result.action_priced or '-'}")
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""nano_gtalign/steering.py: pricing policies on hand-computed matrices, and the two-stage
+generation driven by a stub sampler (which tokens it is asked to continue from)."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from nano_gtalign import game, steering
+from nano_gtalign.sampling import SamplingParams
+from nano_gtalign.tokenizer import Tokenizer
+from tests.tiny import make_tokenizer
+
+# The model's matrix. Frontier: DQ_AQ (2, 3) and DQ_DA (3, 2.5); Cobb-Douglas 6 vs 7.5 -> DQ_DA.
+M = {"DQ_AQ": (2.0, 3.0), "DQ_CQ": (1.0, 1.5), "DQ_DA": (3.0, 2.5),
+     "VQ_AQ": (1.5, 2.0), "VQ_CQ": (0.5, 1.0), "VQ_DA": (2.0, 0.5)}
+THINKING = "<thinking>The question is clear; a direct answer is cheap and safe.</thinking>\n"
+MESSAGES = [{"role": "system", "content": "Reply in four blocks."}, {"role": "user", "content": "What is 37 + 48?"}]
+
+
+def full_completion(matrix_text: str) -> str:
+    return (THINKING + "<payoff>" + matrix_text + "</payoff><analyze>Frontier DQ_AQ, DQ_DA. Choose DQ_DA.</analyze>"
+            "<response>85</response>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return Tokenizer.from_pretrained(make_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+class StubSampler:
+    """Plays back scripted completions, cut after the first stop string as the real sampler does,
+    and records every (prompt ids, params) it was called with."""
+
+    def __init__(self, *scripts):
+        self.scripts, self.calls = list(scripts), []
+
+    def __call__(self, model, tokenizer, prompts, params, num_samples=1, generator=None):
+        assert model == "stub-model" and len(prompts) == 1 and num_samples == 1
+        self.calls.append((list(prompts[0]), params))
+        text = self.scripts[len(self.calls) - 1]
+        hits = [text.find(s) + len(s) for s in params.stop_strings if s in text]
+        if hits:
+            return SimpleNamespace(texts=[text[: min(hits)]], finish_reasons=["stop"])
+        return SimpleNamespace(texts=[text], finish_reasons=["eos"])
+
+
+def test_upstream_llm_price():
+    priced = steering.parse_policy("upstream-llm:1.5").apply(M)
+    # LLM +1.5 everywhere; user +1 AQ, +0.5 CQ, +0 DA
+    assert priced == {"DQ_AQ": (3.5, 4.0), "DQ_CQ": (2.5, 2.0), "DQ_DA": (4.5, 2.5),
+                      "VQ_AQ": (3.0, 3.0), "VQ_CQ": (2.0, 1.5), "VQ_DA": (3.5, 0.5)}
+    assert game.pareto_frontier(priced) == ["DQ_AQ", "DQ_DA"]
+    # sqrt(3.5 * 4) = 3.74 beats sqrt(4.5 * 2.5) = 3.35: the price moves the choice from DA to AQ
+    assert game.choose_action(M, "cobb_douglas") == "DQ_DA"
+    assert game.choose_action(priced, "cobb_douglas") == "DQ_AQ"
+
+
+def test_upstream_user_price():
+    priced = steering.parse_policy("upstream-user:1").apply(M)
+    # user +1 everywhere; LLM +1 DA, +0.5 AQ, +0 CQ
+    assert priced == {"DQ_AQ": (2.5, 4.0), "DQ_CQ": (1.0, 2.5), "DQ_DA": (4.0, 3.5),
+                      "VQ_AQ": (2.0, 3.0), "VQ_CQ": (0.5, 2.0), "VQ_DA": (3.0, 1.5)}
+    assert game.choose_action(priced, "cobb_douglas") == "DQ_DA"  # 4 * 3.5 = 14 > 2.5 * 4 = 10
+
+
+def test_token_price_user_pays():
+    policy = steering.parse_policy("token:per_1k=5,payer=user,DA=600,CQ=40,AQ=700")
+    assert policy == steering.TokenPrice(5.0, "user", {"DA": 600.0, "CQ": 40.0, "AQ": 700.0})
+    priced = policy.apply(M)
+    # costs to the user: DA 5*600/1000 = 3.0, CQ 0.2, AQ 3.5
+    assert priced == {"DQ_AQ": (2.0, -0.5), "DQ_CQ": (1.0, 1.3), "DQ_DA": (3.0, -0.5),
+                      "VQ_AQ": (1.5, -1.5), "VQ_CQ": (0.5, 0.8), "VQ_DA": (2.0, -2.5)}
+    assert game.pareto_frontier(priced) == ["DQ_CQ", "DQ_DA"]
+    # shifted by the minimum -2.5: CQ (3.5, 3.8) -> 13.3 beats DA (5.5, 2.0) -> 11
+    assert game.choose_action(priced, "cobb_douglas") == "DQ_CQ"
+
+
+def test_token_price_service_pays_with_default_tokens():
+    policy = steering.parse_policy("token:per_1k=2,payer=llm")
+    assert policy.tokens == {"DA": 300, "CQ": 60, "AQ": 360}
+    # LLM loses 0.6 (DA), 0.12 (CQ), 0.72 (AQ); the user is untouched
+    assert policy.apply(M) == {"DQ_AQ": (1.28, 3.0), "DQ_CQ": (0.88, 1.5), "DQ_DA": (2.4, 2.5),
+                               "VQ_AQ": (0.78, 2.0), "VQ_CQ": (0.38, 1.0), "VQ_DA": (1.4, 0.5)}
+    assert steering.parse_policy("none").apply(M) == M
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("upstream-llm", "needs a price"),
+    ("upstream-llm:abc", "the price S must be a number, got 'abc'"),
+    ("upstream-user:inf", "must be finite"),
+    ("token:payer=user", "needs per_1k"),
+    ("token:per_1k=2,payer=bank", "payer must be 'user' or 'llm', got 'bank'"),
+    ("token:per_1k=2,XX=3", "unknown token-price field 'XX'"),
+    ("token:per_1k=-1", "per_1k must be >= 0"),
+    ("token:per_1k=1,CQ=lots", "expected tokens for CQ must be a number, got 'lots'"),
+    ("token:per_1k", "'per_1k' must be KEY=VALUE"),
+    ("discount:3", "unknown policy 'discount'"),
+    ("none:1", "takes no argument"),
+])
+def test_bad_specs_name_the_bad_part(spec, message):
+    with pytest.raises(steering.PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        steering.parse_policy(spec)
+
+
+def test_steer_continues_the_same_generation(tokenizer):
+    sampler = StubSampler(full_completion(game.format_payoff(M)), "Sure: 85. Want the steps?</response>ignored")
+    params = SamplingParams(max_new_tokens=50, temperature=0.7, top_p=0.9, stop_strings=("user stop",), seed=3)
+    r = steering.steer("stub-model", tokenizer, MESSAGES, steering.parse_policy("upstream-llm:1.5"), params,
+                       generate_fn=sampler)
+    assert r.error is None
+    (ids1, p1), (ids2, p2) = sampler.calls
+    assert ids1 == tokenizer.encode_chat(MESSAGES)
+    assert p1 == SamplingParams(max_new_tokens=50, temperature=0.7, top_p=0.9, stop_strings=("</payoff>",), seed=3)
+    assert p2.stop_strings == ("</response>",) and p2.temperature == 0.7
+    expected_context = (
+        THINKING
+        + '<payoff>{"DQ_AQ": {"LLM": 3.5, "user": 4.0}, "DQ_CQ": {"LLM": 2.5, "user": 2.0}, '
+        '"DQ_DA": {"LLM": 4.5, "user": 2.5}, "VQ_AQ": {"LLM": 3.0, "user": 3.0}, '
+        '"VQ_CQ": {"LLM": 2.0, "user": 1.5}, "VQ_DA": {"LLM": 3.5, "user": 0.5}}</payoff>'
+        "<analyze>Pareto frontier (LLM, user): DQ_AQ (3.5, 4), DQ_DA (4.5, 2.5). DQ_CQ, VQ_AQ, VQ_CQ, VQ_DA are "
+        "dominated by a frontier cell. On the frontier DQ_AQ has the largest welfare sqrt(LLM x user), sign-safe; "
+        "its strategy is a brief answer followed by exactly one follow-up question. Choose DQ_AQ.</analyze>"
+        "<response>"
+    )
+    # the continuation is asked for from the prompt + the model's thinking + our rewritten blocks
+    assert ids2[: len(ids1)] == ids1
+    assert tokenizer.decode(ids2) == tokenizer.apply_chat_template(MESSAGES) + expected_context
+    assert (r.action_raw, r.action_priced) == ("DQ_DA", "DQ_AQ")
+    assert (r.frontier_raw, r.frontier_priced) == (["DQ_AQ", "DQ_DA"], ["DQ_AQ", "DQ_DA"])
+    assert r.payoff_raw == M and r.payoff_priced["DQ_AQ"] == (3.5, 4.0)
+    assert r.response == "Sure: 85. Want the steps?"
+    assert r.text == expected_context + "Sure: 85. Want the steps?</response>"
+    # the rewritten completion is itself a valid, Pareto-consistent four-block answer
+    assert game.format_ok(r.text) and game.pareto_consistency(r.text) == 1.0
+    assert game.analyze_choice(game.split_blocks(r.text).analyze) == "DQ_AQ"
+    out = r.to_json()
+    assert json.loads(json.dumps(out))["payoff_priced"]["DQ_AQ"] == {"LLM": 3.5, "user": 4.0}
+    assert {"payoff_raw", "payoff_priced", "action_raw", "action_priced", "response", "text"} <= set(out)
+    table = steering.format_side_by_side(r)
+    assert "DQ_AQ" in table and "(2, 3)*" in table and "(3.5, 4)*<" in table
+    assert "frontier after:  DQ_AQ, DQ_DA   chosen: DQ_AQ" in table
+
+
+def test_sign_safe_choice_after_repricing(tokenizer):
+    # A price of -3 on the LLM side drives every payoff negative.
+    raw = {"DQ_AQ": (2.5, -5.0), "DQ_CQ": (-1.0, -4.5), "DQ_DA": (2.0, -1.0),
+           "VQ_AQ": (-1.0, -5.0), "VQ_CQ": (-1.0, -4.5), "VQ_DA": (-1.0, -4.0)}
+    sampler = StubSampler(full_completion(game.format_payoff(raw)), "85</response>")
+    r = steering.steer("stub-model", tokenizer, MESSAGES, steering.parse_policy("upstream-llm:-3"),
+                       SamplingParams(max_new_tokens=20, temperature=0), generate_fn=sampler)
+    assert r.payoff_priced == {"DQ_AQ": (-0.5, -4.0), "DQ_CQ": (-4.0, -4.0), "DQ_DA": (-1.0, -1.0),
+                               "VQ_AQ": (-4.0, -4.0), "VQ_CQ": (-4.0, -4.0), "VQ_DA": (-4.0, -4.0)}
+    # upstream's raw product l*u ranks the dominated (-4, -4) cells first (16) and DQ_DA last (1)
+    products = {k: l * u for k, (l, u) in r.payoff_priced.items()}
+    assert max(products.values()) == 16.0 and products["DQ_DA"] == 1.0
+    # ours: frontier DQ_AQ (-0.5, -4), DQ_DA (-1, -1); shifted by -4: (3.5, 0) -> 0 vs (3, 3) -> 3
+    assert r.frontier_priced == ["DQ_AQ", "DQ_DA"]
+    assert r.action_priced == "DQ_DA" and r.error is None
+    assert "Choose DQ_DA.</analyze><response>" in tokenizer.decode(sampler.calls[1][0])
+
+
+def test_unparseable_payoff_gives_message_and_raw_text(tokenizer):
+    broken = THINKING + "<payoff>{'DQ_AQ': maybe}</payoff><analyze>x</analyze><response>y</response>"
+    sampler = StubSampler(broken)
+    r = steering.steer("stub-model", tokenizer, MESSAGES, steering.parse_policy("upstream-user:1"),
+                       SamplingParams(max_new_tokens=20), generate_fn=sampler)
+    assert len(sampler.calls) == 1  # no second stage
+    assert r.error.startswith("the model's payoff does not parse: payoff is neither JSON nor a Python literal")
+    assert r.text == r.stage_one == THINKING + "<payoff>{'DQ_AQ': maybe}</payoff>"
+    assert r.payoff_raw is None and r.action_priced is None and r.response is None
+    assert json.loads(json.dumps(r.to_json()))["error"] == r.error
+    assert "-" in steering.format_side_by_side(r)
+
+
+def test_no_payoff_block_at_all(tokenizer):
+    sampler = StubSampler("I will just answer: 85.")
+    r = steering.steer("stub-model", tokenizer, MESSAGES, steering.NoPrice(), SamplingParams(max_new_tokens=20),
+                       generate_fn=sampler)
+    assert "ended stage one (eos) without writing </payoff>" in r.error and r.text == "I will just answer: 85."
