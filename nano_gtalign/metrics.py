@@ -16,7 +16,8 @@ from collections import defaultdict
 from dataclasses import asdict, is_dataclass
 from typing import Callable
 
-from nano_gtalign.game import KEYS, PayoffError, cobb_douglas, parse_payoff, split_blocks, welfare_sum
+from nano_gtalign.game import KEYS, PayoffError, parse_payoff, split_blocks
+from nano_gtalign.reward import welfare
 
 Point = tuple[float, float]  # (U, L): user reward, LLM reward
 
@@ -31,19 +32,30 @@ def prompt_key(record: dict) -> str:
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
 
+def _known(x) -> float | None:
+    """float, or None for NaN/None (a value nobody knows, e.g. after a failed judge)."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
 def _words(text: str) -> int:
     return len(text.split())
 
 
 def sample_row(breakdown, completion: str, record: dict,
-               count_tokens: Callable[[str], int] | None = None) -> dict:
+               count_tokens: Callable[[str], int] | None = None, generated_tokens: int | None = None) -> dict:
     """Flatten one scored completion into the numbers `aggregate` needs.
 
     breakdown is reward.RewardBreakdown (any object with its attributes). Lengths follow SPEC §4:
     reasoning = everything before `<response>` (the whole completion when there is none),
-    response = the `<response>` block's content. Token counts are None without count_tokens.
+    response = the `<response>` block's content. Token counts are None without count_tokens;
+    total_tokens is generated_tokens when the sampler reported it (re-encoding decoded text is not
+    always the same length as what was sampled, e.g. after a half-finished UTF-8 character).
     w_cd and w_linear are recomputed from U and L so both welfares are reported whichever one
-    the run trained or scored with (`welfare` is the breakdown's own W).
+    the run trained or scored with (`welfare` is the breakdown's own W). A failed judge leaves
+    the answer terms, U, L and W unknown: reward.py gives NaN, the row holds None (valid JSON).
     """
     blocks = split_blocks(completion)
     response = blocks.response or ""
@@ -55,7 +67,8 @@ def sample_row(breakdown, completion: str, record: dict,
             parse_ok = True
         except PayoffError:
             pass
-    u, l = float(breakdown.user), float(breakdown.llm)
+    u, l = _known(breakdown.user), _known(breakdown.llm)
+    both = u is not None and l is not None
     # The action as a full key: the breakdown's own when it is one, else its question type and
     # strategy (an <analyze> that named only "DA" still has a question type from the payoff).
     action = breakdown.action if breakdown.action in KEYS else None
@@ -67,13 +80,13 @@ def sample_row(breakdown, completion: str, record: dict,
         "format": float(breakdown.format),
         "parse_ok": parse_ok,
         "judge_failed": bool(breakdown.judge_failed),
-        "answer_user": float(breakdown.answer_user),
-        "answer_llm": float(breakdown.answer_llm),
+        "answer_user": _known(breakdown.answer_user),
+        "answer_llm": _known(breakdown.answer_llm),
         "user": u,
         "llm": l,
-        "welfare": float(breakdown.welfare),
-        "w_cd": cobb_douglas(l, u),
-        "w_linear": welfare_sum(l, u) / 2,
+        "welfare": _known(breakdown.welfare),
+        "w_cd": welfare(u, l, "cobb_douglas") if both else None,
+        "w_linear": welfare(u, l, "linear") if both else None,
         "pareto_consistency": float(breakdown.pareto_consistency),
         "action": action if action in KEYS else None,
         "question_type": breakdown.question_type,
@@ -88,12 +101,14 @@ def sample_row(breakdown, completion: str, record: dict,
     if count_tokens is not None:
         row["reasoning_tokens"] = count_tokens(reasoning)
         row["response_tokens"] = count_tokens(response)
-        row["total_tokens"] = count_tokens(completion)
+        row["total_tokens"] = count_tokens(completion) if generated_tokens is None else int(generated_tokens)
     return row
 
 
 def breakdown_dict(breakdown) -> dict:
-    return asdict(breakdown) if is_dataclass(breakdown) else dict(vars(breakdown))
+    """The breakdown as JSON-able data: NaN (unknown after a failed judge) becomes None."""
+    d = asdict(breakdown) if is_dataclass(breakdown) else dict(vars(breakdown))
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -167,31 +182,36 @@ def aggregate(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-TABLE_COLUMNS = (  # (metric, header, format)
+SCORE_COLUMNS = (  # (metric, header, format)
     ("n", "n", "{:d}"), ("format_rate", "format", "{:.3f}"), ("parse_rate", "parse", "{:.3f}"),
-    ("answer_llm", "answer", "{:.3f}"), ("user", "U", "{:.3f}"), ("llm", "L", "{:.3f}"),
-    ("w_cd", "W_cd", "{:.3f}"), ("w_linear", "W_lin", "{:.3f}"),
-    ("reasoning_chars", "reas_ch", "{:.0f}"), ("reasoning_tokens", "reas_tok", "{:.0f}"),
-    ("response_words", "resp_w", "{:.0f}"), ("response_tokens", "resp_tok", "{:.0f}"),
-    ("response_ratio", "resp/all", "{:.3f}"), ("answer_per_1k_tokens", "ans/1k", "{:.3f}"),
+    ("answer_llm", "answer", "{:.3f}"), ("answer_user", "ans_user", "{:.3f}"), ("user", "U", "{:.3f}"),
+    ("llm", "L", "{:.3f}"), ("w_cd", "W_cd", "{:.3f}"), ("w_linear", "W_linear", "{:.3f}"),
     ("pareto_consistency", "pareto", "{:.3f}"), ("judge_failure_rate", "judge_fail", "{:.3f}"),
+)
+LENGTH_COLUMNS = (
+    ("reasoning_chars", "reason_ch", "{:.1f}"), ("reasoning_tokens", "reason_tok", "{:.1f}"),
+    ("response_words", "resp_words", "{:.1f}"), ("response_tokens", "resp_tok", "{:.1f}"),
+    ("response_ratio", "resp/total", "{:.3f}"), ("answer_per_1k_tokens", "answer/1k", "{:.3f}"),
 )
 
 
+def _table(title: str, columns, rows: dict[str, dict]) -> list[str]:
+    name_w = max(len(title), *(len(k) for k in rows))
+    widths = [max(len(h), 6) for _, h, _ in columns]
+    lines = [f"{title:{name_w}s}  " + " ".join(f"{h:>{w}s}" for (_, h, _), w in zip(columns, widths))]
+    for src, m in rows.items():
+        cells = ("-" if m[k] is None else f.format(m[k]) for k, _, f in columns)
+        lines.append(f"{src:{name_w}s}  " + " ".join(f"{c:>{w}s}" for c, w in zip(cells, widths)))
+    return lines
+
+
 def format_table(metrics: dict[str, dict]) -> str:
-    """Two plain-text tables: the SPEC §10 numbers, then the action distribution ("-" = undefined)."""
-    def cell(v, fmt):
-        return "-" if v is None else fmt.format(v)
-    name_w = max(8, *(len(k) for k in metrics))
-    lines = [f"{'source':{name_w}s} " + " ".join(f"{h:>10s}" for _, h, _ in TABLE_COLUMNS)]
-    for src, m in metrics.items():
-        lines.append(f"{src:{name_w}s} " + " ".join(f"{cell(m[k], f):>10s}" for k, _, f in TABLE_COLUMNS))
-    lines.append("")
-    acts = KEYS + ("none",)
-    lines.append(f"{'actions':{name_w}s} " + " ".join(f"{a:>7s}" for a in acts))
-    for src, m in metrics.items():
-        lines.append(f"{src:{name_w}s} " + " ".join(f"{cell(m['actions'][a], '{:.3f}'):>7s}" for a in acts))
-    return "\n".join(lines)
+    """Three plain-text tables, one row per data source and "overall": scores, lengths, and the
+    action distribution. "-" = undefined (no scored rows, or no token counts)."""
+    actions = {src: m["actions"] for src, m in metrics.items()}
+    action_cols = tuple((a, a, "{:.3f}") for a in KEYS + ("none",))
+    return "\n".join(_table("scores", SCORE_COLUMNS, metrics) + [""] + _table("lengths", LENGTH_COLUMNS, metrics)
+                     + [""] + _table("actions", action_cols, actions))
 
 
 # -----------------------------------------------------------------------------

@@ -47,6 +47,16 @@ def test_sample_row_broken_completion():
     assert metrics.sample_row(bd(action="DA", question_type="VQ", strategy="DA"), completion, RECORD)["action"] == "VQ_DA"
 
 
+def test_sample_row_after_failed_judge():
+    nan = float("nan")
+    b = bd(judge_failed=True, answer_user=nan, answer_llm=nan, user=nan, llm=nan, welfare=nan)
+    r = metrics.sample_row(b, "<payoff>{}</payoff><response>hi</response>", RECORD)
+    assert r["judge_failed"] is True and r["parse_ok"] is False
+    assert [r[k] for k in ("answer_user", "answer_llm", "user", "llm", "welfare", "w_cd", "w_linear")] == [None] * 7
+    d = metrics.breakdown_dict(b)
+    assert d["user"] is None and d["format"] == 1.0
+
+
 def row(src, fmt, parse, failed, a, u, l, action, pc, rc, rw, rt, st, tt, pid="p"):
     return {"prompt_id": pid, "data_source": src, "format": fmt, "parse_ok": parse, "judge_failed": failed,
             "answer_llm": a, "answer_user": a, "user": u, "llm": l, "w_cd": math.sqrt(u * l), "w_linear": (u + l) / 2,
@@ -96,8 +106,11 @@ def test_aggregate_per_source_and_undefined_values():
     assert no_tokens["response_tokens"] is None and no_tokens["response_ratio"] is None
     table = metrics.format_table(metrics.aggregate([{**ROWS[0], "total_tokens": None}]))
     lines = table.splitlines()
-    assert lines[1].split()[:5] == ["math-hard", "1", "1.000", "1.000", "1.000"]
-    assert "-" in lines[1].split()  # token columns undefined
+    assert lines[0].split() == ["scores", "n", "format", "parse", "answer", "ans_user", "U", "L", "W_cd", "W_linear",
+                                "pareto", "judge_fail"]
+    assert lines[1].split() == ["math-hard", "1", "1.000", "1.000", "1.000", "1.000", "0.800", "0.500",
+                                f"{math.sqrt(0.4):.3f}", "0.650", "1.000", "0.000"]
+    assert lines[5].split() == ["math-hard", "100.0", "-", "10.0", "-", "-", "-"]  # no token counts
     assert lines[-1].split() == ["overall", "0.000", "0.000", "1.000", "0.000", "0.000", "0.000", "0.000"]
 
 

@@ -1,0 +1,354 @@
+"""Evaluate: generate and score a checkpoint on a JSONL split, score a file of completions, or
+compare two scored runs prompt by prompt (SPEC §10).
+
+    python eval.py                                                # the demo model on the demo test split
+    python eval.py --model out/demo/final --data out/demo/test.jsonl --out eval.json --per-sample eval.jsonl
+    python eval.py --model DIR --data test.jsonl --judge http://localhost:8000/v1#Qwen/Qwen3-32B \
+        --temperature 0.7 --top-p 0.95 --num-samples 4 --max-new-tokens 4096
+    torchrun --nproc_per_node=8 eval.py --model DIR --data test.jsonl --judge http://localhost:8000/v1
+    python eval.py --completions eval.jsonl --judge rule --tokenizer out/demo/final
+    python eval.py --compare base.jsonl steered.jsonl --plot uv.png
+
+--data is a JSONL file of records (data/gtalign/prepare.py or the demo writes them). Under torchrun
+every rank generates its share of the prompts and rank 0 gathers, scores and prints.
+--completions takes one JSON object a line with "record" and "completion" (a --per-sample file is
+such a file, so a run can be re-scored with another judge). --per-sample writes one line per
+completion: its metrics row (nano_gtalign/metrics.py), the completion, the record and the reward
+breakdown. --compare reads two --per-sample files. The printed table has, per data source and
+overall, every SPEC §10 metric; metrics.group_metrics documents each denominator.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from nano_gtalign.judges import make_judge
+from nano_gtalign.metrics import (
+    aggregate, breakdown_dict, compare, format_comparison, format_table, frontier, per_prompt_points, sample_row,
+)
+from nano_gtalign.reward import BLEUS, LLM_REWARDS, WELFARES, score_batch
+
+DEFAULT_MODEL = "out/demo/final"       # `python train.py` (the demo) saves its final model here
+DEFAULT_DATA = "out/demo/test.jsonl"   # ... and its held-out test split here
+SCORE_CHUNK = 256                      # completions per score_batch call (bounds memory, shows progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("what to evaluate (default: --model and --data)")
+    src.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (default: %(default)s)")
+    src.add_argument("--data", default=DEFAULT_DATA, help="JSONL records to generate for (default: %(default)s)")
+    src.add_argument("--completions", default=None, help="score this JSONL of {record, completion} lines, no model")
+    src.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"), default=None,
+                     help="compare two --per-sample files on their matched prompts")
+    src.add_argument("--limit", type=int, default=None, help="only the first N records / completions")
+    sc = p.add_argument_group("scoring")
+    sc.add_argument("--judge", default="rule", help="'rule' or an OpenAI-compatible URL[#model] (default: %(default)s)")
+    sc.add_argument("--welfare", default="cobb_douglas", choices=WELFARES, help="W in the breakdown (default: %(default)s)")
+    sc.add_argument("--llm-reward", default="main", choices=LLM_REWARDS, help="L variant (default: %(default)s)")
+    sc.add_argument("--bleu", default="char", choices=BLEUS, help="BLEU for the writing task (default: %(default)s)")
+    sc.add_argument("--tokenizer", default=None,
+                    help="tokenizer directory for token counts with --completions (default: none, token columns '-')")
+    sc.add_argument("--eps", type=float, default=0.01, help="epsilon of the --compare coverage (default: %(default)s)")
+    g = p.add_argument_group("generation (with --model)")
+    g.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default: %(default)s)")
+    g.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="(default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    g.add_argument("--device", default=None, help="default: cuda (this rank's GPU under torchrun) if available, else cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = the checkpoint's dtype (default: %(default)s)")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--out", default=None, help="write every number as JSON here")
+    o.add_argument("--per-sample", default=None, help="write one JSON line per completion here")
+    o.add_argument("--plot", default=None, help="PNG of the per-prompt (U, L) points and their frontier (needs matplotlib)")
+    return p
+
+
+def fail(msg: str):
+    sys.exit(f"eval.py: {msg}")
+
+
+def read_jsonl(path: str, what: str, limit: int | None = None) -> list[dict]:
+    """Objects of a JSONL file; a bad line is an error naming file and line."""
+    p = Path(path)
+    if not p.is_file():
+        hint = " (run `python train.py` first: the demo writes it)" if path in (DEFAULT_DATA,) else ""
+        fail(f"no {what} file at {path}{hint}")
+    out = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path} line {n} is not JSON: {e}")
+            if not isinstance(obj, dict):
+                fail(f"{path} line {n} must be a JSON object, got {type(obj).__name__}")
+            out.append(obj)
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        fail(f"{path} has no {what}")
+    return out
+
+
+def check_record(rec: dict, where: str) -> None:
+    msgs = rec.get("prompt")
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                         for m in msgs):
+        fail(f"{where}: 'prompt' must be a non-empty list of {{role, content}} messages")
+
+
+def json_safe(x):
+    """NaN/inf (e.g. metrics of an empty comparison) become null so the file is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+# -----------------------------------------------------------------------------
+# generation (optionally sharded across torchrun ranks)
+
+def dist_setup() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def generate_all(model, tokenizer, records: list[dict], args, rank: int, world: int, log) -> list[tuple]:
+    """(record index, sample, completion, finish_reason, generated tokens incl. EOS) for this
+    rank's records[rank::world].
+    Prompts are batched by length so a batch carries little left padding."""
+    from nano_gtalign.sampling import SamplingParams, generate
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed + rank)
+    mine = list(range(rank, len(records), world))
+    ids = {i: tokenizer.encode_chat(records[i]["prompt"], add_generation_prompt=True) for i in mine}
+    mine.sort(key=lambda i: len(ids[i]))
+    out = []
+    t0 = time.perf_counter()
+    for b in range(0, len(mine), args.batch_size):
+        batch = mine[b: b + args.batch_size]
+        gen = generate(model, tokenizer, [ids[i] for i in batch], params, num_samples=args.num_samples)
+        n_tokens = gen.completion_mask.sum(dim=1).tolist()
+        for r, text in enumerate(gen.texts):
+            i, s = batch[r // args.num_samples], r % args.num_samples
+            out.append((i, s, text, gen.finish_reasons[r], int(n_tokens[r])))
+        log(f"rank {rank}: generated {min(b + args.batch_size, len(mine))}/{len(mine)} prompts "
+            f"({time.perf_counter() - t0:.1f}s)")
+    return out
+
+
+def gather(items: list, world: int) -> list:
+    if world == 1:
+        return items
+    import torch.distributed as dist
+    parts = [None] * world
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+# -----------------------------------------------------------------------------
+# scoring and reporting
+
+def score_all(pairs: list[tuple[dict, str]], generated: list[int | None], args, count_tokens, log
+              ) -> tuple[list[dict], list]:
+    """Metrics rows and breakdowns for (record, completion) pairs, SCORE_CHUNK at a time;
+    generated[i] is the sampler's token count for pair i (None: count the text)."""
+    try:
+        judge = make_judge(args.judge)
+    except ValueError as e:
+        fail(str(e))
+    if hasattr(judge, "check"):  # an HTTP judge: fail before generating/scoring anything more
+        try:
+            judge.check()
+        except RuntimeError as e:
+            fail(str(e))
+    rows, breakdowns = [], []
+    for c in range(0, len(pairs), SCORE_CHUNK):
+        chunk = pairs[c: c + SCORE_CHUNK]
+        try:
+            bds = score_batch([p[1] for p in chunk], [p[0] for p in chunk], judge, welfare=args.welfare,
+                              llm_reward=args.llm_reward, bleu=args.bleu)
+        except ValueError as e:  # a record the reward cannot use; the message names it
+            fail(f"cannot score: {e}")
+        for (rec, completion), n, bd in zip(chunk, generated[c: c + SCORE_CHUNK], bds):
+            rows.append(sample_row(bd, completion, rec, count_tokens, n))
+            breakdowns.append(bd)
+        log(f"scored {min(c + SCORE_CHUNK, len(pairs))}/{len(pairs)} completions")
+    return rows, breakdowns
+
+
+def plot_runs(runs: list[tuple[str, dict]], path: str) -> None:
+    """Scatter each run's per-prompt (U, L) points and draw its Pareto frontier as a staircase."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for (name, points), color in zip(runs, ("tab:blue", "tab:orange")):
+        pts = list(points.values())
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, alpha=0.5, color=color, label=f"{name} ({len(pts)})")
+        f = frontier(pts)  # U ascending, L descending
+        if f:
+            xs, ys = [f[0][0]], [f[0][1]]
+            for (u0, l0), (u1, l1) in zip(f, f[1:]):
+                xs += [u1, u1]
+                ys += [l0, l1]
+            ax.plot(xs, ys, color=color, lw=1.5)
+    ax.set_xlabel("U (user reward)")
+    ax.set_ylabel("L (LLM reward)")
+    ax.set_title("per-prompt (U, L) and Pareto frontiers")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(args, payload: dict, lines: list[dict] | None, runs_for_plot, log) -> None:
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(json_safe(payload), indent=1, ensure_ascii=False))
+        log(f"wrote {args.out}")
+    if args.per_sample and lines is not None:
+        Path(args.per_sample).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.per_sample, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(json_safe(line), ensure_ascii=False) + "\n")
+        log(f"wrote {len(lines)} lines to {args.per_sample}")
+    if args.plot:
+        plot_runs(runs_for_plot, args.plot)
+        log(f"wrote {args.plot}")
+
+
+def run_compare(args, log) -> None:
+    a = read_jsonl(args.compare[0], "per-sample rows")
+    b = read_jsonl(args.compare[1], "per-sample rows")
+    for path, rows in zip(args.compare, (a, b)):
+        for n, r in enumerate(rows, 1):
+            missing = [k for k in ("prompt_id", "user", "llm", "judge_failed") if k not in r]
+            if missing:
+                fail(f"{path} line {n} is not an eval.py --per-sample row (missing {', '.join(missing)})")
+    result = compare(a, b, eps=args.eps)
+    name_a, name_b = Path(args.compare[0]).stem, Path(args.compare[1]).stem
+    print(format_comparison(result, name_a, name_b))
+    write_outputs(args, {"compare": result, "a": args.compare[0], "b": args.compare[1]}, None,
+                  [(name_a, per_prompt_points(a)), (name_b, per_prompt_points(b))], log)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    rank, world, local = dist_setup() if not (args.compare or args.completions) else (0, 1, 0)
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            fail("--plot needs matplotlib, which is not installed (pip install matplotlib); "
+                 "run again without --plot or install it")
+    for name in ("batch_size", "num_samples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    log("config: " + " ".join(f"{k}={v!r}" for k, v in vars(args).items()) + f" world_size={world}")
+    if args.compare:
+        return run_compare(args, log)
+
+    count_tokens = None
+    finish = None
+    if args.completions:
+        lines = read_jsonl(args.completions, "completions", args.limit)
+        pairs = []
+        for n, obj in enumerate(lines, 1):
+            if not isinstance(obj.get("record"), dict) or not isinstance(obj.get("completion"), str):
+                fail(f"{args.completions} line {n} needs a 'record' object and a 'completion' string")
+            pairs.append((obj["record"], obj["completion"]))
+        samples = [obj.get("sample", 0) for obj in lines]
+        finish = [obj.get("finish_reason") for obj in lines]
+        generated = [obj.get("generated_tokens") for obj in lines]
+        if args.tokenizer:
+            from nano_gtalign.loader import load_tokenizer
+            try:
+                tok = load_tokenizer(args.tokenizer)
+            except (OSError, ValueError) as e:
+                fail(f"cannot load tokenizer from {args.tokenizer}: {e}")
+            count_tokens = lambda s: len(tok.encode(s))  # noqa: E731
+        else:
+            log("no --tokenizer: token counts, response/total ratio and answer per 1k tokens are '-'")
+    else:
+        from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
+        records = read_jsonl(args.data, "records", args.limit)
+        for n, rec in enumerate(records, 1):
+            check_record(rec, f"{args.data} line {n}")
+        if not Path(args.model).is_dir():
+            hint = ("run `python train.py` first (the demo saves its model there) or pass --model DIR"
+                    if args.model == DEFAULT_MODEL else "pass --model DIR, a checkpoint directory with config.json")
+            fail(f"no model directory at {args.model}: {hint}")
+        device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        try:
+            model = load_pretrained(args.model, dtype=dtype, device=device).eval()
+            tok = load_tokenizer(args.model)
+        except (CheckpointError, OSError, ValueError) as e:
+            fail(f"cannot load {args.model}: {e}")
+        count_tokens = lambda s: len(tok.encode(s))  # noqa: E731
+        t0 = time.perf_counter()
+        try:
+            mine = generate_all(model, tok, records, args, rank, world, log)
+        except ValueError as e:  # e.g. a prompt longer than the model's context
+            fail(str(e))
+        everything = sorted(gather(mine, world))
+        if world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+        if rank != 0:
+            return
+        log(f"generated {len(everything)} completions in {time.perf_counter() - t0:.1f}s")
+        pairs = [(records[i], text) for i, _, text, _, _ in everything]
+        samples = [e[1] for e in everything]
+        finish = [e[3] for e in everything]
+        generated = [e[4] for e in everything]
+
+    rows, breakdowns = score_all(pairs, generated, args, count_tokens, log)
+    metrics = aggregate(rows)
+    print(format_table(metrics))
+    reasons = Counter(f for f in finish if f is not None)
+    if reasons:
+        print("finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    failed = sum(r["judge_failed"] for r in rows)
+    if failed:
+        print(f"judge failed on {failed}/{len(rows)} completions: left out of answer/U/L/W (see judge_error "
+              "in --per-sample)")
+    per_sample = [{**row, "sample": s, "finish_reason": f, "generated_tokens": n, "completion": c, "record": rec,
+                   "breakdown": breakdown_dict(bd)}
+                  for row, s, f, n, (rec, c), bd in zip(rows, samples, finish, generated, pairs, breakdowns)]
+    payload = {"config": vars(args), "metrics": metrics, "finish_reasons": dict(reasons), "n_samples": len(rows)}
+    write_outputs(args, payload, per_sample, [(Path(args.completions or args.model).name, per_prompt_points(rows))], log)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""eval.py: hand-computed metrics on fixture completions across tasks, run comparison, and the
+model path end to end on a tiny random model (also sharded over two torchrun ranks)."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import eval as evaluate
+from tests.tiny import make_hf_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PAY = json.dumps({"DQ_AQ": {"LLM": 2.0, "user": 3.0}, "DQ_CQ": {"LLM": 1.0, "user": 1.5},
+                  "DQ_DA": {"LLM": 3.0, "user": 2.0}, "VQ_AQ": {"LLM": 1.5, "user": 2.0},
+                  "VQ_CQ": {"LLM": 0.5, "user": 1.0}, "VQ_DA": {"LLM": 2.0, "user": 0.5}})
+
+
+def record(src, question, gt):
+    return {"prompt": [{"role": "user", "content": question}], "data_source": src,
+            "reward_model": {"ground_truth": gt, "style": "rule"}, "extra_info": {"single_turn_prompt": question}}
+
+
+def reasoning(choice):
+    return f"<thinking>Think.</thinking><payoff>{PAY}</payoff><analyze>Choose {choice}.</analyze>"
+
+
+def completion(choice, response):
+    return reasoning(choice) + f"<response>{response}</response>"
+
+
+FIXTURE = [
+    (record("arith_demo", "What is 37 + 48?", "85"), completion("DQ_DA", "85")),                        # right
+    (record("arith_demo", "Add 37 to my number.", "vague"), completion("VQ_CQ", "What is your number?")),  # right
+    (record("math-hard", "What is 3 * 4?", "12"), completion("DQ_AQ", "It is \\boxed{13}. Want steps?")),  # wrong
+    (record("medium", "Write a haiku.", "Autumn moon"), completion("DQ_DA", "Moon over water")),  # rule judge fails
+    (record("math-hard", "What is 2 + 2?", "4"), "<thinking>no blocks at all"),                  # all zeros
+]
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def band(n, lo, hi):  # SPEC §4 with the word count n written out
+    return sig(0.005 * (n - lo)) * sig(0.005 * (hi - n))
+
+
+def write_jsonl(path, objs):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    return path
+
+
+def run_completions(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"record": r, "completion": c} for r, c in FIXTURE])
+    evaluate.main(["--completions", str(src), "--out", str(tmp_path / "o.json"),
+                   "--per-sample", str(tmp_path / "ps.jsonl")])
+    return capsys.readouterr().out, json.loads((tmp_path / "o.json").read_text())["metrics"]
+
+
+def test_completions_metrics_by_hand(tmp_path, capsys):
+    out, m = run_completions(tmp_path, capsys)
+    r = len(reasoning("DQ_DA"))  # the three reasoning prefixes have the same length
+    assert r == len(reasoning("VQ_CQ")) == len(reasoning("DQ_AQ")) == 292
+    # whitespace words of each whole completion: 30 in the payoff JSON + those after "Choose"
+    assert [len(c.split()) for _, c in FIXTURE[:3]] == [31, 34, 35]
+    # PAY gives both players different payoffs (> 10% apart) in all six cells: spread 1
+    U1 = 1e-4 + 0.5 * 1 + 0.2 * band(1, 20, 500) + 0.3 * math.exp(-292 / 500)
+    U2 = 1e-4 + 0.5 * 1 + 0.2 * band(4, 20, 500) + 0.3 * math.exp(-292 / 500)
+    U3 = 1e-4 + 0.5 * 0 + 0.2 * band(5, 20, 500) + 0.3 * math.exp(-292 / 500)
+    L1 = 1e-4 + 0.2 * 1 + 0.2 * 1 + 0.4 * 1 + 0.2 * band(31, 500, 1000)
+    L2 = 1e-4 + 0.2 * 1 + 0.2 * 1 + 0.4 * 1 + 0.2 * band(34, 500, 1000)
+    L3 = 1e-4 + 0.2 * 1 + 0.2 * 1 + 0.4 * 0 + 0.2 * band(35, 500, 1000)
+    arith, math_hard, medium, overall = m["arith_demo"], m["math-hard"], m["medium"], m["overall"]
+    assert arith["user"] == pytest.approx((U1 + U2) / 2) and arith["llm"] == pytest.approx((L1 + L2) / 2)
+    assert arith["w_cd"] == pytest.approx((math.sqrt(U1 * L1) + math.sqrt(U2 * L2)) / 2)
+    # math-hard: the wrong answer and the block-less completion (U = L = 0, not judged)
+    assert math_hard["user"] == pytest.approx(U3 / 2) and math_hard["llm"] == pytest.approx(L3 / 2)
+    assert (math_hard["format_rate"], math_hard["parse_rate"], math_hard["answer_llm"]) == (0.5, 0.5, 0.0)
+    # medium: the rule judge cannot score it -> failed, not zero
+    assert medium["judge_failure_rate"] == 1.0 and medium["user"] is None and medium["n_scored"] == 0
+    assert (overall["n"], overall["n_scored"]) == (5, 4)
+    assert (overall["format_rate"], overall["parse_rate"], overall["judge_failure_rate"]) == (0.8, 0.8, 0.2)
+    assert overall["answer_llm"] == 0.5  # (1 + 1 + 0 + 0) / 4 scored
+    assert overall["user"] == pytest.approx((U1 + U2 + U3 + 0) / 4)
+    assert overall["w_linear"] == pytest.approx(((U1 + L1) + (U2 + L2) + (U3 + L3)) / 2 / 4)
+    # VQ_CQ is dominated in PAY (by DQ_AQ), the other three named keys are on the frontier
+    assert overall["pareto_consistency"] == pytest.approx(3 / 4)
+    assert overall["actions"] == {"DQ_AQ": 0.2, "DQ_CQ": 0.0, "DQ_DA": 0.4, "VQ_AQ": 0.0, "VQ_CQ": 0.2,
+                                  "VQ_DA": 0.0, "none": 0.2}
+    assert overall["reasoning_chars"] == (292 * 4 + len(FIXTURE[4][1])) / 5
+    assert overall["response_words"] == (1 + 4 + 5 + 3 + 0) / 5
+    assert overall["reasoning_tokens"] is None  # no --tokenizer
+    assert "judge failed on 1/5 completions" in out
+    lines = out.splitlines()
+    assert any(l.split()[:4] == ["overall", "5", "0.800", "0.800"] for l in lines)
+
+
+def test_per_sample_file_rescores_and_compares(tmp_path, capsys):
+    run_completions(tmp_path, capsys)
+    ps = [json.loads(l) for l in (tmp_path / "ps.jsonl").read_text().splitlines()]
+    assert len(ps) == 5 and ps[3]["breakdown"]["judge_failed"] and ps[3]["user"] is None
+    assert ps[0]["completion"] == FIXTURE[0][1] and ps[0]["record"] == FIXTURE[0][0]
+    # a per-sample file is a valid --completions file: same numbers again
+    evaluate.main(["--completions", str(tmp_path / "ps.jsonl"), "--out", str(tmp_path / "again.json")])
+    again = json.loads((tmp_path / "again.json").read_text())["metrics"]
+    assert again == json.loads((tmp_path / "o.json").read_text())["metrics"]
+    # b: the first prompt gets a higher U, the third a lower L -> one win each way
+    b = [dict(r) for r in ps]
+    b[0]["user"] += 0.1
+    b[2]["llm"] -= 0.1
+    write_jsonl(tmp_path / "b.jsonl", b)
+    capsys.readouterr()
+    evaluate.main(["--compare", str(tmp_path / "ps.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "c.json")])
+    out = capsys.readouterr().out
+    c = json.loads((tmp_path / "c.json").read_text())["compare"]
+    assert c["n_matched"] == 4  # the medium prompt has no scored sample in either run
+    assert c["dominance"] == {"a_dominates_b": 1, "b_dominates_a": 1, "equal": 2, "incomparable": 0}
+    assert "b dominates ps on 1" in out
+    write_jsonl(tmp_path / "x.jsonl", [{"x": 1}])
+    with pytest.raises(SystemExit, match="x.jsonl line 1 is not an eval.py --per-sample row"):
+        evaluate.main(["--compare", str(tmp_path / "ps.jsonl"), str(tmp_path / "x.jsonl")])
+
+
+def test_bad_inputs_are_clear(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # so the defaults out/demo/... certainly do not exist
+    with pytest.raises(SystemExit, match=r"no records file at out/demo/test.jsonl \(run `python train.py` first"):
+        evaluate.main([])
+    write_jsonl(tmp_path / "d.jsonl", [record("arith_demo", "What is 1 + 1?", "2")])
+    with pytest.raises(SystemExit, match="no model directory at out/demo/final: run `python train.py` first"):
+        evaluate.main(["--data", "d.jsonl"])
+    (tmp_path / "bad.jsonl").write_text('{"record": {}, "completion": "x"}\nnot json\n')
+    with pytest.raises(SystemExit, match="bad.jsonl line 2 is not JSON"):
+        evaluate.main(["--completions", "bad.jsonl"])
+    write_jsonl(tmp_path / "c.jsonl", [{"record": {"data_source": "chess", "prompt": []}, "completion": "x"}])
+    with pytest.raises(SystemExit, match="cannot score: record 0: unknown data_source 'chess'"):
+        evaluate.main(["--completions", "c.jsonl"])
+    with pytest.raises(SystemExit, match="judge spec must be 'rule' or an http"):
+        evaluate.main(["--completions", str(write_jsonl(tmp_path / "ok.jsonl", [
+            {"record": FIXTURE[0][0], "completion": FIXTURE[0][1]}])), "--judge", "gpt"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="--plot needs matplotlib, which is not installed"):
+            evaluate.main(["--completions", "ok.jsonl", "--plot", "p.png"])
+    else:
+        evaluate.main(["--completions", "ok.jsonl", "--plot", "p.png"])
+        assert (tmp_path / "p.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("evalmodel")
+    model = make_hf_model(d / "model")
+    data = write_jsonl(d / "test.jsonl", [record("arith_demo", q, gt) for q, gt in
+                                          [("What is 37 + 48?", "85"), ("Add 5 to my number.", "vague"),
+                                           ("What is 7 × 8?", "56")]])
+    return d, model, data
+
+
+def test_model_path_end_to_end(tiny_run, capsys):
+    d, model, data = tiny_run
+    evaluate.main(["--model", str(model), "--data", str(data), "--max-new-tokens", "6", "--batch-size", "2",
+                   "--num-samples", "2", "--temperature", "1.0", "--seed", "1",
+                   "--out", str(d / "o.json"), "--per-sample", str(d / "ps.jsonl")])
+    out = capsys.readouterr().out
+    o = json.loads((d / "o.json").read_text())
+    ps = [json.loads(l) for l in (d / "ps.jsonl").read_text().splitlines()]
+    assert o["n_samples"] == 6 and len(ps) == 6 and o["metrics"]["overall"]["n"] == 6
+    assert [(p["record"]["extra_info"]["single_turn_prompt"], p["sample"]) for p in ps] == [
+        ("What is 37 + 48?", 0), ("What is 37 + 48?", 1), ("Add 5 to my number.", 0), ("Add 5 to my number.", 1),
+        ("What is 7 × 8?", 0), ("What is 7 × 8?", 1)]
+    # a random model writes no four-block answer: zero format, and every row carries token counts
+    assert o["metrics"]["overall"]["format_rate"] == 0.0
+    # total_tokens is what the sampler generated (EOS included), at most --max-new-tokens
+    assert all(p["total_tokens"] == p["generated_tokens"] and 1 <= p["total_tokens"] <= 6 for p in ps)
+    assert all(p["response_tokens"] == 0 and p["reasoning_tokens"] is not None for p in ps)
+    assert sum(o["finish_reasons"].values()) == 6 and "finish reasons:" in out
+
+
+@pytest.mark.slow
+def test_torchrun_shards_and_gathers(tiny_run, tmp_path):
+    """Two gloo ranks on CPU produce the same per-sample rows as one process (greedy)."""
+    d, model, data = tiny_run
+    common = ["--model", str(model), "--data", str(data), "--max-new-tokens", "5", "--temperature", "0"]
+    evaluate.main(common + ["--per-sample", str(tmp_path / "one.jsonl")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free port: other test runs on this machine may hold a fixed one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "eval.py"] + common + ["--per-sample", str(tmp_path / "two.jsonl")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "world_size=2" in proc.stdout
+    one = [json.loads(l) for l in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two = [json.loads(l) for l in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert len(one) == 3 and one == two
