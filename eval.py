@@ -1,4 +1,4 @@
-"""Evaluate: generate and score a checkpoint on a JSONL split, score a file of completions, or
+r"""Evaluate: generate and score a checkpoint on a JSONL split, score a file of completions, or
 compare two scored runs prompt by prompt (SPEC §10).
 
     python eval.py                                                # the demo model on the demo test split

@@ -1,4 +1,4 @@
-"""Convert the published GTAlign parquet files into our JSONL records.
+r"""Convert the published GTAlign parquet files into our JSONL records.
 
     python data/gtalign/prepare.py --src /path/to/gtalign --out data/gtalign/jsonl
     python data/gtalign/prepare.py --src /path/to/gtalign --split test --out data/gtalign/test.jsonl
