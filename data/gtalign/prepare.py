@@ -1,9 +1,9 @@
 r"""Convert the published GTAlign parquet files into our JSONL records.
 
-    python data/gtalign/prepare.py --src /path/to/gtalign --out data/gtalign/jsonl
-    python data/gtalign/prepare.py --src /path/to/gtalign --split test --out data/gtalign/test.jsonl
+    python data/gtalign/prepare.py --src /path/to/gtalign --out out/gtalign
+    python data/gtalign/prepare.py --src /path/to/gtalign --split test --out out/gtalign/test.jsonl
     python data/gtalign/prepare.py --src /path/to/gtalign/gtalign_mix/math-hard/train.parquet \
-        --out math_train.jsonl --sources math-hard
+        --out out/gtalign/math_train.jsonl --sources math-hard
 
 --src is one parquet file or a directory searched recursively for *.parquet.
 --out ending in .jsonl collects every kept row into that one file; any other
