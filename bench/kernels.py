@@ -104,6 +104,15 @@ def floor_ms(n: int, h: int, v: int, tflops: float) -> float:
     return 6.0 * n * h * v / (tflops * 1e12) * 1e3
 
 
+def median_ms(do_bench, fn, warmup: float, rep: float, grad_to_none=None) -> float:
+    """Median of triton.testing.do_bench (older triton: the 0.5 quantile)."""
+    try:
+        return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+    except (TypeError, AssertionError, ValueError):  # a do_bench without return_mode="median"
+        out = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5])
+        return float(out[0] if isinstance(out, (tuple, list)) else out)
+
+
 def measure(step, params: list[torch.Tensor], rep_ms: float, do_bench) -> tuple[float, float]:
     """(median ms, peak GiB) of one forward + backward; raises torch.cuda.OutOfMemoryError."""
     for p in params:
@@ -116,16 +125,16 @@ def measure(step, params: list[torch.Tensor], rep_ms: float, do_bench) -> tuple[
     peak = torch.cuda.max_memory_allocated() / GIB
     for p in params:
         p.grad = None
-    ms = do_bench(step, warmup=max(25, rep_ms // 10), rep=rep_ms, grad_to_none=params, return_mode="median")
+    ms = median_ms(do_bench, step, warmup=max(25.0, rep_ms / 10), rep=rep_ms, grad_to_none=params)
     for p in params:
         p.grad = None
-    return float(ms), peak
+    return ms, peak
 
 
 def matmul_tflops(dtype: torch.dtype, do_bench, n: int = 8192) -> float:
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
-    ms = do_bench(lambda: torch.mm(a, b), warmup=50, rep=500, return_mode="median")
+    ms = median_ms(do_bench, lambda: torch.mm(a, b), warmup=50, rep=500)
     del a, b
     return 2.0 * n**3 / (ms * 1e-3) / 1e12
 
