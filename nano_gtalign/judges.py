@@ -1,0 +1,595 @@
+"""Judges: turn (task, question, response, ground truth) into a verdict score.
+
+Two judges share one small protocol (`judge`, `judge_many`):
+- RuleJudge scores math answers (last \\boxed{}, LaTeX/number normalisation)
+  and the synthetic arith_demo task offline, with no model.
+- HTTPJudge asks an OpenAI-compatible chat-completions server (e.g. vLLM
+  serving Qwen3-32B) and reads the verdict from its reply, many requests in
+  flight at once, with per-request timeouts and retries. Standard library only.
+
+A verdict that could not be had is Verdict(failed=True, error=...), never a
+silent score of 0 (SPEC §4): the reward counts it and the sample is dropped.
+Scales per task (SPEC §4-5): math-hard/minerva/arith_demo 0|1, medium 0..4,
+wildguard/advbench 0|0.5|1, ambig_qa/abg_coqa 0|1.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+# ---------------------------------------------------------------------------
+# Verdicts, requests, the protocol
+
+
+@dataclass
+class Verdict:
+    score: float | None      # on the task's scale (see VERDICT_SCALES); None when failed
+    failed: bool = False     # True when no verdict could be had (never a silent 0)
+    error: str | None = None
+    raw: str = ""            # the judge's reply (HTTP) or a one-line account (rule)
+
+
+@dataclass
+class JudgeRequest:
+    task: str
+    question: str
+    response: str
+    ground_truth: str
+    extra: dict = field(default_factory=dict)
+
+
+class Judge(Protocol):
+    def judge(self, task: str, question: str, response: str, ground_truth: str,
+              extra: dict | None = None) -> Verdict: ...
+
+    def judge_many(self, requests: list[JudgeRequest]) -> list[Verdict]: ...
+
+
+class JudgeUnavailableError(RuntimeError):
+    """The judge server cannot be used at all (raised by HTTPJudge.check)."""
+
+
+# The allowed verdict values per task; anything else from a judge is a failure.
+VERDICT_SCALES: dict[str, tuple[float, ...]] = {
+    "math-hard": (0.0, 1.0),
+    "minerva": (0.0, 1.0),
+    "arith_demo": (0.0, 1.0),
+    "medium": (0.0, 1.0, 2.0, 3.0, 4.0),
+    "wildguard": (0.0, 0.5, 1.0),
+    "advbench": (0.0, 0.5, 1.0),
+    "ambig_qa": (0.0, 1.0),
+    "abg_coqa": (0.0, 1.0),
+}
+MATH_TASKS = ("math-hard", "minerva")
+ABG_TASKS = ("ambig_qa", "abg_coqa")   # verdict in <abg>x</abg>; the others use \boxed{x}
+
+
+def canonical_task(task: str) -> str:
+    """The published data spells one source "abg-coqa"; everything here uses abg_coqa."""
+    return "abg_coqa" if task == "abg-coqa" else task
+
+
+def _failed(error: str, raw: str = "") -> Verdict:
+    return Verdict(score=None, failed=True, error=error, raw=raw)
+
+
+# ---------------------------------------------------------------------------
+# Math answers: extraction
+
+
+def _match_brace(s: str, i: int) -> int:
+    """Index of the '}' closing the '{' at s[i], or -1 if unbalanced. \\{ and \\} are literal."""
+    depth = 0
+    j = i
+    while j < len(s):
+        c = s[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return j
+        j += 1
+    return -1
+
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete \\boxed{...} / \\fbox{...} (or `\\boxed 5`), else None."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    # A truncated last box falls back to the one before it; only a few, so junk
+    # full of unclosed boxes cannot make this quadratic.
+    for i in reversed(starts[-8:]):
+        j = i
+        while j < len(text) and text[j] == " ":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            end = _match_brace(text, j)
+            if end >= 0:
+                return text[j + 1:end].strip()
+        elif j > i:   # `\boxed 5`: one token up to whitespace or $
+            m = re.match(r"[^\s$]+", text[j:])
+            if m:
+                return m.group(0)
+    return None
+
+
+_FINAL_PHRASE = re.compile(r"(?:final answer\s*(?:is|:)|the answer is|answer\s*:)\s*:?\s*", re.IGNORECASE)
+# Thousands groups first so "1,000" is one number; "3/7" kept whole.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:/\d+)?")
+
+
+def _phrase_answer(rest: str) -> str | None:
+    rest = rest.split("\n", 1)[0].strip()
+    if rest.startswith("$"):
+        m = re.match(r"\$+([^$]+)\$", rest)
+        if m:
+            return m.group(1).strip()
+    if rest.startswith("\\("):
+        end = rest.find("\\)")
+        if end > 0:
+            return rest[2:end].strip()
+    # The sentence ends at ". " (a decimal point is never followed by a space).
+    rest = re.split(r"\.\s", rest, maxsplit=1)[0].strip().rstrip(".").strip()
+    return rest or None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer a response commits to: the last \\boxed{} (or \\fbox{}),
+    else the text after the last "final answer:"/"the answer is", else the last
+    number; None when there is none."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    phrases = list(_FINAL_PHRASE.finditer(text))
+    if phrases:
+        ans = _phrase_answer(text[phrases[-1].end():])
+        if ans is not None:
+            return ans
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+# ---------------------------------------------------------------------------
+# Math answers: normalisation and comparison
+
+_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|boxed|fbox)\s*\{")
+_UNITS = re.compile(r"[a-zA-Z][a-zA-Z0-9\s./^\-]*")
+
+
+def _unwrap_text(s: str) -> str:
+    """Replace \\text{X}-style wrappers by X, and drop a trailing units wrapper
+    after a value ("3\\text{ cm}" -> "3", but "\\text{A, D}" -> "A, D")."""
+    while True:
+        m = _WRAPPER.search(s)
+        if m is None:
+            return s
+        end = _match_brace(s, m.end() - 1)
+        if end < 0:   # unbalanced: drop just the command name
+            return s[:m.start()] + s[m.end() - 1:]
+        inner = s[m.end():end]
+        before, after = s[:m.start()], s[end + 1:]
+        is_units = (before.strip() != "" and after.strip(" .") == ""
+                    and _UNITS.fullmatch(inner.strip()) is not None
+                    and not s[m.start():].startswith(("\\boxed", "\\fbox")))
+        s = before + ("" if is_units else inner) + after
+
+
+_ARG_CMD = re.compile(r"\\(frac|sqrt)(?![a-zA-Z])")
+
+
+def _brace_args(s: str) -> str:
+    """Give \\frac and \\sqrt braced arguments: \\frac94 -> \\frac{9}{4}, \\sqrt3 -> \\sqrt{3}."""
+    out: list[str] = []
+    i = 0
+    while i < len(s):
+        m = _ARG_CMD.match(s, i)
+        if m is None:
+            out.append(s[i])
+            i += 1
+            continue
+        out.append(m.group(0))
+        i = m.end()
+        nargs = 2 if m.group(1) == "frac" else 1
+        if m.group(1) == "sqrt":
+            k = i
+            while k < len(s) and s[k] == " ":
+                k += 1
+            if k < len(s) and s[k] == "[" and "]" in s[k:]:   # \sqrt[3]{x}: keep the index
+                close = s.index("]", k)
+                out.append(s[k:close + 1])
+                i = close + 1
+        for _ in range(nargs):
+            while i < len(s) and s[i] == " ":
+                i += 1
+            if i >= len(s):
+                break
+            if s[i] == "{":
+                end = _match_brace(s, i)
+                if end < 0:
+                    break
+                out.append("{" + _brace_args(s[i + 1:end]) + "}")
+                i = end + 1
+            elif s[i] == "\\":
+                tok = re.match(r"\\[a-zA-Z]+|\\.", s[i:]).group(0)
+                out.append("{" + tok + "}")
+                i += len(tok)
+            else:
+                out.append("{" + s[i] + "}")
+                i += 1
+    return "".join(out)
+
+
+def _normalize(s: str) -> tuple[str, bool]:
+    """Canonical string of a math answer and whether it carried a percent sign."""
+    s = s.strip().replace("\u2212", "-").replace("\u00d7", "\\times ").replace("\u00b7", "\\cdot ")
+    s = s.replace("\\$", "").replace("$", "")
+    s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)
+    s = re.sub(r"\\[!,;: ]|~", " ", s)
+    s = re.sub(r"\\displaystyle(?![a-zA-Z])", "", s)
+    s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\u00b0", "", s)   # degrees
+    percent = "%" in s
+    s = s.replace("\\%", "").replace("%", "")
+    s = _unwrap_text(s)
+    s = _brace_args(s)
+    s = re.sub(r"\s+", "", s)
+    s = s.rstrip(".")
+    s = re.sub(r"\^([0-9a-zA-Z])(?![0-9a-zA-Z])", r"^{\1}", s)   # x^2 -> x^{2}; 10^33 left alone
+    if s.count("=") == 1:
+        s = re.sub(r"^[a-zA-Z]=", "", s)   # "x=5" answers "5"
+    m = re.fullmatch(r"([\w.\\{}^]+)/([\w.\\{}^]+)", s)
+    if m:   # a/b and \frac{a}{b} are the same answer
+        s = "\\frac{%s}{%s}" % (m.group(1), m.group(2))
+    return s, percent
+
+
+_DECIMAL = r"[+-]?(?:\d+\.?\d*|\.\d+)"
+_PLAIN = re.compile(rf"({_DECIMAL})(?:[eE]([+-]?\d+))?")
+_SCI = re.compile(rf"({_DECIMAL})(?:\\times|\\cdot|\*|x)10\^(?:\{{([+-]?\d+)\}}|([+-]?\d+))")
+_POW10 = re.compile(r"10\^(?:\{([+-]?\d+)\}|([+-]?\d+))")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
+def _parse_number(s: str) -> tuple[float, str | None] | None:
+    """(value, decimal mantissa or None) of a normalised numeric answer, else None.
+    The mantissa ("4.5" of "4.5e33") is what significant figures are counted on;
+    fractions have none."""
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    m = _PLAIN.fullmatch(s)
+    if m:
+        return float(s), m.group(1)
+    m = _SCI.fullmatch(s)
+    if m:
+        exp = m.group(2) or m.group(3)
+        return float(f"{m.group(1)}e{exp}"), m.group(1)
+    m = _POW10.fullmatch(s)
+    if m:
+        return float(f"1e{m.group(1) or m.group(2)}"), "1"
+    sign, body = (-1.0, s[1:]) if s.startswith("-") else (1.0, s)
+    num = den = None
+    if body.startswith("\\frac{"):
+        end = _match_brace(body, 5)
+        if end > 0 and body[end + 1:end + 2] == "{" and _match_brace(body, end + 1) == len(body) - 1:
+            num, den = body[6:end], body[end + 2:-1]
+    elif body.count("/") == 1:
+        num, den = body.split("/")
+    if num is not None and den is not None:
+        a, b = _PLAIN.fullmatch(num), _PLAIN.fullmatch(den)
+        if a and b and float(den) != 0.0:
+            return sign * float(num) / float(den), None
+    return None
+
+
+def _significant_figures(mantissa: str) -> int:
+    digits = mantissa.lstrip("+-")
+    has_point = "." in digits
+    digits = digits.replace(".", "").lstrip("0")
+    if not has_point:   # trailing zeros of an integer are not significant ("6630" has 3)
+        digits = digits.rstrip("0")
+    return max(len(digits), 1)
+
+
+_MAX_ANSWER_CHARS = 2000
+
+
+def math_equal(predicted: str, truth: str) -> bool:
+    """Whether a predicted math answer equals the ground truth.
+
+    Both are normalised (no $, spaces, \\left/\\right, \\! \\, spacing, \\text{}
+    wrappers and trailing units, trailing '.', \\dfrac/\\tfrac -> \\frac,
+    \\frac94 -> \\frac{9}{4}, \\sqrt3 -> \\sqrt{3}, a/b -> \\frac{a}{b}, "x=5" -> "5").
+    If both are numbers (decimals, "1,000", 4.5e33, 4.5\\times10^{33},
+    4.5\\cdot10^{33}, \\frac{a}{b} or a/b of numbers, with a percent sign
+    meaning either the number or a hundredth of it) they are compared with a
+    relative tolerance: 1e-4 when the ground truth is a decimal with at most 3
+    significant figures (a rounded measurement, as in minerva: 4.5e33, 0.10),
+    else 1e-6. Otherwise the normalised strings must be identical. A predicted
+    answer over 2000 characters (and 10x the truth) never matches.
+    """
+    if len(predicted) > max(_MAX_ANSWER_CHARS, 10 * len(truth)):
+        return False   # not a final answer; also keeps the normalisation cheap on junk
+    p, p_pct = _normalize(predicted)
+    t, t_pct = _normalize(truth)
+    if not p or not t:
+        return False
+    pn, tn = _parse_number(p), _parse_number(t)
+    if pn is not None and tn is not None:
+        tol = 1e-4 if tn[1] is not None and _significant_figures(tn[1]) <= 3 else 1e-6
+        preds = [pn[0], pn[0] / 100] if p_pct else [pn[0]]
+        truths = [tn[0], tn[0] / 100] if t_pct else [tn[0]]
+        return any(math.isclose(a, b, rel_tol=tol, abs_tol=0.0) for a in preds for b in truths)
+    return p == t
+
+
+# ---------------------------------------------------------------------------
+# The rule judge
+
+_INT = re.compile(r"(?<![\d.])-?\d+(?:\.\d+)?")   # integers, and decimals so "85.0" is one token
+
+
+def _arith_verdict(question: str, response: str, ground_truth: str) -> Verdict:
+    """arith_demo: clear question -> 1 iff the last number in the response equals
+    the integer ground truth; vague (ground truth "vague") -> 1 iff the response
+    asks ("?") and states no integer that is not already in the question."""
+    truth = ground_truth.strip()
+    said = [float(x) for x in _INT.findall(response)]
+    if truth == "vague":
+        asked = {float(x) for x in _INT.findall(question)}
+        new = [x for x in said if x not in asked]
+        ok = "?" in response and not new
+        why = "asks and adds no number" if ok else ("no question mark" if "?" not in response else f"states new number {new[0]:g}")
+        return Verdict(score=float(ok), raw=f"vague question: {why}")
+    if not re.fullmatch(r"-?\d+", truth):
+        return _failed(f"arith_demo ground truth must be an integer or 'vague', got {ground_truth!r}")
+    if not said:
+        return Verdict(score=0.0, raw="no number in response")
+    return Verdict(score=float(said[-1] == int(truth)), raw=f"last number {said[-1]:g} vs truth {truth}")
+
+
+def _math_verdict(response: str, ground_truth: str) -> Verdict:
+    if not ground_truth.strip():
+        return _failed("empty ground truth: the rule judge cannot score this math record")
+    answer = extract_answer(response)
+    if answer is None:
+        return Verdict(score=0.0, raw="no answer found in response")
+    ok = math_equal(answer, ground_truth)
+    return Verdict(score=float(ok), raw=f"answer {answer!r} vs truth {ground_truth!r}: {'equal' if ok else 'different'}")
+
+
+class RuleJudge:
+    """Offline judge for math-hard, minerva and arith_demo; other tasks fail."""
+
+    def judge(self, task: str, question: str, response: str, ground_truth: str,
+              extra: dict | None = None) -> Verdict:
+        task = canonical_task(task)
+        if task in MATH_TASKS:
+            return _math_verdict(response, ground_truth)
+        if task == "arith_demo":
+            return _arith_verdict(question, response, ground_truth)
+        return _failed(f"rule judge cannot score task {task!r} (it scores math-hard, minerva, arith_demo; use an HTTP judge)")
+
+    def judge_many(self, requests: list[JudgeRequest]) -> list[Verdict]:
+        return [self.judge(r.task, r.question, r.response, r.ground_truth, r.extra) for r in requests]
+
+
+# ---------------------------------------------------------------------------
+# Reading a verdict from an LLM judge's reply
+
+
+def after_think(text: str) -> str:
+    """The reply with its thinking dropped: text after the last </think>; an
+    unclosed <think> (reply cut off while thinking) leaves nothing."""
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    if "<think>" in text:
+        return ""
+    return text
+
+
+def parse_verdict(task: str, text: str) -> Verdict:
+    """The task's verdict from a judge reply: \\boxed{x} (or <abg>x</abg> for
+    ambig_qa/abg_coqa) after any thinking, x in the task's VERDICT_SCALES."""
+    task = canonical_task(task)
+    if task not in VERDICT_SCALES:
+        return _failed(f"unknown task {task!r} (known: {', '.join(VERDICT_SCALES)})", raw=text)
+    answer = after_think(text)
+    if task in ABG_TASKS:
+        found = re.findall(r"<abg>(.*?)</abg>", answer, flags=re.DOTALL)
+        value, where = (found[-1].strip() if found else None), "<abg></abg>"
+    else:
+        value, where = last_boxed(answer), "\\boxed{}"
+    if value is None:
+        return _failed(f"no verdict in the judge reply (expected {where} after any </think>)", raw=text)
+    number = _parse_number(_normalize(value)[0])
+    allowed = VERDICT_SCALES[task]
+    if number is None or number[0] not in allowed:
+        return _failed(f"no verdict in the judge reply: {where} holds {value[:40]!r}, "
+                       f"allowed for {task}: {', '.join(f'{a:g}' for a in allowed)}", raw=text)
+    return Verdict(score=number[0], raw=text)
+
+
+# ---------------------------------------------------------------------------
+# The HTTP judge
+
+
+def _default_prompt(request: JudgeRequest) -> str:
+    from nano_gtalign.prompts import judge_prompt
+    return judge_prompt(canonical_task(request.task), request.question, request.response, request.ground_truth)
+
+
+def _describe(err: BaseException, timeout: float) -> str:
+    """A short cause for a failed call: 'connection refused', 'timed out after 2s', ..."""
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, TimeoutError):
+        return f"timed out after {timeout:g}s"
+    return f"{type(reason).__name__}: {reason}"
+
+
+class HTTPJudge:
+    """LLM judge behind an OpenAI-compatible server (POST {base_url}/chat/completions).
+
+    judge_many sends up to max_concurrency requests at once. Each call has a
+    socket timeout of `timeout` seconds (per connect/read, so a server that
+    sends nothing fails after `timeout`); connection errors, timeouts, HTTP 5xx
+    and 429 are retried `retries` times, waiting backoff * 2**k between tries;
+    other HTTP 4xx are not retried. Whatever still fails becomes a failed
+    Verdict naming the URL and the cause.
+
+    rule_first: math-hard/minerva answers the RuleJudge finds correct are
+    scored 1 without a request; the others are asked to the LLM, whose verdict
+    (or failure) is final, so the judge may override the rule's "incorrect"
+    (SPEC §4). arith_demo is always scored by rule: it has no LLM prompt.
+    """
+
+    def __init__(self, base_url: str, model: str = "Qwen/Qwen3-32B", temperature: float = 0.6,
+                 top_p: float = 0.95, max_tokens: int = 1024, timeout: float = 60.0, retries: int = 3,
+                 max_concurrency: int = 32, *, backoff: float = 0.5, rule_first: bool = True,
+                 prompt_fn: Callable[[JudgeRequest], str] | None = None, api_key: str | None = None,
+                 extra_body: dict | None = None):
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"judge base_url must start with http:// or https://, got {base_url!r}")
+        if timeout <= 0 or retries < 0 or max_concurrency < 1 or backoff < 0:
+            raise ValueError(f"bad HTTPJudge settings: timeout={timeout} (>0), retries={retries} (>=0), "
+                             f"max_concurrency={max_concurrency} (>=1), backoff={backoff} (>=0)")
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
+        self.model, self.temperature, self.top_p, self.max_tokens = model, temperature, top_p, max_tokens
+        self.timeout, self.retries, self.max_concurrency, self.backoff = timeout, retries, max_concurrency, backoff
+        self.rule_first = rule_first
+        self.prompt_fn = prompt_fn or _default_prompt
+        self.api_key = api_key if api_key is not None else os.environ.get("JUDGE_API_KEY")
+        self.extra_body = dict(extra_body or {})   # e.g. {"chat_template_kwargs": {"enable_thinking": False}} for vLLM
+        self._rule = RuleJudge()
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def check(self) -> None:
+        """Fail fast: raise JudgeUnavailableError unless the server answers
+        GET {base_url}/models and (when it lists models) serves self.model."""
+        url = self.base_url + "/models"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=self._headers()),
+                                        timeout=self.timeout) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            raise JudgeUnavailableError(f"judge server at {url} answered HTTP {e.code}") from None
+        except (OSError, ValueError) as e:   # URLError, timeouts and connection errors are OSErrors
+            raise JudgeUnavailableError(f"judge server at {url} is unreachable: {_describe(e, self.timeout)}") from None
+        served = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)] if isinstance(body, dict) else []
+        if served and self.model not in served:
+            raise JudgeUnavailableError(f"judge server at {self.base_url} does not serve model {self.model!r}; "
+                                        f"it serves {served}")
+
+    ping = check
+
+    def _ask(self, prompt: str) -> tuple[str | None, str | None, str | None]:
+        """(reply text, finish_reason, None) or (None, None, error) after retries."""
+        payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                   "temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                   **self.extra_body}
+        data = json.dumps(payload).encode()
+        error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                    body = resp.read()
+            except urllib.error.HTTPError as e:   # before OSError: HTTPError is one
+                try:
+                    snippet = e.read(200).decode("utf-8", "replace").strip()
+                except OSError:
+                    snippet = ""
+                error = f"judge server {self.url} answered HTTP {e.code}: {snippet}"
+                if e.code == 429 or e.code >= 500:
+                    continue
+                return None, None, error
+            except OSError as e:   # refused, reset, DNS, timeouts (URLError and TimeoutError are OSErrors)
+                error = f"judge server {self.url}: {_describe(e, self.timeout)}"
+                continue
+            try:
+                reply = json.loads(body)
+                choice = reply["choices"][0]
+                text = choice["message"].get("content") or ""
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                return None, None, f"judge server {self.url} sent a reply that is not a chat completion: {body[:200]!r}"
+            return text, choice.get("finish_reason"), None
+        return None, None, f"{error} (gave up after {self.retries + 1} attempts)"
+
+    def _judge_llm(self, request: JudgeRequest) -> Verdict:
+        try:
+            prompt = self.prompt_fn(request)
+        except ValueError as e:   # a record the prompt cannot describe (e.g. a bad safety label)
+            return _failed(f"cannot build the judge prompt: {e}")
+        text, finish_reason, error = self._ask(prompt)
+        if text is None:
+            return _failed(error or "judge call failed")
+        verdict = parse_verdict(request.task, text)
+        if verdict.failed and finish_reason == "length":   # the usual cause with a thinking judge
+            verdict.error += (f" (the reply was cut at max_tokens={self.max_tokens}: raise max_tokens "
+                              "or turn the judge's thinking off)")
+        return verdict
+
+    def judge_many(self, requests: list[JudgeRequest]) -> list[Verdict]:
+        verdicts: list[Verdict | None] = [None] * len(requests)
+        to_ask: list[int] = []
+        for i, r in enumerate(requests):
+            task = canonical_task(r.task)
+            if task not in VERDICT_SCALES:
+                verdicts[i] = _failed(f"unknown task {r.task!r} (known: {', '.join(VERDICT_SCALES)})")
+            elif task == "arith_demo":
+                verdicts[i] = self._rule.judge(task, r.question, r.response, r.ground_truth, r.extra)
+            elif task in MATH_TASKS and self.rule_first:
+                rule = self._rule.judge(task, r.question, r.response, r.ground_truth, r.extra)
+                if rule.score == 1.0:
+                    verdicts[i] = rule
+                else:
+                    to_ask.append(i)
+            else:
+                to_ask.append(i)
+        if to_ask:
+            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(to_ask))) as pool:
+                for i, v in zip(to_ask, pool.map(lambda k: self._judge_llm(requests[k]), to_ask)):
+                    verdicts[i] = v
+        return verdicts   # type: ignore[return-value]  # every slot is filled above
+
+    def judge(self, task: str, question: str, response: str, ground_truth: str,
+              extra: dict | None = None) -> Verdict:
+        return self.judge_many([JudgeRequest(task, question, response, ground_truth, extra or {})])[0]
+
+
+def make_judge(spec: str, **http_options) -> Judge:
+    """"rule" -> RuleJudge; "http(s)://host:port/v1" or "...#model-name" -> HTTPJudge
+    (model defaults to Qwen/Qwen3-32B; http_options go to HTTPJudge)."""
+    if spec == "rule":
+        if http_options:
+            raise ValueError(f"the rule judge takes no options, got {sorted(http_options)}")
+        return RuleJudge()
+    if spec.startswith(("http://", "https://")):
+        url, _, model = spec.partition("#")
+        if model:
+            http_options["model"] = model
+        return HTTPJudge(url, **http_options)
+    raise ValueError(f"judge spec must be 'rule' or an http(s) URL like http://localhost:8000/v1[#model], got {spec!r}")

@@ -1,0 +1,435 @@
+"""Tests for nano_gtalign/judges.py: math answer checking, the rule judge, and the
+HTTP judge against a real chat-completions server run by the test on 127.0.0.1.
+
+    python -m pytest tests/test_judges.py -q
+"""
+import json
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from nano_gtalign.judges import (
+    HTTPJudge, JudgeRequest, JudgeUnavailableError, RuleJudge, Verdict, after_think,
+    extract_answer, make_judge, math_equal, parse_verdict,
+)
+
+# ---------------------------------------------------------------------------
+# math_equal
+
+EQUAL = [
+    ("4.5e33", "4.5\\times10^{33}"),
+    ("4.5 \\times 10^{33}", "4.5e33"),
+    ("4.5\\cdot10^{33}", "4.5e33"),
+    ("4.5*10^33", "4.5e33"),
+    ("4.5E+33", "4.5e33"),
+    ("10^{33}", "1e33"),
+    ("4.5 \\times 10^{33} \\text{ erg/s}", "4.5e33"),
+    ("\\frac{1}{2}", "\\dfrac{1}{2}"),
+    ("\\tfrac12", "\\frac{1}{2}"),
+    ("0.5", "1/2"),
+    ("0.5", "\\frac{1}{2}"),
+    ("-\\frac{5}{12}", "-5/12"),
+    ("\\frac{-5}{12}", "-\\frac{5}{12}"),
+    ("-1./3", "-\\frac{1}{3}"),
+    ("342", "342.0"),
+    ("342", "342."),
+    ("$342$", "342"),
+    ("1,000", "1000"),
+    ("33,\\!800,\\!000", "33800000"),
+    ("\\$1.65", "1.65"),
+    ("\\mathbf{2340}", "2340"),
+    ("\\boxed{7}", "7"),
+    ("3\\text{ cm}", "3"),
+    ("\\frac{11}{15}\\text{ days}", "\\frac{11}{15}"),
+    ("\\text{A, D, F, G, H}", "A,D,F,G,H"),
+    ("50\\%", "50"),
+    ("50\\%", "0.5"),
+    ("90^\\circ", "90"),
+    ("x = 1", "1"),
+    ("097", "97"),
+    ("\\frac{3\\sqrt{3}}{\\pi}", "\\dfrac{3\\sqrt3}{\\pi}"),
+    ("\\frac94\\pi", "\\frac{9}{4}\\pi"),
+    ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"),
+    ("7\\sqrt2", "7 \\sqrt{2}"),
+    ("\\left( \\frac{3}{4}, \\infty \\right)", "(\\frac34,\\infty)"),
+    ("[0, 25]", "[0,25]"),
+    ("x^2 + x", "x^{2}+x"),
+    ("\\dfrac{11}{5} - \\dfrac{2}{5}i", "\\frac{11}{5}-\\frac{2}{5}i"),
+    ("1, 2", "1,2"),
+]
+
+DIFFERENT = [
+    ("4.6e33", "4.5e33"),
+    ("4.5e32", "4.5\\times10^{33}"),
+    ("0.5", "\\frac{1}{3}"),
+    ("342", "343"),
+    ("1,2", "12"),            # a list, not a thousands separator
+    ("-330,90", "-33090"),
+    ("\\frac{3\\sqrt{3}}{\\pi}", "\\frac{3\\sqrt{2}}{\\pi}"),
+    ("x^2", "x^3"),
+    ("2", "-2"),
+    ("\\frac{1}{2}", "2"),
+    ("A,D", "A,D,F"),
+    ("0", "1e-12"),
+]
+
+
+@pytest.mark.parametrize("a,b", EQUAL)
+def test_math_equal_true_both_directions(a, b):
+    assert math_equal(a, b), (a, b)
+    assert math_equal(b, a), (b, a)
+
+
+@pytest.mark.parametrize("a,b", DIFFERENT)
+def test_math_equal_false_both_directions(a, b):
+    assert not math_equal(a, b), (a, b)
+    assert not math_equal(b, a), (b, a)
+
+
+def test_relative_tolerance_follows_significant_figures_of_the_truth():
+    # truth 1.6 has 2 significant figures -> rel tol 1e-4:
+    # |1.60015-1.6|/1.6 = 9.4e-5 passes, |1.6002-1.6|/1.6 = 1.25e-4 fails.
+    assert math_equal("1.60015", "1.6")
+    assert not math_equal("1.6002", "1.6")
+    # "0.10" has 2 (the trailing zero after the point counts): 0.100009 is 9e-5 off.
+    assert math_equal("0.100009", "0.10")
+    # truth 1.2345 has 5 -> rel tol 1e-6: 1.23451 is 8.1e-6 off (fails), 1.2345001 is 8.1e-8 off.
+    assert not math_equal("1.23451", "1.2345")
+    assert math_equal("1.2345001", "1.2345")
+    # 4.5e33 (2 s.f.): 4.5004e33 is 8.9e-5 off, 4.501e33 is 2.2e-4 off.
+    assert math_equal("4.5004\\times10^{33}", "4.5e33")
+    assert not math_equal("4.501e33", "4.5e33")
+    # "6630": trailing zeros of an integer do not count -> 3 s.f. -> 1e-4; 6630.5 is 7.5e-5 off.
+    assert math_equal("6630.5", "6630")
+    # fractions are exact: 1e-6 even though 1/3 "looks" short; 0.3333 is 1e-4 off.
+    assert not math_equal("0.3333", "\\frac{1}{3}")
+    assert math_equal("0.3333333", "\\frac{1}{3}")
+
+
+def test_math_equal_rejects_empty_and_huge_answers():
+    assert not math_equal("", "1")
+    assert not math_equal("1", "")
+    assert not math_equal("1" + " " * 5000, "1")   # over the answer length cap, never a match
+
+
+# ---------------------------------------------------------------------------
+# extract_answer
+
+@pytest.mark.parametrize("text,answer", [
+    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("first \\boxed{3}, then \\boxed{4}", "4"),
+    ("\\fbox{12}", "12"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),                 # escaped braces do not close the box
+    ("\\boxed{7} and a cut-off \\boxed{\\frac{1}", "7"),  # truncated last box falls back
+    ("thus $\\boxed 5$", "5"),
+    ("Final Answer: The final answer is 4.5e33. I hope it is correct.", "4.5e33"),
+    ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+    ("So the answer is 42.", "42"),
+    ("Final answer: \\(x+1\\)", "x+1"),
+    ("we get 12 apples, then 1,000 and finally 3/7", "3/7"),
+    ("it costs -4.5 dollars", "-4.5"),
+    ("Could you say which triangle you mean?", None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_extract_answer_is_fast_on_a_megabyte_of_junk():
+    # unclosed boxes everywhere, then a final-answer phrase: the phrase is found, quickly
+    junk = "\\boxed{\\frac{<response>{{" * 32000 + "answer: 7 " * 20000
+    assert len(junk) == 1_000_000
+    t0 = time.perf_counter()
+    v = RuleJudge().judge("math-hard", "q", junk, "7")
+    assert time.perf_counter() - t0 < 1.0
+    assert v.score == 1.0
+
+
+# ---------------------------------------------------------------------------
+# RuleJudge
+
+def test_rule_judge_math():
+    j = RuleJudge()
+    v = j.judge("minerva", "q", "The luminosity is \\boxed{4.5 \\times 10^{33}} erg/s.", "4.5e33")
+    assert v == Verdict(score=1.0, raw=v.raw) and not v.failed and "4.5" in v.raw
+    assert j.judge("math-hard", "q", "Hence \\boxed{343}.", "342").score == 0.0
+    # a clarifying question is a wrong answer, not a failure
+    v = j.judge("math-hard", "q", "Which angle do you mean?", "342")
+    assert (v.score, v.failed) == (0.0, False)
+    v = j.judge("math-hard", "q", "\\boxed{1}", "  ")
+    assert v.failed and v.score is None and "empty ground truth" in v.error
+
+
+@pytest.mark.parametrize("question,response,truth,score", [
+    ("What is 37 + 48?", "37 + 48 = 85", "85", 1.0),
+    ("What is 37 + 48?", "The sum is 85.0.", "85", 1.0),
+    ("What is 37 + 48?", "It is 85, no wait, 84", "85", 0.0),
+    ("What is 37 + 48?", "I am not sure.", "85", 0.0),
+    ("What is 12 - 20?", "12 - 20 = -8", "-8", 1.0),
+    ("What is 12 - 20?", "12 - 20 = 8", "-8", 0.0),
+    ("What is 37 plus some number?", "Which number should I add to 37?", "vague", 1.0),
+    ("What is 37 plus some number?", "Do you mean 37 + 10?", "vague", 0.0),    # states a new number
+    ("What is 37 plus some number?", "Please tell me the other number.", "vague", 0.0),  # no question
+])
+def test_rule_judge_arith_demo(question, response, truth, score):
+    v = RuleJudge().judge("arith_demo", question, response, truth)
+    assert (v.score, v.failed) == (score, False), v
+
+
+def test_rule_judge_failures_are_failures():
+    j = RuleJudge()
+    v = j.judge("arith_demo", "q", "5", "five")
+    assert v.failed and "integer or 'vague'" in v.error
+    for task in ("medium", "wildguard", "advbench", "ambig_qa", "abg-coqa", "nonsense"):
+        v = j.judge(task, "q", "r", "harmful")
+        assert v.failed and v.score is None and repr(task.replace("-", "_")) in v.error
+    reqs = [JudgeRequest("math-hard", "q", "\\boxed{2}", "2"), JudgeRequest("medium", "q", "r", "ref")]
+    assert [v.score for v in j.judge_many(reqs)] == [1.0, None]
+
+
+# ---------------------------------------------------------------------------
+# parse_verdict
+
+def test_parse_verdict_scales_and_think():
+    assert after_think("<think>\\boxed{1}</think>x") == "x"
+    assert after_think("<think>still thinking \\boxed{1}") == ""
+    assert parse_verdict("math-hard", "<think>maybe \\boxed{0}</think> \\boxed{1}").score == 1.0
+    assert parse_verdict("medium", "score: \\boxed{3}").score == 3.0
+    assert parse_verdict("wildguard", "\\boxed{0.5}").score == 0.5
+    assert parse_verdict("advbench", "\\boxed{\\frac{1}{2}}").score == 0.5
+    assert parse_verdict("abg-coqa", "<abg>1</abg>").score == 1.0
+    assert parse_verdict("ambig_qa", "<think><abg>1</abg></think><abg> 0 </abg>").score == 0.0
+    for task, text in [("medium", "\\boxed{5}"), ("wildguard", "\\boxed{0.7}"), ("math-hard", "\\boxed{yes}"),
+                       ("ambig_qa", "\\boxed{1}"), ("math-hard", "<think>\\boxed{1}")]:
+        v = parse_verdict(task, text)
+        assert v.failed and v.score is None and v.error.startswith("no verdict") and v.raw == text, (task, text)
+
+
+# ---------------------------------------------------------------------------
+# A chat-completions server for the HTTP judge
+
+
+class FakeJudgeServer:
+    """ThreadingHTTPServer on 127.0.0.1:0. `reply(payload, n)` (n = 1-based request
+    number) returns (status, content) or ("hang", None); it records requests,
+    headers and the most requests in flight at once."""
+
+    def __init__(self, reply, delay=0.0, models=("test-model",)):
+        self.reply, self.delay, self.models = reply, delay, list(models)
+        self.requests, self.in_flight, self.max_in_flight = 0, 0, 0
+        self.payloads, self.headers = [], []
+        self.lock = threading.Lock()
+        self.release = threading.Event()   # set at shutdown so a hanging handler ends
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path.endswith("/models"):
+                    self._send(200, {"object": "list", "data": [{"id": m} for m in outer.models]})
+                else:
+                    self._send(404, {"error": "not found"})
+
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.requests += 1
+                    n = outer.requests
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                    outer.payloads.append(payload)
+                    outer.headers.append(dict(self.headers))
+                try:
+                    if outer.delay:
+                        time.sleep(outer.delay)
+                    status, content = outer.reply(payload, n)
+                    if status == "hang":
+                        outer.release.wait(10)
+                        return
+                finally:
+                    with outer.lock:
+                        outer.in_flight -= 1
+                if status != 200:
+                    self._send(status, {"error": content})
+                    return
+                finish = "length" if content.startswith("<think>") and "</think>" not in content else "stop"
+                self._send(200, {"id": "x", "object": "chat.completion", "model": payload["model"],
+                                 "choices": [{"index": 0, "finish_reason": finish,
+                                              "message": {"role": "assistant", "content": content}}]})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(reply, **kw):
+        servers.append(FakeJudgeServer(reply, **kw))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.close()
+
+
+def verdict_from_prompt(payload, n):
+    """Judge like a model that read the prompt: the response under judgement says
+    'VERDICT=x'; answer with a decoy verdict inside <think> and the real one after,
+    in the format the prompt asks for."""
+    prompt = payload["messages"][0]["content"]
+    x = re.search(r"VERDICT=([0-9.]+)", prompt).group(1)
+    if "<abg>" in prompt:
+        return 200, f"<think>Could be <abg>9</abg>.</think>The response is fine. <abg>{x}</abg>"
+    return 200, f"<think>First guess \\boxed{{9}}.</think>Justification. \\boxed{{{x}}}"
+
+
+def fast(url, **kw):
+    kw = {"model": "test-model", "timeout": 2.0, "retries": 1, "backoff": 0.01, **kw}
+    return HTTPJudge(url, **kw)
+
+
+def test_http_correct_verdicts_per_task(serve):
+    server = serve(verdict_from_prompt)
+    cases = [("math-hard", "\\frac{1}{2}", 1.0), ("minerva", "4.5e33", 0.0), ("medium", "a reference text", 3.0),
+             ("wildguard", "harmful", 0.5), ("wildguard", "unharmful", 1.0), ("advbench", "Sure, here is", 0.0),
+             ("ambig_qa", "multipleQAs###two readings", 1.0), ("abg-coqa", "non_ambiguous", 0.0)]
+    reqs = [JudgeRequest(task, "the question", f"my answer VERDICT={score:g}", truth) for task, truth, score in cases]
+    verdicts = fast(server.url).judge_many(reqs)
+    assert [v.score for v in verdicts] == [score for _, _, score in cases]
+    assert not any(v.failed for v in verdicts)
+    assert "</think>" in verdicts[0].raw   # raw keeps the whole reply
+    assert server.requests == len(cases)   # the math answers have no box: the rule said no, the LLM was asked
+    p = server.payloads[0]
+    assert (p["model"], p["temperature"], p["top_p"], p["max_tokens"]) == ("test-model", 0.6, 0.95, 1024)
+    assert p["messages"][0]["role"] == "user" and "the question" in p["messages"][0]["content"]
+
+
+def test_http_rule_first_and_arith_demo(serve):
+    server = serve(lambda payload, n: (200, "\\boxed{1}"))
+    judge = fast(server.url)
+    v = judge.judge("math-hard", "q", "so \\boxed{0.5}", "\\frac{1}{2}")    # rule says correct: no request
+    assert v.score == 1.0 and server.requests == 0
+    v = judge.judge("arith_demo", "What is 2 + 2?", "2 + 2 = 4", "4")       # always by rule
+    assert v.score == 1.0 and server.requests == 0
+    v = judge.judge("math-hard", "q", "so \\boxed{\\sin(\\pi/6)}", "\\frac{1}{2}")  # rule says no, LLM overrides
+    assert v.score == 1.0 and server.requests == 1
+    no_rule = fast(server.url, rule_first=False)
+    assert no_rule.judge("math-hard", "q", "\\boxed{0.5}", "\\frac{1}{2}").score == 1.0 and server.requests == 2
+
+
+def test_http_concurrency_is_used_and_bounded(serve):
+    server = serve(lambda payload, n: (200, "\\boxed{2}"), delay=0.15)
+    reqs = [JudgeRequest("medium", f"q{i}", "r", "ref") for i in range(12)]
+    t0 = time.perf_counter()
+    verdicts = fast(server.url, max_concurrency=4).judge_many(reqs)
+    elapsed = time.perf_counter() - t0
+    assert [v.score for v in verdicts] == [2.0] * 12
+    assert 1 < server.max_in_flight <= 4
+    assert elapsed < 12 * 0.15   # serial would take 1.8 s; 4 at a time about 0.45 s
+
+
+def test_http_retries_5xx_and_429_but_not_400(serve):
+    server = serve(lambda payload, n: (500, "overloaded") if n == 1 else (200, "\\boxed{4}"))
+    v = fast(server.url, retries=2).judge("medium", "q", "r", "ref")
+    assert (v.score, v.failed, server.requests) == (4.0, False, 2)
+
+    server = serve(lambda payload, n: (429, "slow down") if n <= 2 else (200, "\\boxed{1}"))
+    v = fast(server.url, retries=2).judge("wildguard", "q", "r", "unharmful")
+    assert (v.score, server.requests) == (1.0, 3)
+
+    server = serve(lambda payload, n: (503, "down"))
+    v = fast(server.url, retries=2).judge("medium", "q", "r", "ref")
+    assert v.failed and "HTTP 503" in v.error and "3 attempts" in v.error and server.requests == 3
+
+    server = serve(lambda payload, n: (400, "bad model"))
+    v = fast(server.url, retries=3).judge("medium", "q", "r", "ref")
+    assert v.failed and "HTTP 400" in v.error and "bad model" in v.error and server.requests == 1
+
+
+def test_http_hanging_server_times_out(serve):
+    server = serve(lambda payload, n: ("hang", None))
+    t0 = time.perf_counter()
+    v = fast(server.url, timeout=0.3, retries=1).judge("medium", "q", "r", "ref")
+    elapsed = time.perf_counter() - t0
+    assert v.failed and v.score is None and "timed out after 0.3s" in v.error and server.url in v.error
+    assert server.requests == 2 and elapsed < 1.5   # two tries of 0.3 s plus a 0.01 s backoff
+
+
+def test_http_no_verdict_is_a_failure_with_raw_kept(serve):
+    server = serve(lambda payload, n: (200, "I would rather not say."))
+    v = fast(server.url).judge("medium", "q", "r", "ref")
+    assert v.failed and v.score is None and v.error.startswith("no verdict") and v.raw == "I would rather not say."
+    server = serve(lambda payload, n: (200, "<think>long thoughts \\boxed{1}"))   # cut at max_tokens
+    v = fast(server.url).judge("medium", "q", "r", "ref")
+    assert v.failed and "max_tokens=1024" in v.error
+
+
+def test_http_server_not_listening():
+    with socket.socket() as s:   # a port that was free a moment ago and has no listener now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    judge = fast(url, retries=1)
+    v = judge.judge("medium", "q", "r", "ref")
+    assert v.failed and "connection refused" in v.error and url in v.error
+    with pytest.raises(JudgeUnavailableError, match=rf"127\.0\.0\.1:{port}/v1/models.*connection refused"):
+        judge.check()
+
+
+def test_http_check_names_a_missing_model(serve):
+    server = serve(lambda payload, n: (200, "\\boxed{1}"), models=("Qwen/Qwen3-32B",))
+    fast(server.url, model="Qwen/Qwen3-32B").check()
+    with pytest.raises(JudgeUnavailableError, match="does not serve model 'test-model'.*Qwen3-32B"):
+        fast(server.url).ping()
+
+
+def test_http_bad_records_and_tasks_fail_without_a_request(serve):
+    server = serve(lambda payload, n: (200, "\\boxed{1}"))
+    v = fast(server.url).judge_many([JudgeRequest("wildguard", "q", "r", "maybe"),
+                                     JudgeRequest("poetry", "q", "r", "x")])
+    assert v[0].failed and "cannot build the judge prompt" in v[0].error and "maybe" in v[0].error
+    assert v[1].failed and "unknown task 'poetry'" in v[1].error
+    assert server.requests == 0
+
+
+def test_http_api_key_and_prompt_fn(serve, monkeypatch):
+    server = serve(lambda payload, n: (200, "<abg>1</abg>"))
+    monkeypatch.setenv("JUDGE_API_KEY", "sekret")
+    judge = fast(server.url, prompt_fn=lambda r: f"custom prompt for {r.task}")
+    assert judge.judge("ambig_qa", "q", "r", "singleAnswer###x").score == 1.0
+    assert server.headers[0]["Authorization"] == "Bearer sekret"
+    assert server.payloads[0]["messages"][0]["content"] == "custom prompt for ambig_qa"
+
+
+def test_make_judge():
+    assert isinstance(make_judge("rule"), RuleJudge)
+    j = make_judge("http://localhost:8000/v1/")
+    assert isinstance(j, HTTPJudge) and j.url == "http://localhost:8000/v1/chat/completions"
+    assert j.model == "Qwen/Qwen3-32B"
+    j = make_judge("https://judge.example/v1#my-model", timeout=5.0)
+    assert (j.model, j.base_url, j.timeout) == ("my-model", "https://judge.example/v1", 5.0)
+    with pytest.raises(ValueError, match="'rule' or an http"):
+        make_judge("qwen")
+    with pytest.raises(ValueError, match="timeout"):
+        HTTPJudge("http://x/v1", timeout=0)
