@@ -5,6 +5,22 @@
     python sample.py --model DIR --prompt "What is 37 + 48?" --temperature 0.7 --top-p 0.9 --seed 0
     python sample.py --model DIR --prompt "Once upon a time" --raw --max-new-tokens 64
     python sample.py --model DIR --prompt "Hi" --system "You are terse." --json
+    python sample.py --prompt "What is 37 + 48?" --price upstream-llm:1.5 --temperature 0
+    python sample.py --prompt "Add 37 to my number." --price token:per_1k=5,payer=user,DA=600,CQ=40,AQ=700
+    python sample.py --model DIR --game-prompt full --prompt "Is coffee bad for you?" --price upstream-user:1 --json
+
+--price POLICY steers with prices (SPEC §9, nano_gtalign/steering.py; the policies are listed
+in --help): the model writes up to </payoff>, its matrix is repriced, the action is chosen
+again (sign-safe Cobb-Douglas over the Pareto frontier, or --rule sum), and the model writes
+its <response> after the rewritten <payoff> and an <analyze> stating the new choice. The
+output shows both matrices side by side, the frontier and chosen cell before and after, then
+the response; with --json one object (payoff_raw, payoff_priced, action_raw, action_priced,
+response, text, ...). A payoff the model did not write or that does not parse is reported
+with the raw text and exit status 0 (it is the model's answer, not a usage error).
+--game-prompt says how the --price prompt is built: "demo" (default) puts the demo's compact
+four-block instruction in the system message, as out/demo/final was trained; "full" puts the
+published four-block instruction around the question (GTAlign-trained models); "none" sends
+--prompt/--system as they are.
 
 The prompt goes through the checkpoint's chat template as a user message (after an
 optional --system message) unless --raw is given. --json prints one JSON object
@@ -23,6 +39,7 @@ import torch
 
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.sampling import Generation, SamplingParams, generate
+from nano_gtalign.steering import POLICY_HELP, PolicyError, SteerResult, format_side_by_side, parse_policy, steer
 
 DEFAULT_MODEL = "out/demo/final"  # where `python train.py` (the demo run) saves its final checkpoint
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,7 +47,8 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = SamplingParams()
-    p = argparse.ArgumentParser(description="Sample a completion from a checkpoint.")
+    p = argparse.ArgumentParser(description="Sample a completion from a checkpoint.", epilog=POLICY_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (default: %(default)s)")
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
     p.add_argument("--system", default=None, help="system message for the chat template")
@@ -44,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="auto = the checkpoint's dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of plain text")
+    p.add_argument("--price", default=None, metavar="POLICY",
+                   help="steer with a pricing policy (see below), e.g. upstream-llm:1.5 or token:per_1k=2,payer=user")
+    p.add_argument("--rule", default="cobb_douglas", choices=["cobb_douglas", "sum"],
+                   help="with --price: how the cell is chosen before and after repricing (default: %(default)s)")
+    p.add_argument("--game-prompt", default="demo", choices=["demo", "full", "none"],
+                   help="with --price: how the four-block instruction is added to --prompt (default: %(default)s)")
     return p
 
 
@@ -96,6 +120,56 @@ def generate_text(model, tokenizer, ids: list[int], params: SamplingParams) -> d
     }
 
 
+def price_messages(prompt: str, system: str | None, game_prompt: str) -> list[dict]:
+    """The chat messages for --price: the question wrapped in the four-block instruction."""
+    if game_prompt == "demo":
+        from data.demo.task import DEMO_SYSTEM_PROMPT
+        system = DEMO_SYSTEM_PROMPT if system is None else system
+    elif game_prompt == "full":
+        from nano_gtalign.prompts import build_user_message
+        prompt = build_user_message(prompt)
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def print_steering(result: SteerResult) -> None:
+    print(f"policy: {result.policy}")
+    if result.error is not None:
+        print(f"steering stopped: {result.error}")
+        if result.payoff_raw is not None:
+            print(format_side_by_side(result))
+        print("raw text:")
+        print(result.stage_one)
+        return
+    print(format_side_by_side(result))
+    print(f"response ({result.finish_reason}):")
+    print(result.response)
+
+
+def main_price(args, params: SamplingParams, log) -> None:
+    """sample.py --price: two-stage steering of one prompt (nano_gtalign/steering.py)."""
+    try:
+        policy = parse_policy(args.price)
+    except PolicyError as e:
+        sys.exit(f"sample.py: {e}")
+    if args.raw:
+        sys.exit("sample.py: --price needs the chat template; drop --raw")
+    if args.stop:
+        sys.exit("sample.py: --price sets its own stop strings (</payoff>, then </response>); drop --stop")
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    messages = price_messages(args.prompt, args.system, args.game_prompt)
+    t0 = time.perf_counter()
+    try:
+        result = steer(model, tokenizer, messages, policy, params, generate_fn=generate, rule=args.rule)
+    except ValueError as e:  # e.g. prompt + max_new_tokens longer than the model's context
+        sys.exit(f"sample.py: {e}")
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        print_steering(result)
+    print(f"[{time.perf_counter() - t0:.1f}s]", file=log)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     log = sys.stderr if args.json else sys.stdout
@@ -104,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         sys.exit(f"sample.py: {e}")
     print("config: " + " ".join(f"{k}={v!r}" for k, v in vars(args).items() if k != "prompt"), file=log)
+    if args.price is not None:
+        return main_price(args, params, log)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     ids = prompt_ids(tokenizer, args.prompt, args.system, args.raw)
     t0 = time.perf_counter()

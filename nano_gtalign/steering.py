@@ -58,7 +58,8 @@ pricing policies for --price (payoffs are on the matrix's scale, roughly -5..5):
                        times the expected tokens of each cell's strategy (defaults DA=300,
                        CQ=60, AQ=360). E.g. token:per_1k=2,payer=user makes a 300-token direct
                        answer cost the user 0.6 and a clarifying question 0.12.
-the new action: sign-safe Cobb-Douglas welfare over the repriced matrix's Pareto frontier."""
+after repricing the action is chosen again, by default with the sign-safe Cobb-Douglas welfare
+over the Pareto frontier (game.choose_action rule "cobb_douglas"; "sum" = max LLM + user)."""
 
 
 class PolicyError(ValueError):
@@ -274,17 +275,15 @@ def steer(model, tokenizer, messages: list[dict], policy: Policy, params: Sampli
 
 
 def format_side_by_side(result: SteerResult) -> str:
-    """The raw and repriced matrices as a table, frontier cells starred, chosen cells marked."""
-    raw, priced = result.payoff_raw, result.payoff_priced
-    lines = [f"{'cell':6s} {'raw (LLM, user)':>18s}   {'priced (LLM, user)':>20s}"]
+    """The raw and repriced matrices as one table: * = on the Pareto frontier, < = chosen."""
+    def half(m: Matrix | None, frontier: list[str], action: str | None, k: str) -> str:
+        if m is None:
+            return f"{'-':>7s} {'-':>7s}   "
+        return f"{_num(m[k][0]):>7s} {_num(m[k][1]):>7s} {'*' if k in frontier else ' '}{'<' if k == action else ' '}"
+    lines = [f"{'':6s} {'raw':^15s}     {'priced':^15s}", f"{'cell':6s} {'LLM':>7s} {'user':>7s}    {'LLM':>7s} {'user':>7s}"]
     for k in KEYS:
-        def cell(m, frontier, action):
-            if m is None:
-                return "-"
-            mark = ("*" if k in frontier else " ") + ("<" if k == action else " ")
-            return f"({_num(m[k][0])}, {_num(m[k][1])}){mark}"
-        lines.append(f"{k:6s} {cell(raw, result.frontier_raw, result.action_raw):>18s}   "
-                     f"{cell(priced, result.frontier_priced, result.action_priced):>20s}")
+        lines.append(f"{k:6s} {half(result.payoff_raw, result.frontier_raw, result.action_raw, k)}  "
+                     f"{half(result.payoff_priced, result.frontier_priced, result.action_priced, k)}".rstrip())
     lines.append("(* = on the Pareto frontier, < = chosen)")
     lines.append(f"frontier before: {', '.join(result.frontier_raw) or '-'}   chosen: {result.action_raw or '-'}")
     lines.append(f"frontier after:  {', '.join(result.frontier_priced) or '-'}   chosen: {result.action_priced or '-'}")

@@ -137,7 +137,9 @@ def test_steer_continues_the_same_generation(tokenizer):
     assert json.loads(json.dumps(out))["payoff_priced"]["DQ_AQ"] == {"LLM": 3.5, "user": 4.0}
     assert {"payoff_raw", "payoff_priced", "action_raw", "action_priced", "response", "text"} <= set(out)
     table = steering.format_side_by_side(r)
-    assert "DQ_AQ" in table and "(2, 3)*" in table and "(3.5, 4)*<" in table
+    assert table.splitlines()[2] == "DQ_AQ        2       3 *       3.5       4 *<"
+    assert table.splitlines()[4] == "DQ_DA        3     2.5 *<      4.5     2.5 *"
+    assert table.splitlines()[5] == "VQ_AQ      1.5       2           3       3"
     assert "frontier after:  DQ_AQ, DQ_DA   chosen: DQ_AQ" in table
 
 
@@ -169,7 +171,7 @@ def test_unparseable_payoff_gives_message_and_raw_text(tokenizer):
     assert r.text == r.stage_one == THINKING + "<payoff>{'DQ_AQ': maybe}</payoff>"
     assert r.payoff_raw is None and r.action_priced is None and r.response is None
     assert json.loads(json.dumps(r.to_json()))["error"] == r.error
-    assert "-" in steering.format_side_by_side(r)
+    assert steering.format_side_by_side(r).splitlines()[2].split() == ["DQ_AQ", "-", "-", "-", "-"]
 
 
 def test_no_payoff_block_at_all(tokenizer):
@@ -177,3 +179,72 @@ def test_no_payoff_block_at_all(tokenizer):
     r = steering.steer("stub-model", tokenizer, MESSAGES, steering.NoPrice(), SamplingParams(max_new_tokens=20),
                        generate_fn=sampler)
     assert "ended stage one (eos) without writing </payoff>" in r.error and r.text == "I will just answer: 85."
+
+
+# -----------------------------------------------------------------------------
+# sample.py --price (in process; a tiny random model saved with our own loader)
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    import torch
+
+    from nano_gtalign.loader import save_pretrained
+    from nano_gtalign.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+                      eos_token_id=2, pad_token_id=0)
+    path = tmp_path_factory.mktemp("price_model") / "m"
+    save_pretrained(Transformer(cfg), tokenizer, path)
+    return path
+
+
+def test_sample_price_with_stubbed_model(model_dir, monkeypatch, capsys):
+    import sample
+
+    sampler = StubSampler(full_completion(game.format_payoff(M)), "Sure: 85. Want the steps?</response>")
+    monkeypatch.setattr(sample, "generate", lambda model, *a, **k: sampler("stub-model", *a, **k))
+    sample.main(["--model", str(model_dir), "--prompt", "What is 37 + 48?", "--price", "upstream-llm:1.5",
+                 "--temperature", "0", "--max-new-tokens", "30"])
+    out = capsys.readouterr().out
+    from data.demo.task import DEMO_SYSTEM_PROMPT
+    assert sampler.calls[0][0] == sample.load_tokenizer(model_dir).encode_chat(
+        [{"role": "system", "content": DEMO_SYSTEM_PROMPT}, {"role": "user", "content": "What is 37 + 48?"}])
+    assert "policy: upstream-llm:1.5 (LLM +1.5 on every cell; user +0 DA, +0.5 CQ, +1 AQ)" in out
+    assert "\nDQ_AQ        2       3 *       3.5       4 *<\n" in out
+    assert "\nDQ_DA        3     2.5 *<      4.5     2.5 *\n" in out
+    assert "frontier before: DQ_AQ, DQ_DA   chosen: DQ_DA" in out
+    assert "frontier after:  DQ_AQ, DQ_DA   chosen: DQ_AQ" in out
+    assert "\nresponse (stop):\nSure: 85. Want the steps?\n" in out
+
+    sampler.calls.clear()
+    sample.main(["--model", str(model_dir), "--prompt", "What is 37 + 48?", "--price", "token:per_1k=5,DA=600,CQ=40,AQ=700",
+                 "--json"])
+    obj = json.loads(capsys.readouterr().out)
+    assert (obj["action_raw"], obj["action_priced"]) == ("DQ_DA", "DQ_CQ")
+    assert obj["payoff_priced"]["DQ_CQ"] == {"LLM": 1.0, "user": 1.3} and obj["response"] == "Sure: 85. Want the steps?"
+    assert obj["text"].endswith("Choose DQ_CQ.</analyze><response>Sure: 85. Want the steps?</response>")
+
+
+def test_sample_price_with_random_model_reports_raw_text(model_dir, capsys):
+    import sample
+
+    sample.main(["--model", str(model_dir), "--prompt", "What is 37 + 48?", "--price", "upstream-user:1",
+                 "--temperature", "0", "--max-new-tokens", "8"])
+    out = capsys.readouterr().out  # returned normally: exit status 0
+    assert "steering stopped: the model ended stage one (length) without writing </payoff>" in out
+    assert "\nraw text:\n" in out
+    sample.main(["--model", str(model_dir), "--prompt", "Hi", "--price", "none", "--max-new-tokens", "4", "--json",
+                 "--seed", "0"])
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["error"].startswith("the model ended stage one") and obj["payoff_raw"] is None and obj["text"]
+
+
+def test_sample_price_bad_usage(model_dir):
+    import sample
+
+    with pytest.raises(SystemExit, match="sample.py: --price 'token:per_1k=2,payer=bank': payer must be"):
+        sample.main(["--model", str(model_dir), "--prompt", "Hi", "--price", "token:per_1k=2,payer=bank"])
+    with pytest.raises(SystemExit, match="--price needs the chat template"):
+        sample.main(["--model", str(model_dir), "--prompt", "Hi", "--price", "none", "--raw"])
