@@ -343,9 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     if failed:
         print(f"judge failed on {failed}/{len(rows)} completions: left out of answer/U/L/W (see judge_error "
               "in --per-sample)")
-    per_sample = [{**row, "sample": s, "finish_reason": f, "generated_tokens": n, "completion": c, "record": rec,
-                   "breakdown": breakdown_dict(bd)}
-                  for row, s, f, n, (rec, c), bd in zip(rows, samples, finish, generated, pairs, breakdowns)]
+    per_sample = [{**row, "sample": s, "finish_reason": f, "completion": c, "record": rec, "breakdown": breakdown_dict(bd)}
+                  for row, s, f, (rec, c), bd in zip(rows, samples, finish, pairs, breakdowns)]
     payload = {"config": vars(args), "metrics": metrics, "finish_reasons": dict(reasons), "n_samples": len(rows)}
     write_outputs(args, payload, per_sample, [(Path(args.completions or args.model).name, per_prompt_points(rows))], log)
 

@@ -51,8 +51,9 @@ def sample_row(breakdown, completion: str, record: dict,
     breakdown is reward.RewardBreakdown (any object with its attributes). Lengths follow SPEC §4:
     reasoning = everything before `<response>` (the whole completion when there is none),
     response = the `<response>` block's content. Token counts are None without count_tokens;
-    total_tokens is generated_tokens when the sampler reported it (re-encoding decoded text is not
-    always the same length as what was sampled, e.g. after a half-finished UTF-8 character).
+    all three come from re-encoding the text, so a run and a re-scored file of its completions give
+    the same numbers. generated_tokens is what the sampler actually produced (EOS included), when
+    known; it can differ from total_tokens (e.g. a half-finished UTF-8 character re-encodes longer).
     w_cd and w_linear are recomputed from U and L so both welfares are reported whichever one
     the run trained or scored with (`welfare` is the breakdown's own W). A failed judge leaves
     the answer terms, U, L and W unknown: reward.py gives NaN, the row holds None (valid JSON).
@@ -97,11 +98,12 @@ def sample_row(breakdown, completion: str, record: dict,
         "reasoning_tokens": None,
         "response_tokens": None,
         "total_tokens": None,
+        "generated_tokens": None if generated_tokens is None else int(generated_tokens),
     }
     if count_tokens is not None:
         row["reasoning_tokens"] = count_tokens(reasoning)
         row["response_tokens"] = count_tokens(response)
-        row["total_tokens"] = count_tokens(completion) if generated_tokens is None else int(generated_tokens)
+        row["total_tokens"] = count_tokens(completion)
     return row
 
 
@@ -129,7 +131,8 @@ def group_metrics(rows: list[dict]) -> dict:
       frontier cell of the completion's own matrix.
     - response_ratio = sum(response_tokens) / sum(total_tokens) over all rows (share of the
       generated tokens that the user reads); answer_per_1k_tokens = 1000 * sum(answer_llm) /
-      sum(total_tokens) over scored rows. Both are None without token counts.
+      sum(total_tokens) over scored rows. Both are None without token counts. generated_tokens is
+      the mean the sampler produced, None unless every row has it (a --completions file may not).
     "answer" is A_llm: the task verdict on [0, 1] (math correctness, medium rubric/4, wildguard
     [r > 0], ...); A_user (BLEU for medium, the win-win view for wildguard) is answer_user.
     """
@@ -156,6 +159,8 @@ def group_metrics(rows: list[dict]) -> dict:
         "reasoning_tokens": _mean([r["reasoning_tokens"] for r in rows]) if has_tokens else None,
         "response_tokens": _mean([r["response_tokens"] for r in rows]) if has_tokens else None,
         "total_tokens": _mean([r["total_tokens"] for r in rows]) if has_tokens else None,
+        "generated_tokens": (_mean([r["generated_tokens"] for r in rows])
+                             if n and all(r.get("generated_tokens") is not None for r in rows) else None),
         "response_ratio": None,
         "answer_per_1k_tokens": None,
     }
@@ -191,6 +196,7 @@ SCORE_COLUMNS = (  # (metric, header, format)
 LENGTH_COLUMNS = (
     ("reasoning_chars", "reason_ch", "{:.1f}"), ("reasoning_tokens", "reason_tok", "{:.1f}"),
     ("response_words", "resp_words", "{:.1f}"), ("response_tokens", "resp_tok", "{:.1f}"),
+    ("total_tokens", "total_tok", "{:.1f}"), ("generated_tokens", "gen_tok", "{:.1f}"),
     ("response_ratio", "resp/total", "{:.3f}"), ("answer_per_1k_tokens", "answer/1k", "{:.3f}"),
 )
 

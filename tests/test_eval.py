@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import eval as evaluate
+from nano_gtalign.loader import load_tokenizer
 from tests.tiny import make_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,9 +176,13 @@ def test_model_path_end_to_end(tiny_run, capsys):
         ("What is 7 × 8?", 0), ("What is 7 × 8?", 1)]
     # a random model writes no four-block answer: zero format, and every row carries token counts
     assert o["metrics"]["overall"]["format_rate"] == 0.0
-    # total_tokens is what the sampler generated (EOS included), at most --max-new-tokens
-    assert all(p["total_tokens"] == p["generated_tokens"] and 1 <= p["total_tokens"] <= 6 for p in ps)
-    assert all(p["response_tokens"] == 0 and p["reasoning_tokens"] is not None for p in ps)
+    # generated_tokens: what the sampler produced (EOS included), at most --max-new-tokens;
+    # the other counts re-encode the text (no <response> block: all of it is reasoning)
+    tok = load_tokenizer(model)
+    assert all(1 <= p["generated_tokens"] <= 6 for p in ps)
+    assert all(p["total_tokens"] == p["reasoning_tokens"] == len(tok.encode(p["completion"])) for p in ps)
+    assert all(p["response_tokens"] == 0 for p in ps)
+    assert o["metrics"]["overall"]["generated_tokens"] == sum(p["generated_tokens"] for p in ps) / 6
     assert sum(o["finish_reasons"].values()) == 6 and "finish reasons:" in out
 
 

@@ -24,12 +24,13 @@ def bd(**kw):
 def test_sample_row_lengths_welfares_and_action():
     completion = ("<thinking>be brief</thinking><payoff>" + PAY + "</payoff>"
                   "<analyze>Choose DQ_DA.</analyze><response>It is 85.</response>")
-    row = metrics.sample_row(bd(), completion, RECORD, count_tokens=len)
+    row = metrics.sample_row(bd(), completion, RECORD, count_tokens=len, generated_tokens=41)
     # <thinking>be brief</thinking> 29 + <payoff> 8 + </payoff> 9 + <analyze> 9 + text 13 + </analyze> 10
     assert row["reasoning_chars"] == 78 + len(PAY)
     assert row["reasoning_tokens"] == 78 + len(PAY)  # count_tokens=len counts characters
     assert row["response_words"] == 3 and row["response_tokens"] == 9
     assert row["total_tokens"] == 78 + len(PAY) + len("<response>It is 85.</response>")
+    assert row["generated_tokens"] == 41  # the sampler's count is kept beside the re-encoded one
     assert row["parse_ok"] is True and row["action"] == "DQ_DA"
     assert row["w_cd"] == pytest.approx(0.4)        # sqrt(0.64 * 0.25)
     assert row["w_linear"] == pytest.approx(0.445)  # (0.64 + 0.25) / 2
@@ -87,6 +88,8 @@ def test_aggregate_overall_by_hand():
     assert o["pareto_consistency"] == pytest.approx(2 / 3)  # over the 3 parsed rows
     assert (o["reasoning_chars"], o["response_words"]) == (107.5, 17.5)
     assert (o["reasoning_tokens"], o["response_tokens"], o["total_tokens"]) == (31.25, 19.25, 50.5)
+    assert o["generated_tokens"] is None  # the rows do not carry it
+    assert metrics.group_metrics([{**r, "generated_tokens": 10 * i} for i, r in enumerate(ROWS)])["generated_tokens"] == 15
     assert o["response_ratio"] == pytest.approx(77 / 202)
     assert o["answer_per_1k_tokens"] == pytest.approx(1000 * 1.0 / (42 + 75 + 20))
     assert o["actions"] == {"DQ_AQ": 0.0, "DQ_CQ": 0.25, "DQ_DA": 0.25, "VQ_AQ": 0.25, "VQ_CQ": 0.0,
@@ -110,7 +113,7 @@ def test_aggregate_per_source_and_undefined_values():
                                 "pareto", "judge_fail"]
     assert lines[1].split() == ["math-hard", "1", "1.000", "1.000", "1.000", "1.000", "0.800", "0.500",
                                 f"{math.sqrt(0.4):.3f}", "0.650", "1.000", "0.000"]
-    assert lines[5].split() == ["math-hard", "100.0", "-", "10.0", "-", "-", "-"]  # no token counts
+    assert lines[5].split() == ["math-hard", "100.0", "-", "10.0", "-", "-", "-", "-", "-"]  # no token counts
     assert lines[-1].split() == ["overall", "0.000", "0.000", "1.000", "0.000", "0.000", "0.000", "0.000"]
 
 
