@@ -190,8 +190,8 @@ def test_default_chunk_rows_from_shapes():
     assert default_chunk_rows(16384, qwen, 2048, torch.float32, cuda) == 2048  # same bytes
     assert default_chunk_rows(4097, qwen, 2048, torch.bfloat16, cuda) == 2049  # two balanced chunks
     assert default_chunk_rows(100, qwen, 2048, torch.bfloat16, cuda) == 100
-    # CPU: a 64 MiB chunk; 2^26 // (151936·4) = 110 rows, so 1000 rows -> 10 chunks of 100
-    assert default_chunk_rows(1000, qwen, 896, torch.float32, cpu) == 100
+    # CPU: a 256 MiB chunk; 2^28 // (151936·4) = 441 rows, so 1000 rows -> 3 chunks of 334
+    assert default_chunk_rows(1000, qwen, 896, torch.float32, cpu) == 334
     assert default_chunk_rows(1000, 300, 64, torch.float32, cpu) == 1000
 
 
