@@ -85,8 +85,9 @@ def sample_tokens(
     temperature 0 is greedy: argmax, with the log-prob under softmax(logits).
     """
     if temperature == 0.0:
-        tokens = logits.argmax(dim=-1)
-        logprobs = logits.gather(-1, tokens[:, None])[:, 0] - logits.logsumexp(dim=-1)
+        # One max pass gives both the argmax and the logsumexp shift: log p = m - lse = -log sum exp(x - m).
+        top, tokens = logits.max(dim=-1)
+        logprobs = -(logits - top[:, None]).exp().sum(dim=-1).log()
         return tokens, logprobs
     scores = logits / temperature
     vocab = scores.shape[-1]

@@ -1,0 +1,168 @@
+"""Generation speed: our KV-cache sampler against transformers' `generate`, same weights, prompts and settings.
+
+    python bench/sample_speed.py                   # CPU: ~55M-parameter random model, batch 16, 128 new tokens
+    python bench/sample_speed.py --gpu-preset      # GPU: Qwen2.5-0.5B shape, bf16, batch 64, 128-token prompts, 256 new
+    python bench/sample_speed.py --batch 4 --new-tokens 32 --repeats 3
+
+A random-weight model is built with our ModelConfig, written with our save_pretrained, and then loaded
+by both sides from that directory. EOS is disabled so every row generates exactly --new-tokens tokens.
+Two settings: greedy, and sampling (temperature 1.0, top-p 0.95, no top-k). Each timing is the best
+of --repeats interleaved rounds (ours and theirs alternate, so load from other processes hits both)
+after a short warm-up; tokens/s counts generated tokens (batch * new tokens) over the wall time,
+prefill included on both sides. Needs transformers (a test/bench dependency).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+from nano_gtalign.loader import load_pretrained, load_tokenizer, save_pretrained  # noqa: E402
+from nano_gtalign.model import ModelConfig, Transformer  # noqa: E402
+from nano_gtalign.sampling import SamplingParams, generate  # noqa: E402
+from nano_gtalign.tokenizer import Tokenizer  # noqa: E402
+
+CPU_SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)
+QWEN25_05B_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                        num_attention_heads=14, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                        rope_theta=1000000.0)
+SETTINGS = {  # name -> (our SamplingParams fields, transformers generate kwargs)
+    "greedy": (dict(temperature=0.0), dict(do_sample=False)),
+    "sampling": (dict(temperature=1.0, top_p=0.95), dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0)),
+}
+
+
+def word_tokenizer(vocab_size: int) -> Tokenizer:
+    """A word-level tokenizer covering every id of the model (the sampler decodes its outputs)."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return Tokenizer.from_tokenizers(tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def build_checkpoint(shape: dict, dtype: torch.dtype, path: Path) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(max_position_embeddings=4096, eos_token_id=2, pad_token_id=0, **shape)
+    model = Transformer(config).to(dtype)
+    save_pretrained(model, word_tokenizer(config.vocab_size), path)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_ours(model, tok, prompts: list[list[int]], new_tokens: int, fields: dict) -> torch.Tensor:
+    params = SamplingParams(max_new_tokens=new_tokens, eos_token_ids=(), seed=0, **fields)
+    out = generate(model, tok, prompts, params)
+    assert out.completion_ids.shape == (len(prompts), new_tokens) and bool(out.completion_mask.all())
+    return out.completion_ids.cpu()
+
+
+def run_hf(hf, prompts: list[list[int]], new_tokens: int, kwargs: dict, device: str) -> torch.Tensor:
+    ids = torch.tensor(prompts, device=device)
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, eos_token_id=None,
+                      pad_token_id=0, **kwargs)[:, ids.shape[1]:].cpu()
+    assert out.shape == (len(prompts), new_tokens), f"transformers generated {tuple(out.shape)}"
+    return out
+
+
+def best_of(runs: dict, repeats: int, device: str) -> tuple[dict, dict]:
+    """Best wall time of each run over `repeats` rounds, interleaved so that load from other
+    processes on a shared machine hits both sides alike."""
+    best, outputs = {name: float("inf") for name in runs}, {}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best, outputs
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu-preset", action="store_true", help="Qwen2.5-0.5B shape, bf16, batch 64, 128+256 tokens")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds per setting; the best is kept")
+    p.add_argument("--device", default=None, help="default: cuda with --gpu-preset, else cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--settings", default="greedy,sampling", help="comma list of: " + ", ".join(SETTINGS))
+    args = p.parse_args()
+    gpu = args.gpu_preset
+    shape = QWEN25_05B_SHAPE if gpu else CPU_SHAPE
+    dtype = torch.bfloat16 if gpu else torch.float32
+    device = args.device or ("cuda" if gpu else "cpu")
+    batch = args.batch or (64 if gpu else 16)
+    prompt_len = args.prompt_len or (128 if gpu else 64)
+    new_tokens = args.new_tokens or (256 if gpu else 128)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = args.settings.split(",")
+    for s in settings:
+        if s not in SETTINGS:
+            p.error(f"unknown setting {s!r} (choose from {', '.join(SETTINGS)})")
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        build_checkpoint(shape, dtype, Path(tmp))
+        ours = load_pretrained(tmp, device=device)
+        tok = load_tokenizer(tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
+        hf = hf.to(device).eval()
+    hf.generation_config.eos_token_id = None
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, shape["vocab_size"], (batch, prompt_len), generator=g).tolist()
+    params_m = sum(t.numel() for t in ours.parameters()) / 1e6
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name()
+    print(f"device: {device} ({where}), torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"model: {params_m:.1f}M params {shape}, {str(dtype).removeprefix('torch.')}")
+    print(f"batch {batch}, prompt {prompt_len} tokens, {new_tokens} new tokens, EOS disabled, best of {args.repeats}")
+    print()
+    print(f"| setting  | transformers tok/s | nano-gtalign tok/s | ratio | same tokens |")
+    print(f"|----------|-------------------:|-------------------:|------:|-------------|")
+    for name in settings:
+        ours_fields, hf_kwargs = SETTINGS[name]
+        # Warm-up (allocator, thread pools, first-call paths) with a few tokens each.
+        run_hf(hf, prompts, 4, hf_kwargs, device)
+        run_ours(ours, tok, prompts, 4, ours_fields)
+        best, out = best_of({"hf": lambda: run_hf(hf, prompts, new_tokens, hf_kwargs, device),
+                             "ours": lambda: run_ours(ours, tok, prompts, new_tokens, ours_fields)},
+                            args.repeats, device)
+        n = batch * new_tokens
+        # Greedy outputs should agree token for token (fp32); sampling uses different random streams.
+        same = f"{(out['hf'] == out['ours']).float().mean().item():.1%}" if name == "greedy" else "n/a"
+        print(f"| {name:<8} | {n / best['hf']:18.1f} | {n / best['ours']:18.1f} | {best['hf'] / best['ours']:5.2f} "
+              f"| {same:<11} |", flush=True)
+
+if __name__ == "__main__":
+    main()
