@@ -1,0 +1,221 @@
+"""train.py end to end on a tiny random model (CPU): a short run, exact resume, refused bad checkpoints,
+metrics.jsonl, and the pieces of the step with hand-computed expectations.
+
+The reward here is a stand-in (`fake_score_batch`): a random tiny model never writes the four blocks, so the
+real reward would be 0 everywhere and no gradient would flow. The stand-in gives every completion a welfare
+that depends on its text, and a failed judgement to some, so the whole update path is exercised; the real
+reward is tested in tests/test_reward.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from nano_gtalign.loader import CheckpointError, load_pretrained
+from nano_gtalign.reward import RewardBreakdown
+from tests.tiny import make_hf_model
+
+QUESTIONS = [("What is 3 + 4?", "7"), ("Add 5 to my number.", "vague"), ("What is 9 - 2?", "7"),
+             ("How much is 6 times 7?", "42"), ("Multiply my number by 3.", "vague"), ("What is 12 + 30?", "42"),
+             ("What is 8 + 8?", "16"), ("Take 4 away from my number.", "vague")]
+
+
+def make_records(path: Path, n: int = 16) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            q, gt = QUESTIONS[i % len(QUESTIONS)]
+            rec = {"prompt": [{"role": "system", "content": "Reply in four blocks."},
+                              {"role": "user", "content": f"{q} ({i})"}],
+                   "data_source": "arith_demo", "reward_model": {"ground_truth": gt, "style": "rule"},
+                   "extra_info": {"single_turn_prompt": q, "question_type": "VQ" if gt == "vague" else "DQ"}}
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def fake_score_batch(completions, records, judge, **kwargs):
+    """Welfare from the text (distinct characters / 20); texts of a length divisible by 7 fail to judge."""
+    out = []
+    for text, rec in zip(completions, records):
+        failed = len(text) % 7 == 0
+        w = float("nan") if failed else len(set(text)) / 20
+        out.append(RewardBreakdown(
+            format=0.0, payoff_spread=0.0, pareto_consistency=0.0, answer_user=w, answer_llm=w,
+            response_band=0.0, reasoning_brevity=0.0, full_band=0.0, user=w, llm=w, welfare=w,
+            action=None, question_type=None, strategy=("DA", "CQ", "AQ", None)[len(text) % 4],
+            judge_failed=failed, parse_error=None, data_source=rec["data_source"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model = make_hf_model(root / "model")
+    data = make_records(root / "train.jsonl", 16)
+    evals = make_records(root / "test.jsonl", 4)
+    return root, model, data, evals
+
+
+@pytest.fixture(autouse=True)
+def fake_reward(monkeypatch):
+    monkeypatch.setattr(train, "score_batch", fake_score_batch)
+
+
+def argv(setup, out: Path, *extra: str) -> list[str]:
+    root, model, data, evals = setup
+    return ["--model", str(model), "--data", str(data), "--eval-data", str(evals), "--out-dir", str(out),
+            "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8", "--micro-batch-size", "3",
+            "--lr", "1e-2", "--eval-every", "-1", "--save-every", "0", "--eval-size", "4", *extra]
+
+
+def final_params(out: Path) -> dict[str, torch.Tensor]:
+    return load_pretrained(out / "final").state_dict()
+
+
+def test_two_steps_train_log_and_export(setup, tmp_path):
+    root, model, _, _ = setup
+    res = train.main(argv(setup, tmp_path, "--steps", "2", "--eval-every", "0"))
+    assert len(res.history) == 2
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [ln for ln in lines if ln["kind"] == "train"]
+    evals = [ln for ln in lines if ln["kind"] == "eval"]
+    assert [ln["step"] for ln in steps] == [1, 2]
+    assert [ln["step"] for ln in evals] == [0, 2]  # before and after training
+    for ln in steps:
+        for key in ("prompts_per_s", "tokens_per_s", "W", "U", "L", "format", "DA", "CQ", "AQ", "completion_len",
+                    "kl", "clip_frac", "grad_norm", "eta_s", "lr", "judge_failed", "entropy"):
+            assert key in ln, key
+        assert 1 <= ln["completion_len"] <= 8
+        assert 0 <= ln["DA"] + ln["CQ"] + ln["AQ"] <= 1
+        assert ln["grad_norm"] > 0 and math.isfinite(ln["W"])
+        # Same weights sampled and scored: the trainer's log-probs are the sampler's up to float noise.
+        assert ln["logp_mismatch"] < 1e-4
+        assert ln["clip_frac"] == 0.0  # on-policy (one optimizer step per rollout): ratio is exactly 1
+    for ln in evals:
+        assert ln["n"] == 4 and "welfare" in ln and "action_ok_DQ" in ln
+    before, after = load_pretrained(model).state_dict(), final_params(tmp_path)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "training did not change the weights"
+    assert res.table is not None and "before" in res.table and "after" in res.table
+
+
+def assert_same_params(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    # Two optimizer steps per rollout (old log-probs recomputed), warm-up + cosine: every piece of state matters.
+    common = ("--steps", "4", "--mini-batch-size", "1", "--lr-schedule", "cosine", "--warmup-steps", "2")
+    train.main(argv(setup, tmp_path / "full", *common))
+    halted = train.main(argv(setup, tmp_path / "split", *common, "--halt-after", "2"))
+    assert halted.final_dir is None and len(halted.history) == 2
+    resumed = train.main(argv(setup, tmp_path / "split", *common, "--resume"))
+    assert [m["step"] for m in resumed.history] == [3, 4]
+    assert_same_params(final_params(tmp_path / "full"), final_params(tmp_path / "split"))
+    # metrics.jsonl of the split run holds steps 1..4 once each, like the uninterrupted run's
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_micro_batching_does_not_change_the_update(setup, tmp_path, monkeypatch):
+    # The step's loss is normalised by counts of the whole step, so 8 rows as 8 micro-batches of 1 or as one
+    # of 8 give the same gradient. Plain SGD makes the update linear in it (Adam's first step is about
+    # sign(g), which float noise flips where g is ~0).
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, betas, weight_decay: torch.optim.SGD(params, lr=lr))
+    for agg in ("token-mean", "seq-mean-token-sum-norm"):
+        train.main(argv(setup, tmp_path / f"m1-{agg}", "--steps", "1", "--micro-batch-size", "1", "--loss-agg", agg))
+        train.main(argv(setup, tmp_path / f"m8-{agg}", "--steps", "1", "--micro-batch-size", "8", "--loss-agg", agg))
+        assert_same_params(final_params(tmp_path / f"m1-{agg}"), final_params(tmp_path / f"m8-{agg}"), atol=1e-5)
+
+
+def test_bad_checkpoints_are_refused_and_kept(setup, tmp_path):
+    out = tmp_path / "run"
+    train.main(argv(setup, out, "--steps", "3", "--save-every", "1"))
+    manifest = json.loads((out / "checkpoints.json").read_text())["checkpoints"]
+    assert [e["file"] for e in manifest] == ["step_000002.pt", "step_000003.pt"]  # the last two are kept
+    assert not (out / "step_000001.pt").exists()
+    latest, previous = out / "step_000003.pt", out / "step_000002.pt"
+    blob = latest.read_bytes()
+
+    latest.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match=r"step_000003\.pt: truncated checkpoint .*step_000002\.pt is intact"):
+        train.main(argv(setup, out, "--steps", "3", "--resume"))
+    damaged = bytearray(blob)
+    damaged[len(blob) // 2] ^= 0xFF
+    latest.write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match=r"step_000003\.pt: corrupt checkpoint \(SHA-256"):
+        train.main(argv(setup, out, "--steps", "3", "--resume"))
+    assert latest.exists() and previous.exists()  # nothing was deleted or overwritten
+
+    res = train.main(argv(setup, out, "--steps", "3", "--resume", str(previous)))
+    assert [m["step"] for m in res.history] == [3]
+
+    stray = tmp_path / "elsewhere" / "ckpt.pt"  # not in any manifest: torch.load itself must fail clearly
+    stray.parent.mkdir()
+    stray.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        train.main(argv(setup, out, "--steps", "3", "--resume", str(stray)))
+
+
+def test_bad_inputs_name_the_problem(setup, tmp_path):
+    root, model, data, _ = setup
+    with pytest.raises(train.UsageError, match="--model needs --data"):
+        train.main(["--model", str(model)])
+    with pytest.raises(train.UsageError, match="need --model"):
+        train.main(["--data", str(data)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data.read_text().splitlines()[0] + "\n{oops\n")
+    with pytest.raises(train.UsageError, match=r"bad\.jsonl:2: not valid JSON"):
+        train.main(["--model", str(model), "--data", str(bad)])
+    medium = tmp_path / "medium.jsonl"
+    rec = json.loads(data.read_text().splitlines()[0]) | {"data_source": "medium"}
+    medium.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(train.UsageError, match="rule judge cannot score data_source medium"):
+        train.main(["--model", str(model), "--data", str(medium), "--out-dir", str(tmp_path / "o")])
+    with pytest.raises(train.UsageError, match="must divide"):
+        train.main(["--model", str(model), "--data", str(data), "--prompts-per-step", "4", "--mini-batch-size", "3"])
+    with pytest.raises(train.UsageError, match="--fsdp needs several processes"):
+        train.main(argv(setup, tmp_path / "f", "--fsdp"))
+
+
+def test_demo_defaults_apply_only_to_unset_flags():
+    demo = train.parse_args([])
+    assert demo.demo and demo.lr == train.DEMO_DEFAULTS["lr"] and demo.out_dir == "out/demo"
+    assert train.parse_args(["--lr", "0.5"]).lr == 0.5
+    real = train.parse_args(["--model", "m", "--data", "d.jsonl"])
+    assert not real.demo and real.lr == 1e-6 and real.weight_decay == 0.01 and real.mini_batch_size == 64
+
+
+def test_lr_schedule_by_hand():
+    class A:
+        warmup_steps, lr_schedule, min_lr_ratio = 2, "cosine", 0.1
+    # warm-up: (s+1)/2; then cosine over the remaining 4 steps from 1 down to 0.1
+    got = [train.lr_factor(s, 6, A) for s in range(7)]
+    want = [0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)), 0.55,
+            0.1 + 0.9 * 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.1]
+    assert got == pytest.approx(want)
+    A.lr_schedule = "constant"
+    assert [train.lr_factor(s, 6, A) for s in (0, 1, 2, 5)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_pack_lines_up_completions_like_the_sampler():
+    ids, mask, P, T = train.pack([[5, 6, 7], [8]], torch.tensor([[1, 2, 0, 0], [3, 4, 9, 0]]),
+                                 torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool), pad_id=0, device="cpu")
+    assert (P, T) == (3, 3)  # the last column is unused by every row and dropped
+    assert ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+
+
+def test_data_order_is_a_function_of_seed_epoch_and_position():
+    cursor = {"epoch": 0, "pos": 0}
+    seen = [train.next_prompts(cursor, 10, 4, seed=3) for _ in range(3)]
+    assert cursor == {"epoch": 1, "pos": 4}  # 10 records, 4 a step: the remainder of 2 is skipped
+    assert sorted(seen[0] + seen[1]) == sorted(train.epoch_order(10, 3, 0)[:8].tolist())
+    assert seen[2] == train.epoch_order(10, 3, 1)[:4].tolist()
+    again = {"epoch": 0, "pos": 4}
+    assert train.next_prompts(again, 10, 4, seed=3) == seen[1]
