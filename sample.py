@@ -89,6 +89,8 @@ def load_model(model_dir: str, device: str, dtype: str):
         hint = ("run `python train.py` first (it saves the demo model there) or pass --model DIR"
                 if model_dir == DEFAULT_MODEL else "pass --model DIR, a checkpoint directory with config.json")
         sys.exit(f"sample.py: no model directory at {model_dir}: {hint}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"sample.py: --device {device} but torch sees no CUDA device; use --device cpu")
     try:
         model = load_pretrained(path, dtype=DTYPES[dtype], device=device)
         tokenizer = load_tokenizer(path)
