@@ -185,27 +185,19 @@ def parse_policy(spec: str) -> Policy:
 # -----------------------------------------------------------------------------
 # two-stage generation
 
-STRATEGY_MEANING = {
-    "DA": "a direct answer only",
-    "CQ": "exactly one clarifying question and no answer yet",
-    "AQ": "a brief answer followed by exactly one follow-up question",
-}
-
-
 def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def write_analyze(matrix: Matrix, frontier: list[str], action: str, rule: str = "cobb_douglas") -> str:
-    """The <analyze> text for a repriced matrix: its frontier, why the rest is out, the choice.
-    The chosen key comes last, after "Choose", which is how game.analyze_choice reads it."""
-    points = ", ".join(f"{k} ({_num(matrix[k][0])}, {_num(matrix[k][1])})" for k in frontier)
-    dominated = [k for k in KEYS if k in matrix and k not in frontier]
-    out = f"Pareto frontier (LLM, user): {points}."
-    if dominated:
-        out += f" {', '.join(dominated)} {'is' if len(dominated) == 1 else 'are'} dominated by a frontier cell."
-    welfare = "largest welfare sqrt(LLM x user), sign-safe" if rule == "cobb_douglas" else "largest LLM + user"
-    return out + f" On the frontier {action} has the {welfare}; its strategy is {STRATEGY_MEANING[_strategy(action)]}. Choose {action}."
+def write_analyze(frontier: list[str], action: str, rule: str = "cobb_douglas") -> str:
+    """The <analyze> text for the repriced matrix, in the compact form the demo transcripts use:
+    "Frontier: K1, K2. Chosen: K, the largest LLM x user." (the numbers are in the <payoff> block
+    just before it; for cobb_douglas "LLM x user" is the product after game.choose_action's shift
+    out of the negatives). Kept short and plain on purpose: the model has to carry on from it into
+    <response>, and a long text unlike its own analyses pulls a small model off course (measured
+    on the demo's warm-started model). game.analyze_choice reads the key after "Chosen"."""
+    why = "the largest LLM x user" if rule == "cobb_douglas" else "the largest LLM + user"
+    return f"Frontier: {', '.join(frontier)}. Chosen: {action}, {why}."
 
 
 @dataclass
@@ -264,7 +256,7 @@ def steer(model, tokenizer, messages: list[dict], policy: Policy, params: Sampli
     # Keep the model's own words before <payoff> (its thinking) verbatim; everything after is ours
     # up to <response>, which the model then fills in.
     context = (stage_one[:start] + "<payoff>" + format_payoff(priced) + "</payoff>"
-               + "<analyze>" + write_analyze(priced, frontier_priced, action_priced, rule) + "</analyze><response>")
+               + "<analyze>" + write_analyze(frontier_priced, action_priced, rule) + "</analyze><response>")
     second = generate_fn(model, tokenizer, [prompt_ids + tokenizer.encode(context)],
                          replace(params, stop_strings=("</response>",)))
     cont = second.texts[0]

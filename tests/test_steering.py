@@ -117,9 +117,7 @@ def test_steer_continues_the_same_generation(tokenizer):
         + '<payoff>{"DQ_AQ": {"LLM": 3.5, "user": 4.0}, "DQ_CQ": {"LLM": 2.5, "user": 2.0}, '
         '"DQ_DA": {"LLM": 4.5, "user": 2.5}, "VQ_AQ": {"LLM": 3.0, "user": 3.0}, '
         '"VQ_CQ": {"LLM": 2.0, "user": 1.5}, "VQ_DA": {"LLM": 3.5, "user": 0.5}}</payoff>'
-        "<analyze>Pareto frontier (LLM, user): DQ_AQ (3.5, 4), DQ_DA (4.5, 2.5). DQ_CQ, VQ_AQ, VQ_CQ, VQ_DA are "
-        "dominated by a frontier cell. On the frontier DQ_AQ has the largest welfare sqrt(LLM x user), sign-safe; "
-        "its strategy is a brief answer followed by exactly one follow-up question. Choose DQ_AQ.</analyze>"
+        "<analyze>Frontier: DQ_AQ, DQ_DA. Chosen: DQ_AQ, the largest LLM x user.</analyze>"
         "<response>"
     )
     # the continuation is asked for from the prompt + the model's thinking + our rewritten blocks
@@ -158,7 +156,7 @@ def test_sign_safe_choice_after_repricing(tokenizer):
     # ours: frontier DQ_AQ (-0.5, -4), DQ_DA (-1, -1); shifted by -4: (3.5, 0) -> 0 vs (3, 3) -> 3
     assert r.frontier_priced == ["DQ_AQ", "DQ_DA"]
     assert r.action_priced == "DQ_DA" and r.error is None
-    assert "Choose DQ_DA.</analyze><response>" in tokenizer.decode(sampler.calls[1][0])
+    assert "Chosen: DQ_DA, the largest LLM x user.</analyze><response>" in tokenizer.decode(sampler.calls[1][0])
 
 
 def test_unparseable_payoff_gives_message_and_raw_text(tokenizer):
@@ -224,7 +222,7 @@ def test_sample_price_with_stubbed_model(model_dir, monkeypatch, capsys):
     obj = json.loads(capsys.readouterr().out)
     assert (obj["action_raw"], obj["action_priced"]) == ("DQ_DA", "DQ_CQ")
     assert obj["payoff_priced"]["DQ_CQ"] == {"LLM": 1.0, "user": 1.3} and obj["response"] == "Sure: 85. Want the steps?"
-    assert obj["text"].endswith("Choose DQ_CQ.</analyze><response>Sure: 85. Want the steps?</response>")
+    assert obj["text"].endswith("Chosen: DQ_CQ, the largest LLM x user.</analyze><response>Sure: 85. Want the steps?</response>")
 
 
 def test_sample_price_with_random_model_reports_raw_text(model_dir, capsys):
