@@ -62,7 +62,7 @@ from nano_gtalign.judges import canonical_task, make_judge
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer, save_pretrained
 from nano_gtalign.metrics import group_metrics, sample_row
 from nano_gtalign.reward import BLEUS, LLM_REWARDS, TASKS, WELFARES, normalize_by_source, score_batch
-from nano_gtalign.sampling import SamplingParams, generate
+from nano_gtalign.sampling import Generation, SamplingParams, generate
 
 RULE_TASKS = ("math-hard", "minerva", "arith_demo")  # what the offline rule judge can score
 CHECKPOINT_FORMAT = 1
@@ -79,8 +79,8 @@ class UsageError(ValueError):
 # (the demo evaluates before and after training only). Applied only to flags not given on the command line.
 DEMO_DEFAULTS = dict(
     out_dir="out/demo", lr=3e-4, warmup_steps=2, steps=40, prompts_per_step=16, group_size=8,
-    micro_batch_size=64, max_new_tokens=160, max_prompt_tokens=256, eval_every=0, eval_size=64,
-    eval_batch_size=64, save_every=0,
+    micro_batch_size=64, gen_batch_size=0, max_new_tokens=160, max_prompt_tokens=256, eval_every=0, eval_size=64,
+    eval_batch_size=64, save_every=0, threads=1,
 )
 
 
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward/backward on each rank")
     a.add_argument("--ppo-epochs", type=int, default=1, help="passes over the step's samples")
     a.add_argument("--max-new-tokens", type=int, default=4096, help="completion length limit")
+    a.add_argument("--gen-batch-size", type=int, default=8,
+                   help="prompts per generate call (x G rows); bounds the KV cache (0: all of a rank's prompts)")
     a.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also divides the logits in the loss)")
     a.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
     a.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
@@ -145,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     a.add_argument("--logprob-backend", default="auto", choices=("auto", "triton", "torch", "naive"),
                    help="fused kernel backend; naive = full log_softmax (for comparison)")
+    a.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default). On a busy or 2-core CPU, 1 avoids "
+                        "threads waiting on each other")
     a.add_argument("--seed", type=int, default=0)
     a = p.add_argument_group("evaluation, logging, checkpoints")
     a.add_argument("--out-dir", default="out/run")
@@ -159,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many steps of this run, with a checkpoint (for time-limited jobs)")
     a.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases")
     a = p.add_argument_group("demo (no --model)")
-    a.add_argument("--demo-train-size", type=int, default=2000, help="arith_demo training questions")
+    a.add_argument("--demo-train-size", type=int, default=1000, help="arith_demo training questions")
     a.add_argument("--sft-steps", type=int, default=300, help="supervised warm-start steps")
     return p
 
@@ -189,6 +194,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.gen_batch_size < 0:
+        raise UsageError(f"--gen-batch-size must be >= 0 (0: one call), got {args.gen_batch_size}")
     if args.mini_batch_size is None:
         args.mini_batch_size = args.prompts_per_step
     if args.mini_batch_size < 1 or args.prompts_per_step % args.mini_batch_size:
@@ -479,14 +486,32 @@ class Rollout:
     stats: dict
 
 
+def concat(gens: list[Generation], pad_id: int) -> Generation:
+    """One Generation from several generate calls (rows in call order), padded to the longest."""
+    if len(gens) == 1:
+        return gens[0]
+    T = max(g.completion_ids.shape[1] for g in gens)
+
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=value)
+    return Generation(
+        prompt_ids=[p for g in gens for p in g.prompt_ids],
+        completion_ids=torch.cat([pad(g.completion_ids, pad_id) for g in gens]),
+        completion_mask=torch.cat([pad(g.completion_mask, False) for g in gens]),
+        logprobs=torch.cat([pad(g.logprobs, 0.0) for g in gens]),
+        texts=[t for g in gens for t in g.texts], finish_reasons=[r for g in gens for r in g.finish_reasons])
+
+
 def rollout(policy: Policy, tokenizer, records: list[dict], prompts: list[list[int]], args, judge,
             generator: torch.Generator, d: Dist) -> Rollout:
     G = args.group_size
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)
     t0 = time.perf_counter()
+    size = args.gen_batch_size or len(prompts)
     with generation_mode(policy, args.fsdp), autocast(d.device, args.compute_dtype):
-        gen = generate(policy, tokenizer, prompts, params, num_samples=G, generator=generator)
+        gen = concat([generate(policy, tokenizer, prompts[s: s + size], params, num_samples=G, generator=generator)
+                      for s in range(0, len(prompts), size)], tokenizer.pad_token_id)
     t1 = time.perf_counter()
     rows = [r for r in records for _ in range(G)]
     scores = score_batch(gen.texts, rows, judge, welfare=args.welfare, llm_reward=args.llm_reward, bleu=args.bleu)
@@ -806,11 +831,13 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, curso
                     d: Dist) -> Path | None:
     """Everything needed to continue bit for bit: weights, optimizer and scheduler state, every rank's
     RNG states and the data position. Collective (all ranks call it); rank 0 writes."""
+    rngs = all_gather(d, rng_state(generator))
+    if not (d.main or args.fsdp):  # FSDP gathers the full state collectively; DDP ranks hold identical copies
+        return None
     state = {
         "format": CHECKPOINT_FORMAT, "step": step, "model": model_state(model, args),
         "optimizer": optimizer_state(model, optimizer, args), "scheduler": scheduler.state_dict(),
-        "cursor": dict(cursor), "rng": all_gather(d, rng_state(generator)), "args": vars(args).copy(),
-        "world": d.world, "fsdp": args.fsdp,
+        "cursor": dict(cursor), "rng": rngs, "args": vars(args).copy(), "world": d.world, "fsdp": args.fsdp,
     }
     state["args"].pop("compute_dtype", None)
     if not d.main:
@@ -884,6 +911,8 @@ def restore(state: dict, model, optimizer, scheduler, generator, args, d: Dist) 
 def export_final(model, tokenizer, path: Path, args, d: Dist) -> None:
     """Hugging Face directory (config.json + safetensors + tokenizer) for sample.py, eval.py, transformers,
     vLLM. Collective under FSDP (gathering the weights)."""
+    if not (d.main or args.fsdp):
+        return
     state = model_state(model, args)
     if not d.main:
         return
@@ -1067,6 +1096,8 @@ def run(args, d: Dist) -> RunResult:
     if args.prompts_per_step % d.world or args.mini_batch_size % d.world:
         raise UsageError(f"--prompts-per-step {args.prompts_per_step} and --mini-batch-size {args.mini_batch_size} "
                          f"must be multiples of the number of ranks ({d.world})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,7 @@ def final_params(out: Path) -> dict[str, torch.Tensor]:
 
 def test_two_steps_train_log_and_export(setup, tmp_path):
     root, model, _, _ = setup
-    res = train.main(argv(setup, tmp_path, "--steps", "2", "--eval-every", "0"))
+    res = train.main(argv(setup, tmp_path, "--steps", "2", "--eval-every", "0", "--gen-batch-size", "1"))
     assert len(res.history) == 2
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [ln for ln in lines if ln["kind"] == "train"]
@@ -219,3 +219,18 @@ def test_data_order_is_a_function_of_seed_epoch_and_position():
     assert seen[2] == train.epoch_order(10, 3, 1)[:4].tolist()
     again = {"epoch": 0, "pos": 4}
     assert train.next_prompts(again, 10, 4, seed=3) == seen[1]
+
+
+def test_concat_generations_pads_to_the_longest():
+    from nano_gtalign.sampling import Generation
+    a = Generation([[1]], torch.tensor([[5, 2]]), torch.tensor([[True, True]]), torch.tensor([[-1.0, -2.0]]),
+                   ["a"], ["eos"])
+    b = Generation([[1, 2], [3]], torch.tensor([[6, 7, 8], [9, 0, 0]]),
+                   torch.tensor([[True, True, True], [True, False, False]]),
+                   torch.tensor([[-0.5, -0.25, -0.125], [-3.0, 0.0, 0.0]]), ["b", "c"], ["length", "eos"])
+    g = train.concat([a, b], pad_id=0)
+    assert g.prompt_ids == [[1], [1, 2], [3]] and g.texts == ["a", "b", "c"]
+    assert g.finish_reasons == ["eos", "length", "eos"]
+    assert g.completion_ids.tolist() == [[5, 2, 0], [6, 7, 8], [9, 0, 0]]
+    assert g.completion_mask.tolist() == [[True, True, False], [True, True, True], [True, False, False]]
+    assert g.logprobs.tolist() == [[-1.0, -2.0, 0.0], [-0.5, -0.25, -0.125], [-3.0, 0.0, 0.0]]
