@@ -122,7 +122,7 @@ class TokenPrice:
         return _rounded(out)
 
     def describe(self) -> str:
-        costs = ", ".join(f"{s} {self.tokens[s]} tok = -{self.cost(s):g}" for s in STRATEGIES)
+        costs = ", ".join(f"{s} {self.tokens[s]:g} tok = -{self.cost(s):g}" for s in STRATEGIES)
         return f"token:per_1k={self.per_1k:g},payer={self.payer} ({self.payer} pays: {costs})"
 
 
@@ -272,7 +272,8 @@ def format_side_by_side(result: SteerResult) -> str:
         if m is None:
             return f"{'-':>7s} {'-':>7s}   "
         return f"{_num(m[k][0]):>7s} {_num(m[k][1]):>7s} {'*' if k in frontier else ' '}{'<' if k == action else ' '}"
-    lines = [f"{'':6s} {'raw':^15s}     {'priced':^15s}", f"{'cell':6s} {'LLM':>7s} {'user':>7s}    {'LLM':>7s} {'user':>7s}"]
+    lines = [f"{'':6s} {'raw':^15s}     {'priced':^15s}".rstrip(),
+             f"{'cell':6s} {'LLM':>7s} {'user':>7s}    {'LLM':>7s} {'user':>7s}"]
     for k in KEYS:
         lines.append(f"{k:6s} {half(result.payoff_raw, result.frontier_raw, result.action_raw, k)}  "
                      f"{half(result.payoff_priced, result.frontier_priced, result.action_priced, k)}".rstrip())
