@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument_group("model and data")
     a.add_argument("--model", default=None, help="Hugging Face Qwen2/Qwen3 directory (omit for the demo)")
-    a.add_argument("--data", default=None, help="training records, .jsonl or .parquet (SPEC section 6)")
-    a.add_argument("--eval-data", default=None, help="held-out records; without it --holdout records are held out")
+    a.add_argument("--data", nargs="+", default=None, help="training records: .jsonl or .parquet files (SPEC section 6)")
+    a.add_argument("--eval-data", nargs="+", default=None,
+                   help="held-out records (files); without it --holdout records of --data are held out")
     a.add_argument("--holdout", type=int, default=64, help="records held out of --data when there is no --eval-data")
     a.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts are dropped (and counted)")
     a.add_argument("--judge", default="rule", help='"rule" (offline) or an OpenAI-compatible URL, "URL#model"')
@@ -1075,9 +1076,9 @@ class RunResult:
 
 
 def load_data(args, tokenizer, d: Dist):
-    train = read_records(args.data)
+    train = [r for path in args.data for r in read_records(path)]
     if args.eval_data:
-        evals = read_records(args.eval_data)
+        evals = [r for path in args.eval_data for r in read_records(path)]
     else:  # a seeded hold-out of the training file
         order = np.random.default_rng([args.seed, 1]).permutation(len(train)).tolist()
         held = set(order[:args.holdout])
@@ -1143,7 +1144,9 @@ def run(args, d: Dist) -> RunResult:
             shard(ref, d)
         trained = policy
     elif d.on:
-        trained = nn.parallel.DistributedDataParallel(policy, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        # The only buffer is the RoPE table, the same on every rank: no need to broadcast it each forward.
+        trained = nn.parallel.DistributedDataParallel(policy, device_ids=[d.device.index] if d.device.type == "cuda"
+                                                      else None, broadcast_buffers=False)
     else:
         trained = policy
     optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
