@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate every K steps, and before and after training (0: only before/after; -1: never)")
     a.add_argument("--eval-size", type=int, default=256, help="held-out records evaluated (greedy)")
     a.add_argument("--eval-batch-size", type=int, default=32, help="prompts per generate call in evaluation")
+    a.add_argument("--eval-temperature", type=float, default=0.0, help="0: greedy evaluation")
+    a.add_argument("--eval-samples", type=int, default=1, help="completions per held-out prompt (with sampling)")
     a.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps (0: only when halting)")
     a.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from OUT_DIR's latest checkpoint, or from the given checkpoint file")
@@ -191,10 +193,12 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.demo and not args.data:
         raise UsageError("--model needs --data (training records, .jsonl or .parquet)")
     positive = ("prompts_per_step", "group_size", "micro_batch_size", "ppo_epochs", "max_new_tokens",
-                "max_prompt_tokens", "eval_size", "eval_batch_size")
+                "max_prompt_tokens", "eval_size", "eval_batch_size", "eval_samples")
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_temperature < 0 or (args.eval_temperature == 0 and args.eval_samples > 1):
+        raise UsageError("--eval-temperature must be >= 0, and > 0 when --eval-samples > 1 (greedy draws are identical)")
     if args.gen_batch_size < 0:
         raise UsageError(f"--gen-batch-size must be >= 0 (0: one call), got {args.gen_batch_size}")
     if args.mini_batch_size is None:
@@ -689,16 +693,23 @@ def update(model, ref, optimizer, scheduler, ro: Rollout, args, pad_id: int, d: 
 
 def evaluate(policy: Policy, tokenizer, records: list[dict], prompts: list[list[int]], args, judge,
              d: Dist) -> dict:
-    """SPEC section 10 metrics of greedy completions, plus the correct-action rates where the records say
-    their question type (arith_demo): a clear (DQ) question is served by DA or AQ, a vague (VQ) one by CQ."""
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    """SPEC section 10 metrics of completions of the held-out prompts (greedy unless --eval-temperature),
+    plus the correct-action rates where the records say their question type (arith_demo): a clear (DQ)
+    question is served by DA or AQ, a vague (VQ) one by CQ.
+
+    Sampled evaluation uses a generator seeded the same way at every evaluation, so two evaluations of
+    the same policy draw the same tokens and a before/after difference is the policy's, not the dice's.
+    """
+    n = args.eval_samples
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.eval_temperature)
+    generator = torch.Generator(device=d.device).manual_seed(args.seed * 1000 + 500 + d.rank)
     mine = list(range(d.rank, len(records), d.world))
     rows = []
     with generation_mode(policy, args.fsdp), autocast(d.device, args.compute_dtype):
         for s in range(0, len(mine), args.eval_batch_size):
             idx = mine[s: s + args.eval_batch_size]
-            gen = generate(policy, tokenizer, [prompts[i] for i in idx], params)
-            recs = [records[i] for i in idx]
+            gen = generate(policy, tokenizer, [prompts[i] for i in idx], params, num_samples=n, generator=generator)
+            recs = [records[i] for i in idx for _ in range(n)]
             scores = score_batch(gen.texts, recs, judge, welfare=args.welfare, llm_reward=args.llm_reward,
                                  bleu=args.bleu)
             lengths = gen.completion_mask.sum(1).tolist()
@@ -1130,6 +1141,11 @@ def run(args, d: Dist) -> RunResult:
         rank0_print(d, f"dropped {dropped} train / {dropped_eval} eval prompts over --max-prompt-tokens {args.max_prompt_tokens}")
     if len(train) < args.prompts_per_step:
         raise UsageError(f"{len(train)} training records, fewer than --prompts-per-step {args.prompts_per_step}")
+    longest = max(len(x) for x in train_ids + eval_ids)
+    limit = model.config.max_position_embeddings
+    if longest + args.max_new_tokens > limit:
+        raise UsageError(f"the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the "
+                         f"model's max_position_embeddings ({limit}); lower --max-new-tokens or --max-prompt-tokens")
     total_steps = args.steps or len(train) // args.prompts_per_step
     rank0_print(d, f"data: {len(train)} train records, {len(evals)} eval records, {total_steps} steps")
 

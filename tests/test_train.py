@@ -181,6 +181,8 @@ def test_bad_inputs_name_the_problem(setup, tmp_path):
         train.main(["--model", str(model), "--data", str(data), "--prompts-per-step", "4", "--mini-batch-size", "3"])
     with pytest.raises(train.UsageError, match="--fsdp needs several processes"):
         train.main(argv(setup, tmp_path / "f", "--fsdp"))
+    with pytest.raises(train.UsageError, match=r"--max-new-tokens 4096 exceeds the model's max_position_embeddings \(512\)"):
+        train.main(argv(setup, tmp_path / "long", "--max-new-tokens", "4096"))
 
 
 def test_demo_defaults_apply_only_to_unset_flags():
@@ -234,3 +236,21 @@ def test_concat_generations_pads_to_the_longest():
     assert g.completion_ids.tolist() == [[5, 2, 0], [6, 7, 8], [9, 0, 0]]
     assert g.completion_mask.tolist() == [[True, True, False], [True, True, True], [True, False, False]]
     assert g.logprobs.tolist() == [[-1.0, -2.0, 0.0], [-0.5, -0.25, -0.125], [-3.0, 0.0, 0.0]]
+
+
+def test_sampled_evaluation_is_repeatable(setup):
+    # The same policy evaluated twice draws the same tokens: a before/after difference is the policy's.
+    root, model, _, evals = setup
+    from nano_gtalign.loader import load_tokenizer
+    args = train.parse_args(["--model", str(model), "--data", "x", "--eval-temperature", "1", "--eval-samples", "3",
+                             "--max-new-tokens", "8"])
+    args.compute_dtype = torch.float32
+    tok = load_tokenizer(model)
+    policy = train.Policy(load_pretrained(model), torch.float32, "auto")
+    records = train.read_records(evals)
+    ids = [tok.encode_chat(r["prompt"]) for r in records]
+    a = train.evaluate(policy, tok, records, ids, args, train.make_judge("rule"), train.Dist())
+    b = train.evaluate(policy, tok, records, ids, args, train.make_judge("rule"), train.Dist())
+    assert a == b and a["n"] == 3 * len(records)
+    with pytest.raises(train.UsageError, match="eval-temperature"):
+        train.parse_args(["--model", str(model), "--data", "x", "--eval-samples", "3"])
