@@ -1,6 +1,7 @@
 """sample.py end to end in a subprocess: --json output equals the library's greedy generation,
 plain output prints the text, and a missing model directory is a clear one-line error."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def run_sample(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny model: one thread is fastest
     return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,15 @@ from tiny import make_hf_model
 PROMPTS = ["What is 37 + 48?", "Hello", "The quick brown fox jumps over the lazy dog."]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: a second intra-op thread only adds sync overhead, and hurts on a shared machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=["qwen2", "qwen3"])
 def checkpoint(request, tmp_path_factory):
     path = make_hf_model(tmp_path_factory.mktemp(request.param), arch=request.param)
