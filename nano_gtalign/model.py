@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5; GPU machines may run older torch.
+SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 @dataclass
@@ -187,11 +189,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        # GQA by repeating kv heads (SDPA's enable_gqa needs torch>=2.5 and blocks the fused masked kernels).
         rep = self.n_heads // self.n_kv
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        if rep > 1 and kv_cache is not None and SDPA_HAS_GQA:
+            # Decoding: let SDPA broadcast kv heads instead of copying the whole cache every step.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=True)
+        else:
+            # Training/prefill: repeat kv heads (enable_gqa blocks the fused masked kernels on GPU).
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
