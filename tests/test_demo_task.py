@@ -56,7 +56,10 @@ def test_records_have_the_published_shape(train):
             (expected,) = {f() for word, f in ops.items() if word in text.split(" ") or word in text}
             assert int(truth) == expected >= 0, text
     assert 0.4 < sum(r["extra_info"]["question_type"] == "VQ" for r in train) / len(train) < 0.6
-    assert len({r["extra_info"]["single_turn_prompt"] for r in train}) == len(train)  # distinct
+    texts = [r["extra_info"]["single_turn_prompt"] for r in train]
+    assert len(set(texts)) < len(texts)  # training questions may repeat by default...
+    distinct = task.make_split(600, seed=0, distinct=True)
+    assert len({r["extra_info"]["single_turn_prompt"] for r in distinct}) == 600  # ...unless asked not to
     for keyword in ("DQ", "VQ", "DA", "CQ", "AQ", "<payoff>", "LLM + user"):
         assert keyword in task.DEMO_SYSTEM_PROMPT
 
@@ -65,6 +68,7 @@ def test_splits_are_disjoint_and_reproducible(train):
     test = task.make_split(150, seed=3, split="test")
     assert not {r["extra_info"]["single_turn_prompt"] for r in train} & {r["extra_info"]["single_turn_prompt"] for r in test}
     assert all(task.split_of(r["extra_info"]["single_turn_prompt"]) == "test" for r in test)
+    assert len({r["extra_info"]["single_turn_prompt"] for r in test}) == 150  # test questions are distinct
     assert task.make_split(600, seed=0) == train
     assert task.make_split(50, seed=1) != task.make_split(50, seed=2)
     assert all(r["extra_info"]["question_type"] == "DQ" for r in task.make_split(20, 0, vague_frac=0.0))
@@ -72,6 +76,8 @@ def test_splits_are_disjoint_and_reproducible(train):
         task.make_split(5, 0, split="dev")
     with pytest.raises(ValueError, match="could not find 400 distinct test questions"):
         task.make_split(400, 0, split="test", vague_frac=1.0)
+    with pytest.raises(ValueError, match="could not find 700 distinct train questions"):
+        task.make_split(700, 0, vague_frac=0.0, distinct=True)
     assert len(task.make_split(400, 0, split="test", vague_frac=1.0, distinct=False)) == 400
 
 
@@ -101,9 +107,17 @@ def test_clean_transcripts_are_right_in_every_block(train):
         qtype = r["extra_info"]["question_type"]
         assert t.action in (("DQ_DA", "DQ_AQ") if qtype == "DQ" else ("VQ_CQ",))
         assert _judge(r, b.response) == 1.0 and t.answer_ok
-    r = train[0]  # hand check of one clear transcript's response
-    if r["extra_info"]["question_type"] == "DQ":
-        assert game.split_blocks(ts[0].completion).response.split(".")[0].endswith("= " + r["reward_model"]["ground_truth"])
+    # hand-checked examples: a clear question gets its result, a vague one a question
+    clean = dict(wrong_type=0, suboptimal=0, long_thinking=0, slip=0)
+    for q, start in [(task.Question("What is 7 + 9?", "DQ", "+", 7, 9, 0), "The answer is 16."),
+                     (task.Question("Subtract 3 from 8.", "DQ", "-", 8, 3, 1), "The answer is 5."),
+                     (task.Question("Add 37 to my number.", "VQ", "+", None, 37, 0), None)]:
+        (t,) = transcripts.make_transcripts([task.make_record(q, "train", 0)], seed=0, **clean)
+        response = game.split_blocks(t.completion).response
+        if start is None:
+            assert response.endswith("?") and not re.search(r"\d", response)
+        else:
+            assert response.startswith(start)
 
 
 def test_noisy_transcripts_rates_and_judge_agreement(train):

@@ -63,7 +63,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
 
 
 def warm_start(model: Transformer, tokenizer: Tokenizer, records: list[dict], completions: list[str], *,
-               steps: int = 300, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
+               steps: int = 300, lr: float = 3e-3, batch_size: int = 16, seed: int = 0,
                weight_decay: float = 0.0, warmup_steps: int = 20, max_grad_norm: float = 1.0,
                log_every: int = 25) -> SFTStats:
     """Train model in place on (record prompt, completion) pairs for `steps` AdamW steps.

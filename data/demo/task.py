@@ -3,9 +3,9 @@
     python -m data.demo.task --out data/demo/out              # writes train.jsonl and test.jsonl
     python -m data.demo.task --out /tmp/arith --train 4000 --test 400 --seed 1
 
-A clear question (DQ), "What is 37 + 48?", has one right answer ("85"). A vague question (VQ),
+A clear question (DQ), "What is 7 + 9?", has one right answer ("16"). A vague question (VQ),
 "Add 37 to my number.", cannot be answered: the only good move is to ask for the number, so its ground
-truth is "vague". The rule judge (nano_gtalign/judges.py) scores a DQ response 1 iff its last integer is the
+truth is "vague". Clear questions use single-digit operands (see ADD_RANGE for why). The rule judge (nano_gtalign/judges.py) scores a DQ response 1 iff its last integer is the
 answer, and a VQ response 1 iff it asks something ("?") and states no integer that is not in the question.
 
 Records have the shape of the published GTAlign rows (SPEC section 6) with data_source "arith_demo".
@@ -35,9 +35,11 @@ DEMO_SYSTEM_PROMPT = (
 )
 
 OPS = ("+", "-", "×")
-# Operand ranges of clear questions: two-digit sums and differences, times tables for products (small enough to be learnable).
-ADD_RANGE = (10, 99)
-MUL_RANGE = (2, 12)
+# Operand ranges of clear questions: single digits, so the answer is a function of the operator and the two
+# digit tokens of the question, which the tiny demo model learns in its two-minute warm-start (with two-digit
+# operands it needs the place value of four digits and learns nothing useful in that time).
+ADD_RANGE = (1, 9)
+MUL_RANGE = (2, 9)
 # The number a vague question states is never computed with, so it can range widely (more distinct texts).
 VAGUE_RANGE = (2, 99)
 TEST_BUCKETS = 5  # one hash bucket in five is the test split (20% of the question space)
@@ -147,12 +149,16 @@ def question_from_record(record: dict) -> Question:
 
 
 def make_split(n: int, seed: int, split: str = "train", vague_frac: float = 0.5,
-               distinct: bool = True) -> list[dict]:
+               distinct: bool | None = None) -> list[dict]:
     """n questions of one split, about vague_frac of them vague; same arguments -> same records.
 
-    distinct=True draws each question text at most once. The vague question space is small (about 1,100 train
-    and 270 test texts), so asking for more vague questions than that needs distinct=False.
+    distinct=True draws each question text at most once; the default is True for "test" (every held-out
+    question counts once) and False for "train" (a training question may come back, as in several epochs).
+    The question space is small (about 550 clear and 1,100 vague train texts, 140 and 270 test texts), so a
+    large distinct split fails with a clear error.
     """
+    if distinct is None:
+        distinct = split == "test"
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if n < 0 or not 0.0 <= vague_frac <= 1.0:

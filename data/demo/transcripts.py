@@ -4,8 +4,8 @@ A clean transcript does the sensible thing: it classifies the question right (DQ
 matrix whose best cell (by the prompt's rule, max LLM + user) is DQ_DA or DQ_AQ for a clear question and
 VQ_CQ for a vague one, states the Pareto frontier and that choice in <analyze>, and acts on it:
 
-    DA  "37 + 48 = 85."                CQ  "What is your number?"
-    AQ  "37 + 48 = 85. Do you want another one?"      (vague AQ: "It is your number + 37. What is your number?")
+    DA  "The answer is 13."            CQ  "What is your number?"
+    AQ  "The answer is 13. Do you want another one?"  (vague AQ: "It is your number + 37. What is your number?")
 
 Noise, each independent and with the documented default rates of `make_transcripts`, makes the warm-started
 policy do many things so that GRPO has something to improve:
@@ -13,7 +13,7 @@ policy do many things so that GRPO has something to improve:
                    mistake (a clear question gets a clarifying question, a vague one gets a guessed answer)
     suboptimal     <analyze> picks a key other than the matrix's best one, and the response follows it
     long_thinking  <thinking> rambles on for several extra sentences (lower reasoning brevity)
-    slip           an arithmetic slip: the stated result of a clear question is off by 1 to 10
+    slip           an arithmetic slip: the stated result of a clear question is off by 1 to 5
 Completions are short (about a hundred tokens with the demo tokenizer) so a tiny model generates them fast.
 """
 from __future__ import annotations
@@ -78,43 +78,43 @@ def make_matrix(rng: random.Random, believed_type: str, target: str) -> Matrix:
             return m  # a strict winner, so a tie-break never decides what the model should learn
 
 
-def _expression(q: Question, unknown: int | None = None) -> tuple[str, int]:
-    """"37 + 48" and its value; for a vague question the user's number is replaced by `unknown`."""
-    a = unknown if q.a is None else q.a
-    b = unknown if q.b is None else q.b
-    return f"{a} {q.op} {b}", apply_op(q.op, a, b)
-
-
 def _guess(rng: random.Random, q: Question) -> int:
     """A made-up value for the user's number that keeps the result non-negative."""
     if q.op == "×":
-        return rng.randint(2, 12)
+        return rng.randint(2, 9)
     if q.op == "-" and q.a is None:  # my number - k: the guess must be at least k
-        return q.b + rng.randint(0, 50)
+        return q.b + rng.randint(0, 9)
     if q.op == "-":  # k - my number
         return rng.randint(0, q.a)
-    return rng.randint(10, 99)
+    return rng.randint(1, 9)
 
 
 def write_response(rng: random.Random, q: Question, strategy: str, slip: bool) -> tuple[str, bool]:
-    """The response for strategy on question q, and whether the rule judge should score it 1."""
+    """The response for strategy on question q, and whether the rule judge should score it 1.
+
+    A clear answer states only the result ("The answer is 85."): the result is a function of the operator
+    and the unordered pair of operands (subtraction keeps a >= b), which a tiny model can read off the
+    question by attending to its digits, while restating "37 + 48" first would need an ordered copy that
+    takes it far longer to learn.
+    """
     if q.question_type == "DQ":
         if strategy == "CQ":
             return rng.choice(CLEAR_CQS), False
-        expr, value = _expression(q)
+        value = q.answer
         if slip:
-            value = max(0, value + rng.choice([-1, 1]) * rng.randint(1, 10))
-            if value == apply_op(q.op, q.a, q.b):
+            value = max(0, value + rng.choice([-1, 1]) * rng.randint(1, 5))
+            if value == q.answer:
                 value += 1
-        text = f"{expr} = {value}."
+        text = f"The answer is {value}."
         return (text if strategy == "DA" else f"{text} {rng.choice(FOLLOW_UPS)}"), not slip
     if strategy == "CQ":
         return rng.choice(VAGUE_CQS), True
     if strategy == "AQ" and rng.random() < 0.5:  # a partial answer that adds no number, then the question
         symbolic = f"your number {q.op} {q.b}" if q.a is None else f"{q.a} {q.op} your number"
         return f"It is {symbolic}. {rng.choice(VAGUE_CQS)}", True
-    expr, value = _expression(q, _guess(rng, q))  # a guessed answer states numbers the user never gave
-    text = f"{expr} = {value}."
+    guess = _guess(rng, q)  # a guessed answer states numbers the user never gave
+    value = apply_op(q.op, guess, q.b) if q.a is None else apply_op(q.op, q.a, guess)
+    text = f"If your number is {guess}, the answer is {value}."
     return (text if strategy == "DA" else f"{text} Is that your number?"), False
 
 
