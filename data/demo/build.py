@@ -17,10 +17,10 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 
-# Pre-tokenization pieces: a one-decimal payoff number (' -0.5'), else one digit, else a word with its leading
-# space and attached punctuation (' {"LLM":', ' user.'), else a run of whitespace. Words and whole payoff
-# numbers keep completions short (under a hundred tokens, so a CPU generates them fast); single digits in
-# the arithmetic make it a per-digit pattern the tiny model can at least partly learn.
+# Pre-tokenization pieces: a one-decimal payoff number (' -0.5'), else one digit (never with a leading space,
+# so a digit is the same token in the question and in the answer), else a word with its leading space and
+# attached punctuation (' {"LLM":', ' user.'), else a run of whitespace. Words and whole payoff numbers keep
+# completions short (about 85 tokens, so a CPU generates them fast).
 PRETOKENIZE = r" ?-?\d\.\d(?!\d)|\d| ?[^\s\d]+|\s+"
 
 
@@ -58,10 +58,10 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024) -> Tokenizer:
 def demo_model_config(vocab_size: int, hidden_size: int = 128, num_hidden_layers: int = 4,
                       num_attention_heads: int = 4, num_key_value_heads: int = 2,
                       max_position_embeddings: int = 512) -> ModelConfig:
-    """A tiny Qwen2: about 0.9M parameters with the demo vocabulary (~800 tokens), tied embeddings.
+    """A tiny Qwen2: about 0.9M parameters with the demo vocabulary (~900 tokens), tied embeddings.
 
-    Sized so the warm-start (about 2 minutes) and GRPO fit in 10 minutes on 2 CPU cores; a prompt plus
-    completion is under 300 tokens, hence the short max_position_embeddings.
+    Sized so the warm-start (300 steps of 16: about 40 s on 2 CPU cores) and GRPO fit in 10 minutes; a prompt
+    plus completion is under 200 tokens, hence the short max_position_embeddings.
     """
     if hidden_size % num_attention_heads:
         raise ValueError(f"hidden_size={hidden_size} is not divisible by num_attention_heads={num_attention_heads}")
