@@ -1,7 +1,7 @@
 """The demo task `arith_demo`: arithmetic questions, some clear and some vague, as GTAlign records.
 
     python -m data.demo.task --out data/demo/out              # writes train.jsonl and test.jsonl
-    python -m data.demo.task --out /tmp/arith --train 4000 --test 400 --seed 1
+    python -m data.demo.task --out /tmp/arith --train 4000 --test 120 --seed 1
 
 A clear question (DQ), "What is 7 + 9?", has one right answer ("16"). A vague question (VQ),
 "Add 37 to my number.", cannot be answered: the only good move is to ask for the number, so its ground
@@ -194,8 +194,8 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write the arith_demo train/test JSONL files.")
     p.add_argument("--out", required=True, help="output directory (train.jsonl, test.jsonl)")
-    p.add_argument("--train", type=int, default=2000, help="number of training questions")
-    p.add_argument("--test", type=int, default=200, help="number of held-out questions")
+    p.add_argument("--train", type=int, default=1000, help="number of training questions (may repeat)")
+    p.add_argument("--test", type=int, default=100, help="number of held-out questions (distinct)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vague-frac", type=float, default=0.5, help="fraction of vague (VQ) questions")
     args = p.parse_args(argv)
