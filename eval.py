@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("generation (with --model)")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default: %(default)s)")
     g.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default: %(default)s)")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="(default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="(default: 512, or what the model's context leaves after the longest prompt)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     g.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: %(default)s)")
@@ -145,10 +146,14 @@ def generate_all(model, tokenizer, records: list[dict], args, rank: int, world: 
     Prompts are batched by length so a batch carries little left padding."""
     from nano_gtalign.sampling import SamplingParams, generate
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed + rank)
     mine = list(range(rank, len(records), world))
     ids = {i: tokenizer.encode_chat(records[i]["prompt"], add_generation_prompt=True) for i in mine}
+    max_new = args.max_new_tokens
+    if max_new is None:  # small models (the demo's has 512 positions) cannot take 512 new tokens after a prompt
+        longest = max((len(v) for v in ids.values()), default=0)
+        max_new = max(1, min(512, model.config.max_position_embeddings - longest))
+    params = SamplingParams(max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed + rank)
     mine.sort(key=lambda i: len(ids[i]))
     out = []
     t0 = time.perf_counter()
@@ -272,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             fail("--plot needs matplotlib, which is not installed (pip install matplotlib); "
                  "run again without --plot or install it")
     for name in ("batch_size", "num_samples", "max_new_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     log("config: " + " ".join(f"{k}={v!r}" for k, v in vars(args).items()) + f" world_size={world}")
     if args.compare:
