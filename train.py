@@ -58,7 +58,7 @@ import torch.nn as nn
 
 from kernels.logprob import fused_logprobs
 from nano_gtalign import grpo
-from nano_gtalign.judges import canonical_task, make_judge
+from nano_gtalign.judges import JudgeUnavailableError, canonical_task, make_judge
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer, save_pretrained
 from nano_gtalign.metrics import group_metrics, sample_row
 from nano_gtalign.reward import BLEUS, LLM_REWARDS, TASKS, WELFARES, normalize_by_source, score_batch
@@ -1139,6 +1139,10 @@ def run(args, d: Dist) -> RunResult:
         judge = make_judge("rule")
     else:
         judge = make_judge(args.judge, timeout=args.judge_timeout, max_concurrency=args.judge_concurrency)
+        try:
+            judge.check()  # fail fast: an unreachable judge would otherwise turn every sample into a failure
+        except JudgeUnavailableError as e:
+            raise UsageError(str(e)) from None
     train, train_ids, dropped = encode_prompts(train, tokenizer, args.max_prompt_tokens)
     evals, eval_ids, dropped_eval = encode_prompts(evals[:args.eval_size], tokenizer, args.max_prompt_tokens)
     if dropped or dropped_eval:

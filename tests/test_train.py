@@ -183,6 +183,9 @@ def test_bad_inputs_name_the_problem(setup, tmp_path):
         train.main(argv(setup, tmp_path / "f", "--fsdp"))
     with pytest.raises(train.UsageError, match=r"--max-new-tokens 4096 exceeds the model's max_position_embeddings \(512\)"):
         train.main(argv(setup, tmp_path / "long", "--max-new-tokens", "4096"))
+    # port 9 (discard) is not listening on the test machine: the run stops before any work
+    with pytest.raises(train.UsageError, match="judge server at http://127.0.0.1:9/v1/models is unreachable"):
+        train.main(argv(setup, tmp_path / "judge", "--judge", "http://127.0.0.1:9/v1"))
 
 
 def test_demo_defaults_apply_only_to_unset_flags():
