@@ -60,8 +60,10 @@ def peak_gib(device) -> float:
 
 
 def worker(preset: str, backend: str, prompts: int, group: int, prompt_len: int, new_tokens: int,
-           micro: int) -> dict:
+           micro: int, threads: int) -> dict:
     import torch
+    if threads:
+        torch.set_num_threads(threads)
 
     import train
     from nano_gtalign.model import ModelConfig, Transformer
@@ -137,6 +139,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--micro-batch-size", type=int, default=None)
     p.add_argument("--backends", default="fused,naive", help="comma-separated: fused, naive")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default); on a shared 2-core CPU a second thread mostly waits")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     presets = [a.preset] if a.preset else (["0.5b", "1.5b"] if a.gpu else ["cpu"])
@@ -147,9 +151,9 @@ def main() -> None:
                 a.micro_batch_size or micro)
 
     if a.worker:
-        print(json.dumps(worker(a.preset, a.backends, *shape(a.preset))))
+        print(json.dumps(worker(a.preset, a.backends, *shape(a.preset), a.threads)))
         return
-    print(f"config: presets={presets} backends={a.backends}", flush=True)
+    print(f"config: presets={presets} backends={a.backends} threads={a.threads}", flush=True)
     rows = []
     for name in presets:
         prompts, group, plen, new, micro = shape(name)
@@ -158,7 +162,7 @@ def main() -> None:
         for backend in a.backends.split(","):
             cmd = [sys.executable, __file__, "--worker", "--preset", name, "--backends", backend,
                    "--prompts", str(prompts), "--group-size", str(group), "--prompt-tokens", str(plen),
-                   "--new-tokens", str(new), "--micro-batch-size", str(micro)]
+                   "--new-tokens", str(new), "--micro-batch-size", str(micro), "--threads", str(a.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
             if out.returncode != 0:  # e.g. out of memory on the naive path: report it, keep going
                 last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
