@@ -91,6 +91,7 @@ DEMO_DEFAULTS = dict(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="GRPO training with the GTAlign welfare reward (no --model: the built-in demo).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="demo defaults (no --model): " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items()),
     )
     a = p.add_argument_group("model and data")
@@ -126,23 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--clip-high", type=float, default=0.2, help="ratio clip above: 1 + clip_high")
     a.add_argument("--dual-clip", type=float, default=3.0, help="dual clip c for A < 0 (0 = off)")
     a.add_argument("--kl-coef", type=float, default=0.0, help="beta of the KL to the frozen initial model")
-    a.add_argument("--kl-estimator", default="k3", choices=grpo.KL_KINDS)
-    a.add_argument("--loss-agg", default="token-mean", choices=grpo.AGGREGATIONS)
+    a.add_argument("--kl-estimator", default="k3", choices=grpo.KL_KINDS, help="k1, k2 or k3 (SPEC section 7)")
+    a.add_argument("--loss-agg", default="token-mean", choices=grpo.AGGREGATIONS,
+                   help="token-mean over the whole step (DAPO), per-sequence mean, or Dr.GRPO's sum / max length")
     a.add_argument("--adv-std", action=argparse.BooleanOptionalAction, default=True,
                    help="divide advantages by the group std (--no-adv-std: Dr.GRPO)")
-    a.add_argument("--adv-eps", type=float, default=1e-6)
+    a.add_argument("--adv-eps", type=float, default=1e-6, help="eps in (W - mean) / (std + eps)")
     a.add_argument("--drop-zero-spread", action="store_true", help="leave groups whose G rewards are equal out of the loss")
     a.add_argument("--mask-truncated", action="store_true", help="leave completions cut at --max-new-tokens out of the loss")
     a.add_argument("--old-logp", default="recompute", choices=("recompute", "sampler"),
                    help="old log-probs when a rollout feeds several optimizer steps")
     a = p.add_argument_group("optimizer")
-    a.add_argument("--lr", type=float, default=1e-6)
+    a.add_argument("--lr", type=float, default=1e-6, help="peak learning rate")
     a.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
     a.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     a.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of linear warm-up from 0")
-    a.add_argument("--beta1", type=float, default=0.9)
-    a.add_argument("--beta2", type=float, default=0.999)
-    a.add_argument("--weight-decay", type=float, default=0.01)
+    a.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    a.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
+    a.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (all parameters)")
     a.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 = off)")
     a = p.add_argument_group("system")
     a.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
@@ -155,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default). On a busy or 2-core CPU, 1 avoids "
                         "threads waiting on each other")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=int, default=0, help="data order, sampling and the demo's task/model")
     a = p.add_argument_group("evaluation, logging, checkpoints")
-    a.add_argument("--out-dir", default="out/run")
+    a.add_argument("--out-dir", default="out/run", help="metrics.jsonl, checkpoints, final/ (and the demo's test.jsonl)")
     a.add_argument("--eval-every", type=int, default=50,
                    help="evaluate every K steps, and before and after training (0: only before/after; -1: never)")
     a.add_argument("--eval-size", type=int, default=256, help="held-out records evaluated (greedy)")

@@ -125,12 +125,22 @@ def test_resume_continues_exactly(setup, tmp_path):
 def test_micro_batching_does_not_change_the_update(setup, tmp_path, monkeypatch):
     # The step's loss is normalised by counts of the whole step, so 8 rows as 8 micro-batches of 1 or as one
     # of 8 give the same gradient. Plain SGD makes the update linear in it (Adam's first step is about
-    # sign(g), which float noise flips where g is ~0).
+    # sign(g), which float noise flips where g is ~0). The last case adds a second epoch (old log-probs
+    # recomputed, ratios away from 1) and the KL to the frozen initial model.
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, betas, weight_decay: torch.optim.SGD(params, lr=lr))
-    for agg in ("token-mean", "seq-mean-token-sum-norm"):
-        train.main(argv(setup, tmp_path / f"m1-{agg}", "--steps", "1", "--micro-batch-size", "1", "--loss-agg", agg))
-        train.main(argv(setup, tmp_path / f"m8-{agg}", "--steps", "1", "--micro-batch-size", "8", "--loss-agg", agg))
-        assert_same_params(final_params(tmp_path / f"m1-{agg}"), final_params(tmp_path / f"m8-{agg}"), atol=1e-5)
+    cases = {"token": ["--loss-agg", "token-mean"], "sumnorm": ["--loss-agg", "seq-mean-token-sum-norm"],
+             "kl-2ep": ["--loss-agg", "seq-mean-token-mean", "--kl-coef", "0.5", "--ppo-epochs", "2"]}
+    for name, extra in cases.items():
+        one = train.main(argv(setup, tmp_path / f"m1-{name}", "--steps", "1", "--micro-batch-size", "1", *extra))
+        all8 = train.main(argv(setup, tmp_path / f"m8-{name}", "--steps", "1", "--micro-batch-size", "8", *extra))
+        assert_same_params(final_params(tmp_path / f"m1-{name}"), final_params(tmp_path / f"m8-{name}"), atol=1e-5)
+        m = all8.history[0]
+        assert m["opt_steps"] == (2 if name == "kl-2ep" else 1)
+        if name == "kl-2ep":  # the second epoch sees a moved policy: nonzero KL and ratio
+            assert m["kl"] > 0 and m["approx_kl"] != 0
+            assert m["kl"] == pytest.approx(one.history[0]["kl"], rel=1e-4)
+        else:
+            assert m["kl"] is None and m["approx_kl"] == 0
 
 
 def test_bad_checkpoints_are_refused_and_kept(setup, tmp_path):
