@@ -538,7 +538,8 @@ def rollout(policy: Policy, tokenizer, records: list[dict], prompts: list[list[i
     rewards = torch.tensor(W, dtype=torch.float32)
     failed = torch.isnan(rewards)
     # A failed sample is left out of the loss; for the group statistics it takes the mean of its group's
-    # valid rewards, which leaves the group mean unchanged (a group with no valid reward gets 0 everywhere).
+    # valid rewards, which leaves the group mean unchanged (the std, over G values, shrinks by a factor
+    # sqrt((G_valid - 1) / (G - 1)); a group with no valid reward gets advantage 0 everywhere).
     groups = rewards.view(-1, G)
     ok = ~failed.view(-1, G)
     fill = torch.where(ok, groups, 0.0).sum(1) / ok.sum(1).clamp(min=1)
@@ -694,7 +695,7 @@ def update(model, ref, optimizer, scheduler, ro: Rollout, args, pad_id: int, d: 
 
 
 # -----------------------------------------------------------------------------
-# evaluation (greedy, on the held-out split)
+# evaluation on the held-out split (greedy unless --eval-temperature)
 
 
 def evaluate(policy: Policy, tokenizer, records: list[dict], prompts: list[list[int]], args, judge,
@@ -1131,7 +1132,8 @@ def run(args, d: Dist) -> RunResult:
         model, tokenizer, train, evals = prepare_demo(args, d, warm=args.resume is None)
     else:
         tokenizer = load_tokenizer(args.model)
-        model = load_pretrained(args.model, dtype=torch.float32)
+        # Straight onto this rank's device: eight ranks each holding an fp32 copy in CPU memory would not fit.
+        model = load_pretrained(args.model, dtype=torch.float32, device=d.device)
         train, evals = load_data(args, tokenizer, d)
     if args.judge == "rule":
         unscorable = sorted({r["data_source"] for r in train + evals if canonical_task(r["data_source"]) not in RULE_TASKS})

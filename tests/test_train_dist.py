@@ -8,6 +8,7 @@ end up with different weights.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,15 +73,17 @@ def same(a: dict, b: dict, atol: float = 0.0) -> None:
 @pytest.mark.slow
 def test_ddp_and_fsdp2_ranks_agree(setup, tmp_path):
     model, _, _ = setup
-    ddp = torchrun(tmp_path / "ddp", run_args(setup, tmp_path / "ddp"))
+    # With the KL term: the frozen reference runs replicated under DDP and sharded under FSDP2.
+    ddp = torchrun(tmp_path / "ddp", run_args(setup, tmp_path / "ddp", "--kl-coef", "0.5"))
     same(ddp[0], ddp[1])
     from nano_gtalign.loader import load_pretrained
     init = {f"model.{k}": v for k, v in load_pretrained(model).state_dict().items()}
     assert any(not torch.equal(init[k], ddp[0][k]) for k in init), "the DDP run did not train"
-    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    lines = [json.loads(ln) for ln in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2  # rank 0 alone logs, one line per step
+    assert lines[0]["kl"] == 0 and lines[1]["kl"] > 0  # the policy moved away from the reference after step 1
 
-    fsdp = torchrun(tmp_path / "fsdp", run_args(setup, tmp_path / "fsdp", "--fsdp"))
+    fsdp = torchrun(tmp_path / "fsdp", run_args(setup, tmp_path / "fsdp", "--fsdp", "--kl-coef", "0.5"))
     same(fsdp[0], fsdp[1])
     # Same prompts, same per-rank sampling streams, same maths: only the reduction order differs.
     same(ddp[0], fsdp[0], atol=1e-5)
