@@ -199,7 +199,7 @@ def test_torchrun_shards_and_gathers(tiny_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(port), "eval.py"] + common + ["--per-sample", str(tmp_path / "two.jsonl")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-6000:]
     assert "world_size=2" in proc.stdout
     one = [json.loads(l) for l in (tmp_path / "one.jsonl").read_text().splitlines()]
     two = [json.loads(l) for l in (tmp_path / "two.jsonl").read_text().splitlines()]

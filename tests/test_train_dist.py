@@ -100,3 +100,6 @@ def test_fsdp2_resume_is_exact(setup, tmp_path):
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2], sys.argv[3:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip finalizing, as train.py does under torchrun: gloo threads can abort it
