@@ -37,8 +37,9 @@ def encode_all(tokenizer, texts=PROMPTS):
     return [tokenizer.encode(t) for t in texts]
 
 
-def greedy(model, tokenizer, prompts, n=32, **kw) -> Generation:
-    return generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=n, temperature=0.0, eos_token_ids=(), **kw))
+def greedy(model, tokenizer, prompts, n=32, pack_weights=None, **kw) -> Generation:
+    return generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=n, temperature=0.0, eos_token_ids=(), **kw),
+                    pack_weights=pack_weights)
 
 
 def row(gen: Generation, r: int) -> list[int]:
@@ -202,6 +203,62 @@ def test_top_k_1_is_greedy(qwen2):
     assert torch.equal(s.logprobs, torch.zeros_like(s.logprobs))  # one candidate: probability 1
 
 
+# ---------------------------------------------------------------------------- oneDNN-packed weights (CPU)
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+def test_packed_weights_give_the_plain_results_and_restore_the_model(checkpoint):
+    from nano_gtalign.model import onednn_packing_applies
+
+    _, model, tok = checkpoint
+    assert onednn_packing_applies(model)  # the default on CPU: every other test here runs packed
+    prompts = encode_all(tok)
+    packed, plain = (greedy(model, tok, prompts, n=24, pack_weights=p) for p in (True, False))
+    assert torch.equal(packed.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, eos_token_ids=(), seed=5)
+    a, b = (generate(model, tok, prompts, params, num_samples=2, pack_weights=p) for p in (True, False))
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules()), "a packed forward was left on a module"
+
+
+@needs_onednn
+def test_packing_follows_weights_changed_between_calls(tmp_path):
+    path = make_hf_model(tmp_path / "m", arch="qwen2", seed=2)
+    model, tok = load_pretrained(path), load_tokenizer(path)
+    prompts = encode_all(tok, PROMPTS[:2])
+    before = greedy(model, tok, prompts, n=12)
+    with torch.no_grad():  # what an optimizer step does between two GRPO rollouts
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    after, plain = (greedy(model, tok, prompts, n=12, pack_weights=p) for p in (True, False))
+    assert not torch.equal(before.completion_ids, after.completion_ids)
+    assert torch.equal(after.completion_ids, plain.completion_ids)
+
+
+@needs_onednn
+def test_packed_bf16_matches_plain_bf16(tmp_path):
+    path = make_hf_model(tmp_path / "m", arch="qwen3", seed=3)
+    model, tok = load_pretrained(path, dtype=torch.bfloat16), load_tokenizer(path)
+    prompts = encode_all(tok)
+    packed, plain = (greedy(model, tok, prompts, n=8, pack_weights=p) for p in (True, False))
+    # bf16 sums in another order can flip a near-tie; the first steps must agree and log-probs stay close
+    assert torch.equal(packed.completion_ids[:, :2], plain.completion_ids[:, :2])
+    torch.testing.assert_close(packed.logprobs[:, :2], plain.logprobs[:, :2], atol=2e-2, rtol=2e-2)
+
+
+def test_pack_weights_true_is_refused_where_it_cannot_apply(qwen2):
+    model, tok = qwen2
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear would compute in bf16, the packed op would not
+        with pytest.raises(ValueError, match="pack_weights=True needs plain fp32/bf16 weights on a CPU"):
+            greedy(model, tok, encode_all(tok), n=2, pack_weights=True)
+        greedy(model, tok, encode_all(tok), n=2)  # auto: falls back to F.linear under autocast
+
+
 # ---------------------------------------------------------------------------- log-probs
 
 
@@ -254,6 +311,19 @@ def test_top_p_logprob_by_hand():
     assert logp[tokens == 0].unique().tolist() == pytest.approx([math.log(0.625)], abs=1e-5)
     assert logp[tokens == 1].unique().tolist() == pytest.approx([math.log(0.375)], abs=1e-5)
     assert (tokens == 0).float().mean().item() == pytest.approx(0.625, abs=0.04)
+
+
+def test_top_p_on_unsorted_logits_keeps_every_tie_at_the_boundary():
+    # p = (0.2, 0.1, 0.3, 0.2, 0.2), top-p 0.55. Descending: 0.3 (mass before 0), 0.2 (0.3), 0.2 (0.5),
+    # 0.2 (0.7), 0.1 (0.9): three are kept and the last kept p is 0.2, so all three 0.2s stay (a sort's
+    # tie order must not decide). Kept mass 0.9: 0.3/0.9 = 1/3, each 0.2 gives 2/9; token 1 never.
+    logits = torch.tensor([[0.2, 0.1, 0.3, 0.2, 0.2]]).log().repeat(9000, 1)
+    tokens, logp = sample_tokens(logits, temperature=1.0, top_p=0.55, generator=torch.Generator().manual_seed(1))
+    assert set(tokens.tolist()) == {0, 2, 3, 4}
+    want = {0: 2 / 9, 2: 1 / 3, 3: 2 / 9, 4: 2 / 9}
+    for t, p in want.items():
+        assert logp[tokens == t].unique().tolist() == pytest.approx([math.log(p)], abs=1e-5)
+        assert (tokens == t).float().mean().item() == pytest.approx(p, abs=0.02)
 
 
 def test_temperature_logprob_by_hand():
