@@ -221,6 +221,9 @@ def _generate(model, head, tokenizer, prompts, params: SamplingParams, num_sampl
         pad_id = eos_ids[0] if eos_ids else 0
     weight = model.output_weight()
     device, dtype = weight.device, weight.dtype
+    if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device.type):
+        # Training keeps fp32 weights and computes in bf16: cache what attention computes with (half the memory).
+        dtype = torch.get_autocast_dtype(device.type)
     if generator is None and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(params.seed))
 

@@ -251,12 +251,26 @@ def test_packed_bf16_matches_plain_bf16(tmp_path):
     torch.testing.assert_close(packed.logprobs[:, :2], plain.logprobs[:, :2], atol=2e-2, rtol=2e-2)
 
 
-def test_pack_weights_true_is_refused_where_it_cannot_apply(qwen2):
+def test_under_autocast_no_packing_and_the_cache_takes_the_compute_dtype(qwen2, monkeypatch):
+    from nano_gtalign import model as model_module
+
     model, tok = qwen2
+    dtypes = []
+    init = model_module.KVCache.__init__
+
+    def recording_init(self, *args, **kw):
+        init(self, *args, **kw)
+        dtypes.append(self.k[0].dtype)
+
+    monkeypatch.setattr(model_module.KVCache, "__init__", recording_init)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear would compute in bf16, the packed op would not
         with pytest.raises(ValueError, match="pack_weights=True needs plain fp32/bf16 weights on a CPU"):
             greedy(model, tok, encode_all(tok), n=2, pack_weights=True)
-        greedy(model, tok, encode_all(tok), n=2)  # auto: falls back to F.linear under autocast
+        gen = greedy(model, tok, encode_all(tok), n=2)  # auto: falls back to F.linear under autocast
+    assert gen.completion_mask.all()
+    assert dtypes == [torch.bfloat16]  # fp32 weights, bf16 compute: the cache holds bf16
+    greedy(model, tok, encode_all(tok), n=2)
+    assert dtypes[-1] == torch.float32
 
 
 # ---------------------------------------------------------------------------- log-probs
