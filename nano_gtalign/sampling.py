@@ -123,7 +123,7 @@ def sample_tokens(
 def _sorted_descending(x: torch.Tensor) -> torch.Tensor:
     """The values of each row of x [R, V] in descending order."""
     if x.device.type == "cpu" and x.dtype == torch.float32:
-        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
+        return torch.from_numpy(np.ascontiguousarray(np.sort(x.detach().numpy(), axis=-1)[:, ::-1]))
     return x.sort(dim=-1, descending=True).values
 
 
