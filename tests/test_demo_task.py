@@ -180,6 +180,18 @@ def test_tokenizer_roundtrip_specials_and_compactness(demo_tokenizer, train, tmp
         build.build_tokenizer(["abc"], vocab_size=100)
 
 
+def test_block_tags_are_whole_tokens_so_a_text_cut_after_one_encodes_as_in_training(demo_tokenizer, train):
+    # Steering continues from "...</analyze><response>": that prefix must encode to a prefix of the full
+    # transcript's tokens, which fails if a merge spans a tag (e.g. ' user.</analyze><response>The').
+    tok = demo_tokenizer
+    for t in transcripts.make_transcripts(train[:50], seed=6):
+        full = tok.encode(t.completion)
+        for tag in ("<thinking>", "</thinking>", "<payoff>", "</payoff>", "<analyze>", "</analyze>", "<response>"):
+            cut = t.completion.index(tag) + len(tag)
+            head = tok.encode(t.completion[:cut])
+            assert full[:len(head)] == head and tok.decode(head[-1:]) == tag, (tag, t.completion)
+
+
 def test_demo_model_config_builds_a_small_qwen2(demo_tokenizer):
     cfg = build.demo_model_config(demo_tokenizer.vocab_size)
     assert (cfg.model_type, cfg.num_key_value_heads, cfg.eos_token_id, cfg.pad_token_id) == ("qwen2", 2, 2, 0)

@@ -17,11 +17,14 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 
-# Pre-tokenization pieces: a one-decimal payoff number (' -0.5'), else one digit (never with a leading space,
-# so a digit is the same token in the question and in the answer), else a word with its leading space and
-# attached punctuation (' {"LLM":', ' user.'), else a run of whitespace. Words and whole payoff numbers keep
-# completions short (about 85 tokens, so a CPU generates them fast).
-PRETOKENIZE = r" ?-?\d\.\d(?!\d)|\d| ?[^\s\d]+|\s+"
+# Pre-tokenization pieces: a block tag ('<response>'), else a one-decimal payoff number (' -0.5'), else one
+# digit (never with a leading space, so a digit is the same token in the question and in the answer), else a
+# word with its leading space and attached punctuation (' {"LLM":', ' user.') that stops before a tag, else a
+# run of whitespace. Words and whole payoff numbers keep completions short (about 90 tokens, so a CPU
+# generates them fast). Tags stand alone so that a text cut right after one (steering continues from
+# '...</analyze><response>') encodes as it did in training, not as a never-seen piece of 'user.</analyze><response>The'.
+_TAG = r"</?(?:thinking|payoff|analyze|response)>"
+PRETOKENIZE = _TAG + r"| ?-?\d\.\d(?!\d)|\d| ?(?:(?!" + _TAG + r")[^\s\d])+|\s+"
 
 
 def demo_corpus(records: list[dict], completions: list[str]) -> list[str]:
