@@ -319,14 +319,19 @@ class Transformer(nn.Module):
 
 
 def onednn_packing_applies(model: nn.Module) -> bool:
-    """Whether `packed_linears` can pack this model: plain fp32/bf16 CPU weights and a torch built with oneDNN."""
+    """Whether `packed_linears` can pack this model: plain fp32 CPU weights (bf16 on CPUs with native bf16),
+    no autocast, and a torch built with oneDNN."""
     w = model.output_weight()
     # Under CPU autocast F.linear would compute in the autocast dtype; the packed op would not.
     autocast = torch.is_autocast_enabled("cpu") if SDPA_HAS_GQA else torch.is_autocast_cpu_enabled()
-    return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and not autocast
+    ops = torch.ops.mkldnn
+    # bf16 only where the CPU has native bf16 dot products (elsewhere oneDNN emulates them slowly).
+    native_bf16 = hasattr(ops, "_is_mkldnn_bf16_supported") and ops._is_mkldnn_bf16_supported()
+    return (w.device.type == "cpu" and not autocast
+            and (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and native_bf16))
             and type(w.data) is torch.Tensor  # not an FSDP2 DTensor shard
             and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
 
 
 @contextmanager
