@@ -184,9 +184,9 @@ def generate(
     `generator` (on the model's device) drives the sampling; without one, a fresh
     generator seeded with `params.seed` is used, or torch's global RNG when the
     seed is None. The same prompts, params and seed give the same tokens.
-    `pack_weights` (None: whenever it applies, i.e. fp32/bf16 weights on a CPU) runs the
-    linear layers on weights packed for oneDNN, 2-3x faster decoding on a CPU
-    (see model.packed_linears); False keeps plain F.linear.
+    `pack_weights` (None: whenever model.onednn_packing_applies, i.e. fp32 weights on a CPU
+    outside autocast) runs the linear layers on weights packed for oneDNN, about 2x faster
+    decoding on a CPU (see model.packed_linears); False keeps plain F.linear.
     """
     # Local import: model.py owns the cache; sampling only drives it.
     from nano_gtalign.model import onednn_packing_applies, packed_linears
@@ -194,7 +194,8 @@ def generate(
     if pack_weights is None:
         pack_weights = onednn_packing_applies(model)
     elif pack_weights and not onednn_packing_applies(model):
-        raise ValueError("pack_weights=True needs plain fp32/bf16 weights on a CPU and a torch built with oneDNN")
+        raise ValueError("pack_weights=True needs plain fp32 weights on a CPU (bf16 where the CPU has native bf16), "
+                         "no autocast, and a torch built with oneDNN")
     with packed_linears(model, pack_weights) as head:
         return _generate(model, head, tokenizer, prompts, params, num_samples, generator)
 
