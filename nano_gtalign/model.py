@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# scaled_dot_product_attention(enable_gqa=...) and torch.is_autocast_enabled(device) exist from torch 2.5;
-# GPU machines may run older torch.
+# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5; GPU machines may run older torch.
 SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
@@ -318,16 +317,24 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, or None when autocast is off there."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
 def onednn_packing_applies(model: nn.Module) -> bool:
     """Whether `packed_linears` can pack this model: plain fp32 CPU weights (bf16 on CPUs with native bf16),
     no autocast, and a torch built with oneDNN."""
     w = model.output_weight()
-    # Under CPU autocast F.linear would compute in the autocast dtype; the packed op would not.
-    autocast = torch.is_autocast_enabled("cpu") if SDPA_HAS_GQA else torch.is_autocast_cpu_enabled()
     ops = torch.ops.mkldnn
     # bf16 only where the CPU has native bf16 dot products (elsewhere oneDNN emulates them slowly).
     native_bf16 = hasattr(ops, "_is_mkldnn_bf16_supported") and ops._is_mkldnn_bf16_supported()
-    return (w.device.type == "cpu" and not autocast
+    # Under CPU autocast F.linear would compute in the autocast dtype; the packed op would not.
+    return (w.device.type == "cpu" and autocast_dtype("cpu") is None
             and (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and native_bf16))
             and type(w.data) is torch.Tensor  # not an FSDP2 DTensor shard
             and torch.backends.mkldnn.is_available()

@@ -201,7 +201,7 @@ def generate(
 
 
 def _generate(model, head, tokenizer, prompts, params: SamplingParams, num_samples, generator) -> Generation:
-    from nano_gtalign.model import KVCache
+    from nano_gtalign.model import KVCache, autocast_dtype
 
     config = model.config
     prompts = _check_prompts(prompts, config.vocab_size)
@@ -222,9 +222,8 @@ def _generate(model, head, tokenizer, prompts, params: SamplingParams, num_sampl
         pad_id = eos_ids[0] if eos_ids else 0
     weight = model.output_weight()
     device, dtype = weight.device, weight.dtype
-    if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device.type):
-        # Training keeps fp32 weights and computes in bf16: cache what attention computes with (half the memory).
-        dtype = torch.get_autocast_dtype(device.type)
+    # Training keeps fp32 weights and computes in bf16 under autocast: cache what attention computes with.
+    dtype = autocast_dtype(device.type) or dtype
     if generator is None and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(params.seed))
 
