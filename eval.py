@@ -32,7 +32,7 @@ import torch
 
 from nano_gtalign.judges import make_judge
 from nano_gtalign.metrics import (
-    aggregate, breakdown_dict, compare, format_comparison, format_table, frontier, per_prompt_points, sample_row,
+    breakdown_dict, compare, format_comparison, format_table, frontier, metrics_by_source, per_prompt_points, sample_row,
 )
 from nano_gtalign.reward import BLEUS, LLM_REWARDS, WELFARES, score_batch
 
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         generated = [e[4] for e in everything]
 
     rows, breakdowns = score_all(pairs, generated, args, count_tokens, log)
-    metrics = aggregate(rows)
+    metrics = metrics_by_source(rows)
     print(format_table(metrics))
     reasons = Counter(f for f in finish if f is not None)
     if reasons:

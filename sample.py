@@ -39,7 +39,7 @@ import torch
 
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.sampling import Generation, SamplingParams, generate
-from nano_gtalign.steering import POLICY_HELP, PolicyError, SteerResult, format_side_by_side, parse_policy, steer
+from nano_gtalign.steering import PRICING_HELP, PricingError, SteerResult, format_side_by_side, parse_pricing, steer
 
 DEFAULT_MODEL = "out/demo/final"  # where `python train.py` (the demo run) saves its final checkpoint
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,7 +47,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = SamplingParams()
-    p = argparse.ArgumentParser(description="Sample a completion from a checkpoint.", epilog=POLICY_HELP,
+    p = argparse.ArgumentParser(description="Sample a completion from a checkpoint.", epilog=PRICING_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (default: %(default)s)")
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
@@ -151,8 +151,8 @@ def print_steering(result: SteerResult) -> None:
 def main_price(args, params: SamplingParams, log) -> None:
     """sample.py --price: two-stage steering of one prompt (nano_gtalign/steering.py)."""
     try:
-        policy = parse_policy(args.price)
-    except PolicyError as e:
+        pricing = parse_pricing(args.price)
+    except PricingError as e:
         sys.exit(f"sample.py: {e}")
     if args.raw:
         sys.exit("sample.py: --price needs the chat template; drop --raw")
@@ -162,7 +162,7 @@ def main_price(args, params: SamplingParams, log) -> None:
     messages = price_messages(args.prompt, args.system, args.game_prompt)
     t0 = time.perf_counter()
     try:
-        result = steer(model, tokenizer, messages, policy, params, generate_fn=generate, rule=args.rule)
+        result = steer(model, tokenizer, messages, pricing, params, generate_fn=generate, rule=args.rule)
     except ValueError as e:  # e.g. prompt + max_new_tokens longer than the model's context
         sys.exit(f"sample.py: {e}")
     if args.json:

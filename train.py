@@ -547,7 +547,7 @@ def rollout(policy: Policy, tokenizer, records: list[dict], prompts: list[list[i
     filled = torch.where(ok, groups, fill[:, None]).view(-1)
     adv = grpo.group_advantages(filled, G, eps=args.adv_eps, std_normalize=args.adv_std)
     keep = ~failed
-    zero_spread = ~grpo.filter_zero_spread(filled, G)
+    zero_spread = grpo.zero_spread_groups(filled, G, tol=1e-6)
     if args.drop_zero_spread:
         keep &= ~zero_spread
     attn_mask = gen.completion_mask.cpu()
@@ -666,7 +666,7 @@ def update(model, ref, optimizer, scheduler, ro: Rollout, args, pad_id: int, d: 
                         kl_tok = grpo.kl_penalty(logp, ref_logp, args.kl_estimator)
                         loss_tok = loss_tok + args.kl_coef * kl_tok
                         totals["kl"] += float((kl_tok.detach() * mask).sum())
-                    loss = grpo.aggregate(loss_tok, mask, args.loss_agg, global_token_count=n_tok,
+                    loss = grpo.reduce_loss(loss_tok, mask, args.loss_agg, global_token_count=n_tok,
                                           max_len=args.max_new_tokens, global_seq_count=n_seq)
                     # DDP and FSDP2 average gradients over ranks; the loss is already a share of the global
                     # sum, so scale back up by the world size.

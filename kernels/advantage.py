@@ -3,7 +3,6 @@
     adv = group_advantages(rewards, group_size=8)            # (R − mean_g) / (std_g + eps)
     adv = group_advantages(rewards, 8, std_normalize=False)  # Dr.GRPO: R − mean_g
     keep = ~zero_spread_groups(rewards, 8)                   # for "drop zero-spread groups"
-    tok = token_advantages(adv, completion_mask)             # [R, T], 0 outside the mask
 
 Rows are prompt-major: rows g·G … g·G+G−1 are the G samples of prompt g.
 - std is the unbiased (ddof 1, verl's choice) or biased (ddof 0) sample std.
@@ -108,14 +107,3 @@ def zero_spread_groups(rewards: torch.Tensor, group_size: int, tol: float = 0.0)
     spread = groups.amax(dim=1) - groups.amin(dim=1) if r.numel() else groups.new_zeros(0)
     return (spread <= tol).repeat_interleave(group_size)
 
-
-def token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Broadcast per-row advantages over a completion mask: [R] × [R, T] → fp32 [R, T], 0 where mask is 0."""
-    if advantages.dim() != 1 or mask.dim() != 2 or mask.shape[0] != advantages.shape[0]:
-        raise ValueError(f"advantages must be [R] and mask [R, T]; got {tuple(advantages.shape)} and {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask must hold only 0/1 (or be a bool tensor)")
-        mask = mask != 0
-    adv = advantages.float()
-    return torch.where(mask, adv[:, None], torch.zeros((), dtype=adv.dtype, device=adv.device))

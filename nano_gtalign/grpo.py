@@ -7,8 +7,8 @@ produced) and False on padding; prompt tokens never appear here.
 One step of the objective is
 
     A      = group_advantages(R)                              (kernels/advantage.py, re-exported here)
-    loss   = aggregate(policy_loss(logp, old_logp, A, mask), mask, mode, counts of the whole step)
-           + beta * aggregate(kl_penalty(logp, ref_logp, kind), mask, mode, same counts)
+    loss   = reduce_loss(policy_loss(logp, old_logp, A, mask), mask, mode, counts of the whole step)
+           + beta * reduce_loss(kl_penalty(logp, ref_logp, kind), mask, mode, same counts)
 
 Every aggregation divides by counts of the WHOLE optimisation step (all micro-batches on all ranks), so that
 summing the micro-batch losses gives exactly the full-batch loss however the step is split.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 # One source of truth for advantages: the kernels package (Triton with a torch reference fallback).
-from kernels.advantage import group_advantages, token_advantages, zero_spread_groups  # noqa: F401  (re-exported)
+from kernels.advantage import group_advantages, zero_spread_groups  # noqa: F401  (re-exported)
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
@@ -106,7 +106,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
         k2 = delta^2 / 2                  (low variance, biased)
         k3 = clamp(exp(delta) - delta - 1, -10, 10)   (unbiased and always >= 0)
 
-    Mask and average it with `aggregate` like the policy loss. The clamps zero the gradient where they bind,
+    Mask and average it with `reduce_loss` like the policy loss. The clamps zero the gradient where they bind,
     which is the point: one wildly off token must not blow up the step.
     """
     if kind not in KL_KINDS:
@@ -123,12 +123,12 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
 
 def step_counts(mask: torch.Tensor) -> tuple[int, int]:
     """(completion tokens, sequences with at least one token) in `mask`; sum these over every micro-batch and
-    rank of a step (all_reduce) to get the global_token_count and global_seq_count that `aggregate` takes."""
+    rank of a step (all_reduce) to get the global_token_count and global_seq_count that `reduce_loss` takes."""
     m = mask.bool()
     return int(m.sum()), int(m.any(dim=-1).sum())
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
               global_token_count: int | float | torch.Tensor | None = None,
               max_len: int | None = None,
               global_seq_count: int | float | torch.Tensor | None = None) -> torch.Tensor:
@@ -172,16 +172,6 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-me
     return per_seq.sum() / torch.clamp(torch.as_tensor(n_seq, dtype=per_token.dtype), min=1.0)
 
 
-def filter_zero_spread(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """Bool [R]: True for rows whose group has max(R) - min(R) > eps (the complement of
-    kernels.advantage.zero_spread_groups, which owns the test).
-
-    A group whose G completions all scored the same has advantage 0 everywhere and only dilutes the token
-    counts (DAPO's dynamic sampling drops such groups). Rewards must be finite: drop judge failures first.
-    """
-    return ~zero_spread_groups(rewards, group_size, tol=eps)
-
-
 def mask_truncated(mask: torch.Tensor, finish_reasons: list[str]) -> torch.Tensor:
     """Copy of mask [R, T] with every row whose finish reason is "length" (cut off by max_new_tokens) zeroed.
 
@@ -198,9 +188,3 @@ def mask_truncated(mask: torch.Tensor, finish_reasons: list[str]) -> torch.Tenso
     keep = torch.tensor([r != "length" for r in finish_reasons], dtype=torch.bool, device=mask.device)
     return mask.bool() & keep[:, None]
 
-
-def masked_entropy_mean(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean per-token entropy over the masked tokens (for logging): sum(m * H) / max(sum(m), 1)."""
-    mask = _check_mask(entropy, mask, "entropy")
-    total = torch.where(mask, entropy.float(), torch.zeros((), device=entropy.device)).sum()
-    return total / mask.sum().clamp(min=1).float()

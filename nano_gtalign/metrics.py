@@ -2,7 +2,7 @@
 comparison of two runs on matched prompts by their per-prompt (U, L) points.
 
 A *row* is one scored completion as a flat JSON-able dict (see `sample_row`); eval.py writes
-them to --per-sample and `aggregate` turns a list of them into one dict of metrics per data
+them to --per-sample and `metrics_by_source` turns a list of them into one dict of metrics per data
 source plus "overall". `compare` takes two runs' rows and reports dominance counts,
 epsilon-coverage of the joint frontier, hypervolume and normalised L-infinity regret; each is
 defined exactly in its function's docstring.
@@ -46,7 +46,7 @@ def _words(text: str) -> int:
 
 def sample_row(breakdown, completion: str, record: dict,
                count_tokens: Callable[[str], int] | None = None, generated_tokens: int | None = None) -> dict:
-    """Flatten one scored completion into the numbers `aggregate` needs.
+    """Flatten one scored completion into the numbers `metrics_by_source` needs.
 
     breakdown is reward.RewardBreakdown (any object with its attributes). Lengths follow SPEC §4:
     reasoning = everything before `<response>` (the whole completion when there is none),
@@ -177,7 +177,7 @@ def group_metrics(rows: list[dict]) -> dict:
     return m
 
 
-def aggregate(rows: list[dict]) -> dict[str, dict]:
+def metrics_by_source(rows: list[dict]) -> dict[str, dict]:
     """{data_source: metrics, ..., "overall": metrics}, sources sorted by name."""
     by_source: dict[str, list[dict]] = defaultdict(list)
     for r in rows:

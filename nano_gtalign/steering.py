@@ -11,7 +11,7 @@ A pricing policy is a small dataclass with `apply(matrix) -> matrix`:
                           a per-token price: the payer's payoff of every cell drops by
                           P * (expected tokens of the cell's strategy) / 1000. P is in payoff
                           points (the matrix's scale, roughly -5..5) per 1,000 tokens.
-`parse_policy` reads those specs (sample.py --price).
+`parse_pricing` reads those specs (sample.py --price).
 
 The choice after repricing is game.choose_action(matrix, rule="cobb_douglas"): among the
 Pareto frontier, the cell with the largest sqrt(l'*u') after shifting both coordinates by the
@@ -45,7 +45,7 @@ DEFAULT_TOKENS = {"DA": 300, "CQ": 60, "AQ": 360}
 # context (and the one the choice is made on) carries no float noise like 0.30000000000000004.
 ROUND_DECIMALS = 6
 
-POLICY_HELP = """\
+PRICING_HELP = """\
 pricing policies for --price (payoffs are on the matrix's scale, roughly -5..5):
   none                 keep the model's matrix (runs the two-stage pipeline without repricing)
   upstream-llm:S       price S on the LLM side (upstream): every LLM payoff += S;
@@ -62,7 +62,7 @@ after repricing the action is chosen again, by default with the sign-safe Cobb-D
 over the Pareto frontier (game.choose_action rule "cobb_douglas"; "sum" = max LLM + user)."""
 
 
-class PolicyError(ValueError):
+class PricingError(ValueError):
     """A --price spec that cannot be read; the message names the bad part."""
 
 
@@ -126,30 +126,30 @@ class TokenPrice:
         return f"token:per_1k={self.per_1k:g},payer={self.payer} ({self.payer} pays: {costs})"
 
 
-Policy = NoPrice | UpstreamLLM | UpstreamUser | TokenPrice
+Pricing = NoPrice | UpstreamLLM | UpstreamUser | TokenPrice
 
 
 def _number(text: str, what: str, spec: str) -> float:
     try:
         x = float(text)
     except ValueError:
-        raise PolicyError(f"--price {spec!r}: {what} must be a number, got {text!r}") from None
+        raise PricingError(f"--price {spec!r}: {what} must be a number, got {text!r}") from None
     if not math.isfinite(x):
-        raise PolicyError(f"--price {spec!r}: {what} must be finite, got {text!r}")
+        raise PricingError(f"--price {spec!r}: {what} must be finite, got {text!r}")
     return x
 
 
-def parse_policy(spec: str) -> Policy:
-    """Read a policy spec (see POLICY_HELP); PolicyError names the part that is wrong."""
+def parse_pricing(spec: str) -> Pricing:
+    """Read a policy spec (see PRICING_HELP); PricingError names the part that is wrong."""
     name, sep, arg = spec.strip().partition(":")
     name = name.strip().lower()
     if name == "none":
         if arg.strip():
-            raise PolicyError(f"--price {spec!r}: 'none' takes no argument")
+            raise PricingError(f"--price {spec!r}: 'none' takes no argument")
         return NoPrice()
     if name in ("upstream-llm", "upstream-user"):
         if not arg.strip():
-            raise PolicyError(f"--price {spec!r}: {name} needs a price, e.g. {name}:1.5")
+            raise PricingError(f"--price {spec!r}: {name} needs a price, e.g. {name}:1.5")
         s = _number(arg.strip(), "the price S", spec)
         return UpstreamLLM(s) if name == "upstream-llm" else UpstreamUser(s)
     if name in ("token", "token-price"):
@@ -158,27 +158,27 @@ def parse_policy(spec: str) -> Policy:
             key, eq, value = part.partition("=")
             key, value = key.strip(), value.strip()
             if not eq or not value:
-                raise PolicyError(f"--price {spec!r}: {part!r} must be KEY=VALUE")
+                raise PricingError(f"--price {spec!r}: {part!r} must be KEY=VALUE")
             if key == "per_1k":
                 per_1k = _number(value, "per_1k", spec)
                 if per_1k < 0:
-                    raise PolicyError(f"--price {spec!r}: per_1k must be >= 0, got {value}")
+                    raise PricingError(f"--price {spec!r}: per_1k must be >= 0, got {value}")
             elif key == "payer":
                 if value not in ("user", "llm"):
-                    raise PolicyError(f"--price {spec!r}: payer must be 'user' or 'llm', got {value!r}")
+                    raise PricingError(f"--price {spec!r}: payer must be 'user' or 'llm', got {value!r}")
                 payer = value
             elif key.upper() in STRATEGIES:
                 n = _number(value, f"expected tokens for {key.upper()}", spec)
                 if n < 0:
-                    raise PolicyError(f"--price {spec!r}: expected tokens for {key.upper()} must be >= 0, got {value}")
+                    raise PricingError(f"--price {spec!r}: expected tokens for {key.upper()} must be >= 0, got {value}")
                 tokens[key.upper()] = n
             else:
-                raise PolicyError(f"--price {spec!r}: unknown token-price field {key!r} "
+                raise PricingError(f"--price {spec!r}: unknown token-price field {key!r} "
                                   "(fields: per_1k, payer, DA, CQ, AQ)")
         if per_1k is None:
-            raise PolicyError(f"--price {spec!r}: the token price needs per_1k=P, e.g. token:per_1k=2,payer=user")
+            raise PricingError(f"--price {spec!r}: the token price needs per_1k=P, e.g. token:per_1k=2,payer=user")
         return TokenPrice(per_1k, payer, tokens)
-    raise PolicyError(f"--price {spec!r}: unknown policy {name!r} (use none, upstream-llm:S, upstream-user:S "
+    raise PricingError(f"--price {spec!r}: unknown policy {name!r} (use none, upstream-llm:S, upstream-user:S "
                       "or token:per_1k=P,...)")
 
 
@@ -225,7 +225,7 @@ class SteerResult:
                 "error": self.error}
 
 
-def steer(model, tokenizer, messages: list[dict], policy: Policy, params: SamplingParams,
+def steer(model, tokenizer, messages: list[dict], pricing: Pricing, params: SamplingParams,
           generate_fn=generate, rule: str = "cobb_douglas") -> SteerResult:
     """Two-stage pricing steering of one chat prompt. generate_fn has sampling.generate's
     signature (tests pass a stub); params apply to both stages, with the stop string replaced by
@@ -236,7 +236,7 @@ def steer(model, tokenizer, messages: list[dict], policy: Policy, params: Sampli
     stage_one, reason = first.texts[0], first.finish_reasons[0]
 
     def stopped(error: str, raw: Matrix | None = None) -> SteerResult:
-        return SteerResult(policy.describe(), raw, None, pareto_frontier(raw) if raw else [], [],
+        return SteerResult(pricing.describe(), raw, None, pareto_frontier(raw) if raw else [], [],
                            choose_action(raw, rule) if raw else None, None, None, stage_one, stage_one, reason, error)
 
     end = stage_one.find("</payoff>")
@@ -250,7 +250,7 @@ def steer(model, tokenizer, messages: list[dict], policy: Policy, params: Sampli
         raw = parse_payoff(stage_one[start + len("<payoff>"): end])
     except PayoffError as e:
         return stopped(f"the model's payoff does not parse: {e}")
-    priced = policy.apply(raw)
+    priced = pricing.apply(raw)
     frontier_raw, frontier_priced = pareto_frontier(raw), pareto_frontier(priced)
     action_raw, action_priced = choose_action(raw, rule), choose_action(priced, rule)
     # Keep the model's own words before <payoff> (its thinking) verbatim; everything after is ours
@@ -262,7 +262,7 @@ def steer(model, tokenizer, messages: list[dict], policy: Policy, params: Sampli
     cont = second.texts[0]
     close = cont.find("</response>")
     response = (cont if close < 0 else cont[:close]).strip()
-    return SteerResult(policy.describe(), raw, priced, frontier_raw, frontier_priced, action_raw, action_priced,
+    return SteerResult(pricing.describe(), raw, priced, frontier_raw, frontier_priced, action_raw, action_priced,
                        response, context + cont, stage_one, second.finish_reasons[0])
 
 

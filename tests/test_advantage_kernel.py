@@ -1,10 +1,10 @@
-"""group_advantages / zero_spread_groups / token_advantages (SPEC §7) on both backends, hand-computed."""
+"""group_advantages / zero_spread_groups (SPEC §7) on both backends, hand-computed."""
 import math
 
 import pytest
 import torch
 
-from kernels.advantage import group_advantages, token_advantages, zero_spread_groups
+from kernels.advantage import group_advantages, zero_spread_groups
 from kernels.logprob import triton
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(triton is None, reason="triton not installed"))]
@@ -81,15 +81,3 @@ def test_zero_spread_groups():
     with pytest.raises(ValueError, match="tol"):
         zero_spread_groups(r, 3, tol=-1.0)
 
-
-def test_token_advantages_respect_the_mask():
-    adv = torch.tensor([2.0, -1.0])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    want = torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]])
-    assert torch.equal(token_advantages(adv, mask), want)
-    assert torch.equal(token_advantages(adv, mask.float()), want)
-    assert torch.equal(token_advantages(adv, mask.long()), want)
-    with pytest.raises(ValueError, match="0/1"):
-        token_advantages(adv, mask.float() * 0.5)
-    with pytest.raises(ValueError, match=r"\[R\]"):
-        token_advantages(adv, mask[:1])

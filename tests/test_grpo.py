@@ -109,24 +109,24 @@ def test_kl_clamps():
         grpo.kl_penalty(logp, ref, "k4")
 
 
-def test_aggregate_modes_hand_computed():
+def test_reduce_loss_modes_hand_computed():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [7.0, 7.0, 7.0]])
     m = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)  # row 3 fully dropped
-    assert grpo.aggregate(x, m, "token-mean").item() == pytest.approx(10 / 4)
-    assert grpo.aggregate(x, m, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
-    assert grpo.aggregate(x, m, "seq-mean-token-sum-norm", max_len=4).item() == pytest.approx((6 / 4 + 4 / 4) / 2)
-    assert grpo.aggregate(x, m, "token-mean", global_token_count=20).item() == pytest.approx(10 / 20)
-    assert grpo.aggregate(x, m, "seq-mean-token-mean", global_seq_count=6).item() == pytest.approx(6 / 6)
+    assert grpo.reduce_loss(x, m, "token-mean").item() == pytest.approx(10 / 4)
+    assert grpo.reduce_loss(x, m, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    assert grpo.reduce_loss(x, m, "seq-mean-token-sum-norm", max_len=4).item() == pytest.approx((6 / 4 + 4 / 4) / 2)
+    assert grpo.reduce_loss(x, m, "token-mean", global_token_count=20).item() == pytest.approx(10 / 20)
+    assert grpo.reduce_loss(x, m, "seq-mean-token-mean", global_seq_count=6).item() == pytest.approx(6 / 6)
     assert grpo.step_counts(m) == (4, 2)
     empty = torch.zeros(3, 3, dtype=torch.bool)
     for mode in grpo.AGGREGATIONS:
-        assert grpo.aggregate(x, empty, mode, max_len=3).item() == 0.0
+        assert grpo.reduce_loss(x, empty, mode, max_len=3).item() == 0.0
     with pytest.raises(ValueError, match="needs max_len"):
-        grpo.aggregate(x, m, "seq-mean-token-sum-norm")
+        grpo.reduce_loss(x, m, "seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="more than max_len=2"):
-        grpo.aggregate(x, m, "seq-mean-token-sum-norm", max_len=2)
+        grpo.reduce_loss(x, m, "seq-mean-token-sum-norm", max_len=2)
     with pytest.raises(ValueError, match="unknown aggregation mode 'mean'"):
-        grpo.aggregate(x, m, "mean")
+        grpo.reduce_loss(x, m, "mean")
 
 
 def _step(seed=0, rows=8, width=7):
@@ -143,7 +143,7 @@ def _step(seed=0, rows=8, width=7):
 @pytest.mark.parametrize("mode", grpo.AGGREGATIONS)
 def test_aggregation_invariant_to_micro_batches_and_ranks(mode):
     logp, old, adv, mask = _step()
-    full = grpo.aggregate(grpo.policy_loss(logp, old, adv, mask)[0], mask, mode, max_len=7)
+    full = grpo.reduce_loss(grpo.policy_loss(logp, old, adv, mask)[0], mask, mode, max_len=7)
     (full_grad,) = torch.autograd.grad(full, logp)
 
     # 2 ranks x uneven micro-batches; each micro-batch padded only to its own longest row.
@@ -155,7 +155,7 @@ def test_aggregation_invariant_to_micro_batches_and_ranks(mode):
     for rows in splits:
         width = max(int(mask[rows].sum(-1).max()), 1)
         lp = logp.detach()[rows, :width].clone().requires_grad_(True)
-        part = grpo.aggregate(grpo.policy_loss(lp, old[rows, :width], adv[rows], mask[rows, :width])[0],
+        part = grpo.reduce_loss(grpo.policy_loss(lp, old[rows, :width], adv[rows], mask[rows, :width])[0],
                               mask[rows, :width], mode, global_token_count=tokens, max_len=7,
                               global_seq_count=seqs)
         part.backward()
@@ -164,19 +164,9 @@ def test_aggregation_invariant_to_micro_batches_and_ranks(mode):
     assert total == pytest.approx(full.item(), rel=1e-5, abs=1e-6)
     torch.testing.assert_close(grad, full_grad)
     # without the global counts the per-micro-batch means do NOT add up (the test can fail)
-    naive = sum(grpo.aggregate(grpo.policy_loss(logp[rows], old[rows], adv[rows], mask[rows])[0],
+    naive = sum(grpo.reduce_loss(grpo.policy_loss(logp[rows], old[rows], adv[rows], mask[rows])[0],
                                mask[rows], mode, max_len=7).item() for rows in splits) / len(splits)
     assert naive != pytest.approx(full.item(), rel=1e-3)
-
-
-def test_filter_zero_spread():
-    keep = grpo.filter_zero_spread(torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.2, 0.2, 0.2 + 1e-3]), 3)
-    assert keep.tolist() == [False] * 3 + [True] * 3 + [True] * 3
-    assert grpo.filter_zero_spread(torch.tensor([0.3, 0.3]), 1).tolist() == [False, False]
-    with pytest.raises(ValueError, match="do not split into groups of 4"):
-        grpo.filter_zero_spread(torch.zeros(6), 4)
-    with pytest.raises(ValueError, match="NaN/inf"):
-        grpo.filter_zero_spread(torch.tensor([0.0, float("nan")]), 2)
 
 
 def test_mask_truncated():
@@ -188,13 +178,6 @@ def test_mask_truncated():
         grpo.mask_truncated(mask, ["eos", "eos"])
     with pytest.raises(ValueError, match="unknown finish reasons"):
         grpo.mask_truncated(mask, ["eos", "eos", "timeout"])
-
-
-def test_masked_entropy_mean():
-    ent = torch.tensor([[1.0, 3.0, 100.0], [2.0, 100.0, 100.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    assert grpo.masked_entropy_mean(ent, mask).item() == pytest.approx(2.0)
-    assert grpo.masked_entropy_mean(ent, torch.zeros_like(mask)).item() == 0.0
 
 
 def test_group_advantages_comes_from_kernels():

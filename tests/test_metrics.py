@@ -73,8 +73,8 @@ ROWS = [
 ]
 
 
-def test_aggregate_overall_by_hand():
-    m = metrics.aggregate(ROWS)
+def test_metrics_by_source_overall_by_hand():
+    m = metrics.metrics_by_source(ROWS)
     assert list(m) == ["math-hard", "medium", "overall"]
     o = m["overall"]
     assert (o["n"], o["n_scored"]) == (4, 3)
@@ -96,8 +96,8 @@ def test_aggregate_overall_by_hand():
                             "VQ_DA": 0.0, "none": 0.25}
 
 
-def test_aggregate_per_source_and_undefined_values():
-    med = metrics.aggregate(ROWS)["medium"]
+def test_metrics_by_source_per_source_and_undefined_values():
+    med = metrics.metrics_by_source(ROWS)["medium"]
     assert (med["n"], med["n_scored"], med["judge_failure_rate"]) == (2, 1, 0.5)
     assert (med["answer_llm"], med["user"], med["pareto_consistency"]) == (0.0, 0.0, 1.0)
     assert med["response_ratio"] == pytest.approx(40 / 85) and med["answer_per_1k_tokens"] == 0.0
@@ -107,7 +107,7 @@ def test_aggregate_per_source_and_undefined_values():
     no_tokens = metrics.group_metrics([{**r, "reasoning_tokens": None, "response_tokens": None, "total_tokens": None}
                                        for r in ROWS])
     assert no_tokens["response_tokens"] is None and no_tokens["response_ratio"] is None
-    table = metrics.format_table(metrics.aggregate([{**ROWS[0], "total_tokens": None}]))
+    table = metrics.format_table(metrics.metrics_by_source([{**ROWS[0], "total_tokens": None}]))
     lines = table.splitlines()
     assert lines[0].split() == ["scores", "n", "format", "parse", "answer", "ans_user", "U", "L", "W_cd", "W_linear",
                                 "pareto", "judge_fail"]

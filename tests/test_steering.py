@@ -45,7 +45,7 @@ class StubSampler:
 
 
 def test_upstream_llm_price():
-    priced = steering.parse_policy("upstream-llm:1.5").apply(M)
+    priced = steering.parse_pricing("upstream-llm:1.5").apply(M)
     # LLM +1.5 everywhere; user +1 AQ, +0.5 CQ, +0 DA
     assert priced == {"DQ_AQ": (3.5, 4.0), "DQ_CQ": (2.5, 2.0), "DQ_DA": (4.5, 2.5),
                       "VQ_AQ": (3.0, 3.0), "VQ_CQ": (2.0, 1.5), "VQ_DA": (3.5, 0.5)}
@@ -56,7 +56,7 @@ def test_upstream_llm_price():
 
 
 def test_upstream_user_price():
-    priced = steering.parse_policy("upstream-user:1").apply(M)
+    priced = steering.parse_pricing("upstream-user:1").apply(M)
     # user +1 everywhere; LLM +1 DA, +0.5 AQ, +0 CQ
     assert priced == {"DQ_AQ": (2.5, 4.0), "DQ_CQ": (1.0, 2.5), "DQ_DA": (4.0, 3.5),
                       "VQ_AQ": (2.0, 3.0), "VQ_CQ": (0.5, 2.0), "VQ_DA": (3.0, 1.5)}
@@ -64,7 +64,7 @@ def test_upstream_user_price():
 
 
 def test_token_price_user_pays():
-    policy = steering.parse_policy("token:per_1k=5,payer=user,DA=600,CQ=40,AQ=700")
+    policy = steering.parse_pricing("token:per_1k=5,payer=user,DA=600,CQ=40,AQ=700")
     assert policy == steering.TokenPrice(5.0, "user", {"DA": 600.0, "CQ": 40.0, "AQ": 700.0})
     priced = policy.apply(M)
     # costs to the user: DA 5*600/1000 = 3.0, CQ 0.2, AQ 3.5
@@ -76,12 +76,12 @@ def test_token_price_user_pays():
 
 
 def test_token_price_service_pays_with_default_tokens():
-    policy = steering.parse_policy("token:per_1k=2,payer=llm")
+    policy = steering.parse_pricing("token:per_1k=2,payer=llm")
     assert policy.tokens == {"DA": 300, "CQ": 60, "AQ": 360}
     # LLM loses 0.6 (DA), 0.12 (CQ), 0.72 (AQ); the user is untouched
     assert policy.apply(M) == {"DQ_AQ": (1.28, 3.0), "DQ_CQ": (0.88, 1.5), "DQ_DA": (2.4, 2.5),
                                "VQ_AQ": (0.78, 2.0), "VQ_CQ": (0.38, 1.0), "VQ_DA": (1.4, 0.5)}
-    assert steering.parse_policy("none").apply(M) == M
+    assert steering.parse_pricing("none").apply(M) == M
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -98,14 +98,14 @@ def test_token_price_service_pays_with_default_tokens():
     ("none:1", "takes no argument"),
 ])
 def test_bad_specs_name_the_bad_part(spec, message):
-    with pytest.raises(steering.PolicyError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        steering.parse_policy(spec)
+    with pytest.raises(steering.PricingError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        steering.parse_pricing(spec)
 
 
 def test_steer_continues_the_same_generation(tokenizer):
     sampler = StubSampler(full_completion(game.format_payoff(M)), "Sure: 85. Want the steps?</response>ignored")
     params = SamplingParams(max_new_tokens=50, temperature=0.7, top_p=0.9, stop_strings=("user stop",), seed=3)
-    r = steering.steer("stub-model", tokenizer, MESSAGES, steering.parse_policy("upstream-llm:1.5"), params,
+    r = steering.steer("stub-model", tokenizer, MESSAGES, steering.parse_pricing("upstream-llm:1.5"), params,
                        generate_fn=sampler)
     assert r.error is None
     (ids1, p1), (ids2, p2) = sampler.calls
@@ -146,7 +146,7 @@ def test_sign_safe_choice_after_repricing(tokenizer):
     raw = {"DQ_AQ": (2.5, -5.0), "DQ_CQ": (-1.0, -4.5), "DQ_DA": (2.0, -1.0),
            "VQ_AQ": (-1.0, -5.0), "VQ_CQ": (-1.0, -4.5), "VQ_DA": (-1.0, -4.0)}
     sampler = StubSampler(full_completion(game.format_payoff(raw)), "85</response>")
-    r = steering.steer("stub-model", tokenizer, MESSAGES, steering.parse_policy("upstream-llm:-3"),
+    r = steering.steer("stub-model", tokenizer, MESSAGES, steering.parse_pricing("upstream-llm:-3"),
                        SamplingParams(max_new_tokens=20, temperature=0), generate_fn=sampler)
     assert r.payoff_priced == {"DQ_AQ": (-0.5, -4.0), "DQ_CQ": (-4.0, -4.0), "DQ_DA": (-1.0, -1.0),
                                "VQ_AQ": (-4.0, -4.0), "VQ_CQ": (-4.0, -4.0), "VQ_DA": (-4.0, -4.0)}
@@ -162,7 +162,7 @@ def test_sign_safe_choice_after_repricing(tokenizer):
 def test_unparseable_payoff_gives_message_and_raw_text(tokenizer):
     broken = THINKING + "<payoff>{'DQ_AQ': maybe}</payoff><analyze>x</analyze><response>y</response>"
     sampler = StubSampler(broken)
-    r = steering.steer("stub-model", tokenizer, MESSAGES, steering.parse_policy("upstream-user:1"),
+    r = steering.steer("stub-model", tokenizer, MESSAGES, steering.parse_pricing("upstream-user:1"),
                        SamplingParams(max_new_tokens=20), generate_fn=sampler)
     assert len(sampler.calls) == 1  # no second stage
     assert r.error.startswith("the model's payoff does not parse: payoff is neither JSON nor a Python literal")
