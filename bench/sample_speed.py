@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from nano_gtalign.loader import load_pretrained, load_tokenizer, save_pretrained  # noqa: E402
-from nano_gtalign.model import ModelConfig, Transformer, onednn_packing_applies  # noqa: E402
+from nano_gtalign.cpu_packing import onednn_packing_applies  # noqa: E402
+from nano_gtalign.model import ModelConfig, Transformer  # noqa: E402
 from nano_gtalign.sampling import SamplingParams, generate  # noqa: E402
 from nano_gtalign.tokenizer import Tokenizer  # noqa: E402
 
@@ -105,7 +106,7 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu-preset", action="store_true", help="Qwen2.5-0.5B shape, bf16, batch 64, 128+256 tokens")
     p.add_argument("--batch", type=int, default=None)
@@ -117,18 +118,25 @@ def main() -> None:
     p.add_argument("--settings", default="greedy,sampling", help="comma list of: " + ", ".join(SETTINGS))
     args = p.parse_args()
     gpu = args.gpu_preset
-    shape = QWEN25_05B_SHAPE if gpu else CPU_SHAPE
-    dtype = torch.bfloat16 if gpu else torch.float32
-    device = args.device or ("cuda" if gpu else "cpu")
-    batch = args.batch or (64 if gpu else 16)
-    prompt_len = args.prompt_len or (128 if gpu else 64)
-    new_tokens = args.new_tokens or (256 if gpu else 128)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = args.settings.split(",")
-    for s in settings:
+    args.shape = QWEN25_05B_SHAPE if gpu else CPU_SHAPE
+    args.dtype = torch.bfloat16 if gpu else torch.float32
+    args.device = args.device or ("cuda" if gpu else "cpu")
+    args.batch = args.batch or (64 if gpu else 16)
+    args.prompt_len = args.prompt_len or (128 if gpu else 64)
+    args.new_tokens = args.new_tokens or (256 if gpu else 128)
+    args.settings = args.settings.split(",")
+    for s in args.settings:
         if s not in SETTINGS:
             p.error(f"unknown setting {s!r} (choose from {', '.join(SETTINGS)})")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    shape, dtype, device, batch = args.shape, args.dtype, args.device, args.batch
+    new_tokens = args.new_tokens
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import transformers
 
@@ -142,13 +150,14 @@ def main() -> None:
     hf.generation_config.eos_token_id = None
 
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, shape["vocab_size"], (batch, prompt_len), generator=g).tolist()
+    prompts = torch.randint(3, shape["vocab_size"], (batch, args.prompt_len), generator=g).tolist()
     params_m = sum(t.numel() for t in ours.parameters()) / 1e6
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name()
     print(f"device: {device} ({where}), torch {torch.__version__}, transformers {transformers.__version__}, "
           f"threads {torch.get_num_threads()}")
     print(f"model: {params_m:.1f}M params {shape}, {str(dtype).removeprefix('torch.')}")
-    print(f"batch {batch}, prompt {prompt_len} tokens, {new_tokens} new tokens, EOS disabled, best of {args.repeats}")
+    print(f"batch {batch}, prompt {args.prompt_len} tokens, {new_tokens} new tokens, EOS disabled, "
+          f"best of {args.repeats}")
     print()
     # Where oneDNN weight packing applies (CPU), also time our sampler without it, to show what it buys.
     plain_too = onednn_packing_applies(ours)
@@ -159,22 +168,29 @@ def main() -> None:
           f"| ratio | same tokens |")
     print(f"|----------|-------------------:|{'-----------------:|' if plain_too else ''}-------------------:"
           f"|------:|-------------|")
-    for name in settings:
-        ours_fields, hf_kwargs = SETTINGS[name]
-        runs = {"hf": lambda: run_hf(hf, prompts, new_tokens, hf_kwargs, device),
-                "ours": lambda: run_ours(ours, tok, prompts, new_tokens, ours_fields)}
-        if plain_too:
-            runs["plain"] = lambda: run_ours(ours, tok, prompts, new_tokens, ours_fields, pack=False)
-        # Warm-up (allocator, thread pools, first-call paths) with a few tokens each.
-        run_hf(hf, prompts, 4, hf_kwargs, device)
-        run_ours(ours, tok, prompts, 4, ours_fields)
-        best, out = best_of(runs, args.repeats, device)
-        n = batch * new_tokens
-        # Greedy outputs should agree token for token (fp32); sampling uses different random streams.
-        same = f"{(out['hf'] == out['ours']).float().mean().item():.1%}" if name == "greedy" else "n/a"
-        plain = f" {n / best['plain']:17.1f} |" if plain_too else ""
-        print(f"| {name:<8} | {n / best['hf']:18.1f} |{plain} {n / best['ours']:18.1f} "
-              f"| {best['hf'] / best['ours']:5.2f} | {same:<11} |", flush=True)
+    for name in args.settings:
+        print(table_row(name, ours, tok, hf, prompts, new_tokens, args.repeats, device, plain_too), flush=True)
+
+
+def table_row(name: str, ours, tok, hf, prompts: list[list[int]], new_tokens: int, repeats: int, device: str,
+              plain_too: bool) -> str:
+    """Time one setting on both sides (and ours unpacked when plain_too); the markdown table row."""
+    ours_fields, hf_kwargs = SETTINGS[name]
+    runs = {"hf": lambda: run_hf(hf, prompts, new_tokens, hf_kwargs, device),
+            "ours": lambda: run_ours(ours, tok, prompts, new_tokens, ours_fields)}
+    if plain_too:
+        runs["plain"] = lambda: run_ours(ours, tok, prompts, new_tokens, ours_fields, pack=False)
+    # Warm-up (allocator, thread pools, first-call paths) with a few tokens each.
+    run_hf(hf, prompts, 4, hf_kwargs, device)
+    run_ours(ours, tok, prompts, 4, ours_fields)
+    best, out = best_of(runs, repeats, device)
+    n = len(prompts) * new_tokens
+    # Greedy outputs should agree token for token (fp32); sampling uses different random streams.
+    same = f"{(out['hf'] == out['ours']).float().mean().item():.1%}" if name == "greedy" else "n/a"
+    plain = f" {n / best['plain']:17.1f} |" if plain_too else ""
+    return (f"| {name:<8} | {n / best['hf']:18.1f} |{plain} {n / best['ours']:18.1f} "
+            f"| {best['hf'] / best['ours']:5.2f} | {same:<11} |")
+
 
 if __name__ == "__main__":
     main()

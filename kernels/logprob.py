@@ -224,16 +224,17 @@ def _rows_backward_triton(buf, targets, lse, mean_z, g, g_ent, inv_temp: float, 
     return buf
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype `h @ W.T` would run in under an active autocast region on this device, else None."""
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype an active autocast region computes matrix products in on this device type, else None.
+
+    The one place that reads autocast's state: fused_logprobs casts to it, and the sampler's KV cache
+    and CPU weight packing (nano_gtalign) import it from here.
+    """
     try:
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4 spells these per device
-        if device_type == "cuda":
-            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta) has no autocast region
         return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
 
 
 # ----------------------------------------------------------------------------
@@ -363,7 +364,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         raise ValueError(f"hidden size mismatch: hidden is {tuple(hidden.shape)}, weight is {tuple(weight.shape)}")
     if targets.shape != (hidden.shape[0],):
         raise ValueError(f"targets must be [N] = [{hidden.shape[0]}]; got {tuple(targets.shape)}")
-    amp = _autocast_dtype(hidden.device.type)
+    amp = autocast_dtype(hidden.device.type)
     if amp is not None and hidden.is_floating_point() and weight.is_floating_point():
         hidden, weight = hidden.to(amp), weight.to(amp)  # as `h @ W.T` would run; grads flow back through .to
     if hidden.dtype != weight.dtype:

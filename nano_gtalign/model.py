@@ -1,4 +1,5 @@
-"""The Qwen2 / Qwen2.5 / Qwen3 decoder-only transformer, a static KV cache and the config.
+"""The model and nothing else: the Qwen2 / Qwen2.5 / Qwen3 decoder-only transformer, its config and
+the static KV cache its forward pass writes into.
 
 Module names follow the Hugging Face checkpoints (model.embed_tokens, model.layers.N.self_attn.q_proj,
 model.norm, lm_head) so that a checkpoint's state dict maps onto this model one to one.
@@ -6,13 +7,12 @@ Qwen3 differs from Qwen2 only in: RMSNorm on each q/k head before RoPE, no q/k/v
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import repeat
 from torch.utils.checkpoint import checkpoint
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -22,6 +22,8 @@ SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 @dataclass
 class ModelConfig:
+    """The fields of a Qwen2 / Qwen3 config.json that this model computes with (see from_hf / to_hf)."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -140,6 +142,8 @@ class KVCache:
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dimension."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -153,21 +157,26 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies theta^(-2i/head_dim), i < head_dim/2, in fp32."""
     hd = config.head_dim
     return 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
     # Qwen/HF convention: the two halves of head_dim form the (real, imaginary) pairs, not interleaved pairs.
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (real, imaginary) pair of x [B, heads, T, hd] by its position's angle."""
     return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; writes its keys/values into the KV cache when given one."""
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -180,42 +189,50 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, layer: int):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
+        # view/transpose, not einops, on this path: it runs per layer for every decoded token, where
+        # einops' per-call overhead (~5 us x 4) slowed a small model's decode step by ~5-8%.
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        if self.qk_norm:
+        if self.qk_norm:  # Qwen3: RMSNorm over each head's head_dim
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         rep = self.n_heads // self.n_kv
+        causal = mask is None and T > 1
         if rep > 1 and kv_cache is not None and SDPA_HAS_GQA:
             # Decoding: let SDPA broadcast kv heads instead of copying the whole cache every step.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         else:
-            # Training/prefill: repeat kv heads (enable_gqa blocks the fused masked kernels on GPU).
+            # Training/prefill: copy kv heads (enable_gqa blocks the fused masked kernels on GPU).
+            # Query head h*rep + r reads kv head h, the order of HF's repeat_kv.
             if rep > 1:
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+                k, v = repeat(k, "b h s d -> b (h r) s d", r=rep), repeat(v, "b h s d -> b (h r) s d", r=rep)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # heads back side by side: [B, T, heads * hd]
 
 
 class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
+    """One pre-norm decoder layer: x + attention(norm(x)), then + mlp(norm(x))."""
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -223,7 +240,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -249,6 +267,8 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, T: int, start: int, d
 
 
 class Transformer(nn.Module):
+    """The decoder-only language model: embeddings, `num_hidden_layers` Blocks, final norm, LM head."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -276,11 +296,17 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.config, device=device)
 
     def output_weight(self) -> torch.Tensor:
+        """The LM head's weight [V, H]: the embedding matrix when tied."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
+        """fp32 logits [B, T, V] of input_ids [B, T] (the final-norm hidden states [B, T, H] with return_hidden).
+
+        attention_mask [B, S] (1 = real token, left padding) covers the cached and the new positions; position
+        ids then count real tokens only. With kv_cache the new keys/values are appended to it.
+        """
         B, T = input_ids.shape
         start = 0 if kv_cache is None else kv_cache.seq_len
         if kv_cache is not None and start + T > kv_cache.max_seq_len:
@@ -314,62 +340,5 @@ class Transformer(nn.Module):
         return F.linear(h, self.output_weight()).float()
 
     def num_parameters(self) -> int:
+        """Total parameter count (a tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes in on this device type, or None when autocast is off there."""
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    if device_type == "cpu":
-        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-
-
-def onednn_packing_applies(model: nn.Module) -> bool:
-    """Whether `packed_linears` can pack this model: plain fp32 CPU weights (bf16 on CPUs with native bf16),
-    no autocast, and a torch built with oneDNN."""
-    w = model.output_weight()
-    ops = torch.ops.mkldnn
-    # bf16 only where the CPU has native bf16 dot products (elsewhere oneDNN emulates them slowly).
-    native_bf16 = hasattr(ops, "_is_mkldnn_bf16_supported") and ops._is_mkldnn_bf16_supported()
-    # Under CPU autocast F.linear would compute in the autocast dtype; the packed op would not.
-    return (w.device.type == "cpu" and autocast_dtype("cpu") is None
-            and (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and native_bf16))
-            and type(w.data) is torch.Tensor  # not an FSDP2 DTensor shard
-            and torch.backends.mkldnn.is_available()
-            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
-
-
-@contextmanager
-def packed_linears(model: nn.Module, pack: bool) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """Inference only (no autograd): yields head(hidden) -> logits, and with pack=True runs every linear layer
-    and the head through oneDNN with its weight reordered once into oneDNN's blocked layout. `model` is a
-    Transformer or a wrapper that exposes output_weight() (train.py's Policy).
-
-    Why: at decoding's few rows per step a CPU step is bound by reading the weights, and F.linear's MKL
-    path reads them 3-4x slower than oneDNN's packed layout (bench/sample_speed.py). Same weights and dtype;
-    results differ from F.linear only by summation order (~1e-6 in fp32). Packing takes ~50 ms per 55M
-    parameters and is redone on every entry, so weights changed by training in between are always picked up.
-    The model is restored on exit.
-    """
-    if not pack:
-        yield lambda h: F.linear(h, model.output_weight())
-        return
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    for m in linears:
-        # An instance attribute shadows nn.Linear.forward; deleting it on exit restores the class method.
-        m.forward = _packed_linear(m.weight, m.bias)
-    head_weight = model.output_weight()
-    untied_head = [m for m in linears if m.weight is head_weight and m.bias is None]
-    try:
-        yield untied_head[0].forward if untied_head else _packed_linear(head_weight, None)
-    finally:
-        for m in linears:
-            del m.forward
-
-
-def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-    bias = None if bias is None else bias.detach()
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

@@ -20,6 +20,13 @@ every step the tail of each running row's completion is decoded and searched,
 and the row stops right after the token that completes a stop string (the stop
 string stays in the text and in the mask). This is the only per-token Python
 work in the decode loop, and it runs only when stop strings are set.
+
+Reading order (as in gpt-fast): `sample_tokens` draws one token per row from logits;
+`generate` is the loop: `_setup` checks the inputs, `_prefill` runs the left-padded
+prompts, `_Rows.sample` draws and records one column, `_StopStrings` watches the
+decoded tails, `_decode_one_token` feeds the new tokens back, `_finish` builds the
+Generation. The model, its KV cache and the CPU weight packing live in model.py and
+cpu_packing.py; the token layout (left padding) in layout.py.
 """
 from __future__ import annotations
 
@@ -28,6 +35,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels.logprob import autocast_dtype
+from nano_gtalign.cpu_packing import onednn_packing_applies, packed_linears
+from nano_gtalign.layout import left_pad
+from nano_gtalign.model import KVCache
+
 # Row states during decoding; anything but RUNNING means the row has finished.
 RUNNING, EOS, STOP = 0, 1, 2
 _REASONS = {RUNNING: "length", EOS: "eos", STOP: "stop"}
@@ -35,6 +47,8 @@ _REASONS = {RUNNING: "length", EOS: "eos", STOP: "stop"}
 
 @dataclass
 class SamplingParams:
+    """How `generate` samples; checked on construction (a ValueError names the bad field)."""
+
     max_new_tokens: int = 256
     temperature: float = 1.0  # 0 = greedy (argmax)
     top_k: int = 0  # 0 = no top-k filter
@@ -64,7 +78,9 @@ class SamplingParams:
 
 
 @dataclass
-class Generation:  # rows are prompt-major: row i*G + g is sample g of prompt i
+class Generation:
+    """What `generate` returns. Rows are prompt-major: row i*G + g is sample g of prompt i."""
+
     prompt_ids: list[list[int]]  # per row
     completion_ids: torch.LongTensor  # [R, T] right-padded with pad_token_id
     completion_mask: torch.BoolTensor  # [R, T] True for generated tokens incl. the EOS / stop-completing token
@@ -127,19 +143,88 @@ def _sorted_descending(x: torch.Tensor) -> torch.Tensor:
     return x.sort(dim=-1, descending=True).values
 
 
-def _next_logits(model, head, input_ids, position_ids, attention_mask, kv_cache) -> torch.Tensor:
-    """fp32 logits [R, V] of the last position only (prefill would otherwise build [B, P, V])."""
-    hidden = model(
-        input_ids,
-        position_ids=position_ids,
-        attention_mask=attention_mask,
-        kv_cache=kv_cache,
-        return_hidden=True,
-    )
-    return head(hidden[:, -1]).float()
+# ---------------------------------------------------------------------------- generate: the decode loop
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    pack_weights: bool | None = None,
+) -> Generation:
+    """Sample `num_samples` completions for each prompt (lists of token ids).
+
+    `generator` (on the model's device) drives the sampling; without one, a fresh
+    generator seeded with `params.seed` is used, or torch's global RNG when the
+    seed is None. The same prompts, params and seed give the same tokens.
+    `pack_weights` (None: whenever cpu_packing.onednn_packing_applies, i.e. fp32 weights on a CPU
+    outside autocast) runs the linear layers on weights packed for oneDNN, about 2x faster
+    decoding on a CPU (see cpu_packing.packed_linears); False keeps plain F.linear.
+    """
+    if pack_weights is None:
+        pack_weights = onednn_packing_applies(model)
+    elif pack_weights and not onednn_packing_applies(model):
+        raise ValueError("pack_weights=True needs plain fp32 weights on a CPU (bf16 where the CPU has native bf16), "
+                         "no autocast, and a torch built with oneDNN")
+    with packed_linears(model, pack_weights) as head:
+        run = _setup(model, tokenizer, prompts, params, num_samples, generator)
+        cache, logits, positions, decode_mask = _prefill(model, head, run)
+        rows = _Rows(run)
+        stops = _StopStrings(params.stop_strings, tokenizer, rows.n) if params.stop_strings else None
+        for t in range(run.max_new):
+            tok = rows.sample(t, logits, params, run.generator)
+            all_stopped = stops.update(tok, rows.state) if stops is not None else rows.none_running()
+            if all_stopped or t == run.max_new - 1:
+                break  # the last token needs no forward pass
+            logits = _decode_one_token(model, head, tok, positions + t, decode_mask, cache)
+        return _finish(rows, tokenizer, run)
+
+
+@dataclass
+class _Run:
+    """What one `generate` call settled before the first forward pass."""
+    prompts: list[list[int]]  # checked, as int lists
+    num_samples: int  # G rows per prompt
+    max_new: int
+    eos_ids: list[int]  # empty: EOS stopping disabled
+    pad_id: int
+    device: torch.device
+    cache_dtype: torch.dtype
+    generator: torch.Generator | None
+
+
+def _setup(model, tokenizer, prompts, params: SamplingParams, num_samples, generator) -> _Run:
+    """Check the inputs and settle the ids, device, cache dtype and RNG the decode loop uses."""
+    config = model.config
+    prompts = _check_prompts(prompts, config.vocab_size)
+    if int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    max_new = int(params.max_new_tokens)
+    P = max(len(p) for p in prompts)
+    if P + max_new > config.max_position_embeddings:
+        raise ValueError(
+            f"longest prompt ({P} tokens) + max_new_tokens ({max_new}) = {P + max_new} exceeds the model's "
+            f"max_position_embeddings ({config.max_position_embeddings}); shorten the prompt or lower max_new_tokens"
+        )
+    eos_ids = tokenizer.eos_token_ids if params.eos_token_ids is None else params.eos_token_ids
+    eos_ids = [int(i) for i in (eos_ids or ())]
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = eos_ids[0] if eos_ids else 0
+    weight = model.output_weight()
+    # Training keeps fp32 weights and computes in bf16 under autocast: cache what attention computes with.
+    cache_dtype = autocast_dtype(weight.device.type) or weight.dtype
+    if generator is None and params.seed is not None:
+        generator = torch.Generator(device=weight.device).manual_seed(int(params.seed))
+    return _Run(prompts, int(num_samples), max_new, eos_ids, pad_id, weight.device, cache_dtype, generator)
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    """The prompts as lists of ints, or a ValueError that says which prompt is wrong and how."""
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
     if len(prompts) == 0:
@@ -160,6 +245,123 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
     return out
 
 
+def _prefill(model, head, run: _Run) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Run each distinct prompt through the model ONCE, then give every prompt its G rows.
+
+    Returns the cache and the first next-token logits [R, V] (R = B*G rows, prompt-major), each row's
+    prompt length (the position of its first new token), and the key mask for decode steps (None when
+    no prompt is padded).
+    """
+    input_ids, prompt_mask = (t.to(run.device) for t in left_pad(run.prompts, run.pad_id))
+    B, P = input_ids.shape
+    G = run.num_samples
+    ragged = min(len(p) for p in run.prompts) != P
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = KVCache(model.config, B, P + run.max_new, run.device, run.cache_dtype)
+    logits = _next_logits(model, head, input_ids, position_ids, prompt_mask if ragged else None, cache)
+    if G > 1:  # copying the prefilled rows is much cheaper than prefilling each sample
+        cache = cache.repeat_interleave(G)
+        logits = logits.repeat_interleave(G, dim=0)
+    positions = torch.tensor([len(p) for p in run.prompts], device=run.device).repeat_interleave(G)
+    # Keys seen at decode step t are the first P+t+1 columns; generated columns are
+    # always real, so the whole mask is built once. Unpadded batches need no mask.
+    decode_mask = None
+    if ragged:
+        new_columns = torch.ones((B * G, run.max_new), dtype=torch.long, device=run.device)
+        decode_mask = torch.cat([prompt_mask.repeat_interleave(G, dim=0), new_columns], dim=1)
+    return cache, logits, positions, decode_mask
+
+
+def _decode_one_token(model, head, tok: torch.Tensor, positions: torch.Tensor, decode_mask: torch.Tensor | None,
+                      cache: KVCache) -> torch.Tensor:
+    """Feed each row's newest token [R] at its position [R]; return the next fp32 logits [R, V]."""
+    keys = cache.seq_len + 1
+    mask = None if decode_mask is None else decode_mask[:, :keys]
+    return _next_logits(model, head, tok[:, None], positions[:, None], mask, cache)
+
+
+def _next_logits(model, head, input_ids, position_ids, attention_mask, kv_cache) -> torch.Tensor:
+    """fp32 logits [R, V] of the last position only (prefill would otherwise build [B, P, V])."""
+    hidden = model(
+        input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        kv_cache=kv_cache,
+        return_hidden=True,
+    )
+    return head(hidden[:, -1]).float()
+
+
+class _Rows:
+    """Every row's completion so far, filled one column per step, and whether (and why) it stopped."""
+
+    def __init__(self, run: _Run):
+        R = len(run.prompts) * run.num_samples
+        self.n = R
+        device = run.device
+        self.pad_id = run.pad_id
+        self.tokens = torch.full((R, run.max_new), run.pad_id, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros((R, run.max_new), dtype=torch.float32, device=device)
+        self.mask = torch.zeros((R, run.max_new), dtype=torch.bool, device=device)
+        self.state = torch.full((R,), RUNNING, dtype=torch.long, device=device)
+        self.eos_ids = torch.tensor(run.eos_ids, dtype=torch.long, device=device) if run.eos_ids else None
+
+    def sample(self, t: int, logits: torch.Tensor, params: SamplingParams,
+               generator: torch.Generator | None) -> torch.Tensor:
+        """Draw column t for every row and record it; rows drawing an EOS id stop. Returns the tokens [R]."""
+        running = self.state == RUNNING
+        tok, logp = sample_tokens(logits, params.temperature, params.top_k, params.top_p, generator)
+        # Finished rows keep feeding pad tokens (static batch); their columns are masked out.
+        tok = torch.where(running, tok, self.pad_id)
+        self.tokens[:, t] = tok
+        self.logprobs[:, t] = torch.where(running, logp, 0.0)
+        self.mask[:, t] = running
+        if self.eos_ids is not None:
+            self.state = torch.where(running & torch.isin(tok, self.eos_ids), EOS, self.state)
+        return tok
+
+    def none_running(self) -> bool:
+        """True once every row has drawn an EOS id."""
+        # Without EOS ids every row runs to max_new_tokens: skip the device sync.
+        return self.eos_ids is not None and not bool((self.state == RUNNING).any())
+
+
+class _StopStrings:
+    """Stops rows whose completion just completed a stop string.
+
+    Holds every row's generated tokens in Python and, after each step, decodes only the
+    last `_stop_window` tokens of each running row: enough to contain any stop string
+    the newest token completed, so the cost per step does not grow with the completion.
+    """
+
+    def __init__(self, stop_strings: tuple[str, ...], tokenizer, n_rows: int):
+        self.strings = stop_strings
+        self.tokenizer = tokenizer
+        self.window = _stop_window(stop_strings)
+        self.tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        self.done = [False] * n_rows
+
+    def update(self, tok: torch.Tensor, state: torch.Tensor) -> bool:
+        """Append this step's tokens [R]; set STOP in `state` (in place) where a stop string just
+        completed. Returns True once every row has finished (EOS or stop)."""
+        new_tokens, states = tok.tolist(), state.tolist()
+        stopped = []
+        for r, done in enumerate(self.done):
+            if done:
+                continue
+            self.tokens[r].append(new_tokens[r])
+            if states[r] != RUNNING:  # just produced an EOS
+                self.done[r] = True
+                continue
+            tail = self.tokenizer.decode(self.tokens[r][-self.window:])
+            if any(s in tail for s in self.strings):
+                self.done[r] = True
+                stopped.append(r)
+        if stopped:
+            state[torch.tensor(stopped, device=state.device)] = STOP
+        return all(self.done)
+
+
 def _stop_window(stop_strings: tuple[str, ...]) -> int:
     """How many trailing tokens can hold a stop string that the newest token completed.
 
@@ -169,159 +371,22 @@ def _stop_window(stop_strings: tuple[str, ...]) -> int:
     return max(len(s.encode("utf-8")) for s in stop_strings)
 
 
-@torch.no_grad()
-def generate(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    num_samples: int = 1,
-    generator: torch.Generator | None = None,
-    pack_weights: bool | None = None,
-) -> Generation:
-    """Sample `num_samples` completions for each prompt (lists of token ids).
-
-    `generator` (on the model's device) drives the sampling; without one, a fresh
-    generator seeded with `params.seed` is used, or torch's global RNG when the
-    seed is None. The same prompts, params and seed give the same tokens.
-    `pack_weights` (None: whenever model.onednn_packing_applies, i.e. fp32 weights on a CPU
-    outside autocast) runs the linear layers on weights packed for oneDNN, about 2x faster
-    decoding on a CPU (see model.packed_linears); False keeps plain F.linear.
-    """
-    # Local import: model.py owns the cache; sampling only drives it.
-    from nano_gtalign.model import onednn_packing_applies, packed_linears
-
-    if pack_weights is None:
-        pack_weights = onednn_packing_applies(model)
-    elif pack_weights and not onednn_packing_applies(model):
-        raise ValueError("pack_weights=True needs plain fp32 weights on a CPU (bf16 where the CPU has native bf16), "
-                         "no autocast, and a torch built with oneDNN")
-    with packed_linears(model, pack_weights) as head:
-        return _generate(model, head, tokenizer, prompts, params, num_samples, generator)
-
-
-def _generate(model, head, tokenizer, prompts, params: SamplingParams, num_samples, generator) -> Generation:
-    from nano_gtalign.model import KVCache, autocast_dtype
-
-    config = model.config
-    prompts = _check_prompts(prompts, config.vocab_size)
-    if int(num_samples) != num_samples or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    max_new = int(params.max_new_tokens)
-    lengths = [len(p) for p in prompts]
-    P = max(lengths)
-    if P + max_new > config.max_position_embeddings:
-        raise ValueError(
-            f"longest prompt ({P} tokens) + max_new_tokens ({max_new}) = {P + max_new} exceeds the model's "
-            f"max_position_embeddings ({config.max_position_embeddings}); shorten the prompt or lower max_new_tokens"
-        )
-    eos_ids = tokenizer.eos_token_ids if params.eos_token_ids is None else params.eos_token_ids
-    eos_ids = [int(i) for i in (eos_ids or ())]
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = eos_ids[0] if eos_ids else 0
-    weight = model.output_weight()
-    device, dtype = weight.device, weight.dtype
-    # Training keeps fp32 weights and computes in bf16 under autocast: cache what attention computes with.
-    dtype = autocast_dtype(device.type) or dtype
-    if generator is None and params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(params.seed))
-
-    # Left-pad so every row's last prompt token sits at column P-1 and new tokens align.
-    B, G = len(prompts), int(num_samples)
-    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((B, P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        prompt_mask[i, P - len(p):] = 1
-    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
-    ragged = min(lengths) != P
-    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-
-    # Prefill once per distinct prompt, then copy rows for the group.
-    cache = KVCache(config, B, P + max_new, device, dtype)
-    logits = _next_logits(model, head, input_ids, position_ids, prompt_mask if ragged else None, cache)
-    if G > 1:
-        cache = cache.repeat_interleave(G)
-        logits = logits.repeat_interleave(G, dim=0)
-    R = B * G
-    row_lengths = torch.tensor(lengths, device=device).repeat_interleave(G)
-    # Keys seen at decode step t are the first P+t+1 columns; generated columns are
-    # always real, so the whole mask is built once. Unpadded batches need no mask.
-    full_mask = None
-    if ragged:
-        full_mask = torch.cat(
-            [prompt_mask.repeat_interleave(G, dim=0), torch.ones((R, max_new), dtype=torch.long, device=device)], dim=1
-        )
-
-    tokens_out = torch.full((R, max_new), pad_id, dtype=torch.long, device=device)
-    logprobs_out = torch.zeros((R, max_new), dtype=torch.float32, device=device)
-    mask_out = torch.zeros((R, max_new), dtype=torch.bool, device=device)
-    state = torch.full((R,), RUNNING, dtype=torch.long, device=device)
-    eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    stop_strings = params.stop_strings
-    if stop_strings:
-        window = _stop_window(stop_strings)
-        row_tokens: list[list[int]] = [[] for _ in range(R)]
-        row_done = [False] * R
-
-    for t in range(max_new):
-        running = state == RUNNING
-        tok, logp = sample_tokens(logits, params.temperature, params.top_k, params.top_p, generator)
-        # Finished rows keep feeding pad tokens (static batch); their columns are masked out.
-        tok = torch.where(running, tok, pad_id)
-        tokens_out[:, t] = tok
-        logprobs_out[:, t] = torch.where(running, logp, 0.0)
-        mask_out[:, t] = running
-        if eos_ids:
-            state = torch.where(running & torch.isin(tok, eos_tensor), EOS, state)
-        if stop_strings:
-            new_tokens, states = tok.tolist(), state.tolist()
-            stopped = []
-            for r in range(R):
-                if row_done[r]:
-                    continue
-                row_tokens[r].append(new_tokens[r])
-                if states[r] != RUNNING:  # just produced an EOS
-                    row_done[r] = True
-                    continue
-                tail = tokenizer.decode(row_tokens[r][-window:])
-                if any(s in tail for s in stop_strings):
-                    row_done[r] = True
-                    stopped.append(r)
-            if stopped:
-                state[torch.tensor(stopped, device=device)] = STOP
-            if all(row_done):
-                break
-        elif eos_ids and not bool((state == RUNNING).any()):
-            break
-        if t == max_new - 1:
-            break  # the last token needs no forward pass
-        keys = cache.seq_len + 1
-        logits = _next_logits(
-            model,
-            head,
-            tok[:, None],
-            (row_lengths + t)[:, None],
-            None if full_mask is None else full_mask[:, :keys],
-            cache,
-        )
-
-    # Drop trailing columns no row used (every row stopped early).
-    used = int(mask_out.sum(dim=1).max())
-    tokens_out, logprobs_out, mask_out = tokens_out[:, :used], logprobs_out[:, :used], mask_out[:, :used]
-    states = state.tolist()
-    lengths_out = mask_out.sum(dim=1).tolist()
-    ids_cpu = tokens_out.cpu().tolist()
+def _finish(rows: _Rows, tokenizer, run: _Run) -> Generation:
+    """Drop the columns no row used, decode the texts (without the EOS token) and build the Generation."""
+    used = int(rows.mask.sum(dim=1).max())
+    tokens, logprobs, mask = rows.tokens[:, :used], rows.logprobs[:, :used], rows.mask[:, :used]
+    states = rows.state.tolist()
+    lengths = mask.sum(dim=1).tolist()
+    ids = tokens.cpu().tolist()
     texts = []
-    for r in range(R):
-        n = lengths_out[r] - (1 if states[r] == EOS else 0)  # texts leave the EOS out
-        texts.append(tokenizer.decode(ids_cpu[r][:n]))
+    for r in range(rows.n):
+        n = lengths[r] - (1 if states[r] == EOS else 0)  # texts leave the EOS out
+        texts.append(tokenizer.decode(ids[r][:n]))
     return Generation(
-        prompt_ids=[list(p) for p in prompts for _ in range(G)],
-        completion_ids=tokens_out,
-        completion_mask=mask_out,
-        logprobs=logprobs_out,
+        prompt_ids=[list(p) for p in run.prompts for _ in range(run.num_samples)],
+        completion_ids=tokens,
+        completion_mask=mask,
+        logprobs=logprobs,
         texts=texts,
         finish_reasons=[_REASONS[s] for s in states],
     )

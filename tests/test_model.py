@@ -285,3 +285,49 @@ def test_tied_head_is_the_embedding():
     assert "lm_head.weight" not in model.state_dict()
     untied = Transformer(tiny_config())
     assert untied.output_weight() is untied.lm_head.weight
+
+
+def test_grouped_query_attention_equals_multi_head_with_each_kv_head_repeated():
+    # Query head h*rep + r reads kv head h (repeat_interleave layout, as HF's repeat_kv): a GQA model equals the
+    # MHA model whose k/v projections repeat each kv head's rows rep times. Checked with and without the cache.
+    torch.manual_seed(0)
+    gqa = Transformer(tiny_config(num_attention_heads=6, num_key_value_heads=2))
+    mha = Transformer(tiny_config(num_attention_heads=6, num_key_value_heads=6))
+    state = gqa.state_dict()
+    for name, t in list(state.items()):
+        if ".k_proj." in name or ".v_proj." in name:
+            state[name] = t.unflatten(0, (2, -1)).repeat_interleave(3, dim=0).flatten(0, 1)
+    mha.load_state_dict(state)
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(ids, attention_mask=mask), mha(ids, attention_mask=mask))
+        caches = [KVCache(m.config, 2, 8) for m in (gqa, mha)]
+        for m, c in zip((gqa, mha), caches):
+            m(ids, attention_mask=mask, kv_cache=c)
+        step = [m(ids[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), kv_cache=c)
+                for m, c in zip((gqa, mha), caches)]
+    torch.testing.assert_close(step[0], step[1])
+
+
+def test_imports_point_one_way_scripts_to_library_to_kernels():
+    # kernels never import the library, and model.py (only the model) imports no other library module.
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def imported(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        return names
+
+    for path in sorted((root / "kernels").glob("*.py")):
+        assert not any(n.startswith("nano_gtalign") for n in imported(path)), f"{path.name} imports nano_gtalign"
+    model_imports = imported(root / "nano_gtalign" / "model.py")
+    assert not any(n.startswith(("nano_gtalign", "kernels")) for n in model_imports), model_imports

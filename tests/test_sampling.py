@@ -211,7 +211,7 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 
 @needs_onednn
 def test_packed_weights_give_the_plain_results_and_restore_the_model(checkpoint):
-    from nano_gtalign.model import onednn_packing_applies
+    from nano_gtalign.cpu_packing import onednn_packing_applies
 
     _, model, tok = checkpoint
     assert onednn_packing_applies(model)  # the default on CPU: every other test here runs packed
@@ -242,7 +242,7 @@ def test_packing_follows_weights_changed_between_calls(tmp_path):
 
 @needs_onednn
 def test_packed_bf16_matches_plain_bf16(tmp_path):
-    from nano_gtalign.model import onednn_packing_applies
+    from nano_gtalign.cpu_packing import onednn_packing_applies
 
     path = make_hf_model(tmp_path / "m", arch="qwen3", seed=3)
     model, tok = load_pretrained(path, dtype=torch.bfloat16), load_tokenizer(path)
@@ -253,6 +253,16 @@ def test_packed_bf16_matches_plain_bf16(tmp_path):
     # bf16 sums in another order can flip a near-tie; the first steps must agree and log-probs stay close
     assert torch.equal(packed.completion_ids[:, :2], plain.completion_ids[:, :2])
     torch.testing.assert_close(packed.logprobs[:, :2], plain.logprobs[:, :2], atol=2e-2, rtol=2e-2)
+
+
+def test_autocast_dtype_reads_the_active_region():
+    from kernels.logprob import autocast_dtype  # the one definition; the sampler and cpu_packing import it
+
+    assert autocast_dtype("cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_dtype("cpu") == torch.bfloat16
+        assert autocast_dtype("cuda") is None  # per device type
+    assert autocast_dtype("meta") is None  # a device type autocast does not know
 
 
 def test_under_autocast_no_packing_and_the_cache_takes_the_compute_dtype(qwen2, monkeypatch):
