@@ -1,4 +1,4 @@
-"""Evaluation numbers: per-sample rows, per-data-source aggregates (SPEC §10), and the
+"""Evaluation numbers: per-sample rows, per-data-source aggregates (docs/metrics.md), and the
 comparison of two runs on matched prompts by their per-prompt (U, L) points.
 
 A *row* is one scored completion as a flat JSON-able dict (see `sample_row`); eval.py writes
@@ -44,11 +44,47 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
+def _payoff_parses(payoff: str | None) -> bool:
+    if payoff is None:
+        return False
+    try:
+        parse_payoff(payoff)
+    except PayoffError:
+        return False
+    return True
+
+
+def _full_action(breakdown) -> str | None:
+    """The action as a full key: the breakdown's own when it is one, else its question type and
+    strategy (an <analyze> that named only "DA" still has a question type from the payoff)."""
+    action = breakdown.action if breakdown.action in KEYS else None
+    if action is None and breakdown.question_type and breakdown.strategy:
+        action = f"{breakdown.question_type}_{breakdown.strategy}"
+    return action if action in KEYS else None
+
+
+def _lengths(completion: str, reasoning: str, response: str,
+             count_tokens: Callable[[str], int] | None, generated_tokens: int | None) -> dict:
+    def tokens(text: str) -> int | None:
+        return None if count_tokens is None else count_tokens(text)
+
+    generated = None if generated_tokens is None else int(generated_tokens)
+    return {
+        "reasoning_chars": len(reasoning),
+        "response_words": _words(response),
+        "total_chars": len(completion),
+        "reasoning_tokens": tokens(reasoning),
+        "response_tokens": tokens(response),
+        "total_tokens": tokens(completion),
+        "generated_tokens": generated,
+    }
+
+
 def sample_row(breakdown, completion: str, record: dict,
                count_tokens: Callable[[str], int] | None = None, generated_tokens: int | None = None) -> dict:
     """Flatten one scored completion into the numbers `metrics_by_source` needs.
 
-    breakdown is reward.RewardBreakdown (any object with its attributes). Lengths follow SPEC §4:
+    breakdown is reward.RewardBreakdown (any object with its attributes). Lengths follow docs/reward.md:
     reasoning = everything before `<response>` (the whole completion when there is none),
     response = the `<response>` block's content. Token counts are None without count_tokens;
     all three come from re-encoding the text, so a run and a re-scored file of its completions give
@@ -61,21 +97,10 @@ def sample_row(breakdown, completion: str, record: dict,
     blocks = split_blocks(completion)
     response = blocks.response or ""
     reasoning = completion if blocks.response_start is None else completion[: blocks.response_start]
-    parse_ok = False
-    if blocks.payoff is not None:
-        try:
-            parse_payoff(blocks.payoff)
-            parse_ok = True
-        except PayoffError:
-            pass
+    parse_ok = _payoff_parses(blocks.payoff)
     u, l = _known(breakdown.user), _known(breakdown.llm)
     both = u is not None and l is not None
-    # The action as a full key: the breakdown's own when it is one, else its question type and
-    # strategy (an <analyze> that named only "DA" still has a question type from the payoff).
-    action = breakdown.action if breakdown.action in KEYS else None
-    if action is None and breakdown.question_type and breakdown.strategy:
-        action = f"{breakdown.question_type}_{breakdown.strategy}"
-    row = {
+    return {
         "prompt_id": prompt_key(record),
         "data_source": breakdown.data_source,
         "format": float(breakdown.format),
@@ -89,22 +114,11 @@ def sample_row(breakdown, completion: str, record: dict,
         "w_cd": welfare(u, l, "cobb_douglas") if both else None,
         "w_linear": welfare(u, l, "linear") if both else None,
         "pareto_consistency": float(breakdown.pareto_consistency),
-        "action": action if action in KEYS else None,
+        "action": _full_action(breakdown),
         "question_type": breakdown.question_type,
         "strategy": breakdown.strategy,
-        "reasoning_chars": len(reasoning),
-        "response_words": _words(response),
-        "total_chars": len(completion),
-        "reasoning_tokens": None,
-        "response_tokens": None,
-        "total_tokens": None,
-        "generated_tokens": None if generated_tokens is None else int(generated_tokens),
+        **_lengths(completion, reasoning, response, count_tokens, generated_tokens),
     }
-    if count_tokens is not None:
-        row["reasoning_tokens"] = count_tokens(reasoning)
-        row["response_tokens"] = count_tokens(response)
-        row["total_tokens"] = count_tokens(completion)
-    return row
 
 
 def breakdown_dict(breakdown) -> dict:
@@ -121,7 +135,7 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def group_metrics(rows: list[dict]) -> dict:
-    """SPEC §10 numbers for one group of rows. Denominators, so nothing is a silent zero:
+    """docs/metrics.md numbers for one group of rows. Denominators, so nothing is a silent zero:
 
     - all rows: format_rate, parse_rate, judge_failure_rate, the length means and the action
       distribution (fractions over all rows, "none" when no payoff parsed / no action).

@@ -1,5 +1,5 @@
 """Rewards: score one completion against its record as a user reward U, an LLM reward L and their
-welfare W (SPEC §4), with every term kept in a RewardBreakdown.
+welfare W (docs/reward.md), with every term kept in a RewardBreakdown.
 
     U = 1e-4 + 0.5 A_user + 0.2 band(response, 20, 500) + 0.3 brevity(reasoning, 500)
     L = 1e-4 + 0.2 format + 0.2 payoff_spread + 0.4 A_llm + 0.2 band(full, 500, 1000)      (main)
@@ -137,7 +137,7 @@ def bleu(response: str, reference: str, level: str = "char") -> float:
 
 
 # -----------------------------------------------------------------------------
-# task answer terms (A_user, A_llm) from a verdict score r, one function per SPEC §4 bullet
+# task answer terms (A_user, A_llm) from a verdict score r, one function per task (docs/reward.md#task-answer-terms)
 
 
 def answers_math(r: float) -> tuple[float, float]:
@@ -293,75 +293,121 @@ def score_batch(completions: list[str], records: list[dict], judge, *, welfare: 
     return _score_batch(completions, records, judge, welfare, llm_reward, bleu)
 
 
-def _score_batch(completions, records, judge, welfare_kind: str, llm_variant: str,
-                 bleu_level: str) -> list[RewardBreakdown]:
+@dataclass
+class _Pending:
+    """A completion that parsed, with every term the judge does not decide, awaiting its verdict."""
+    index: int
+    task: str
+    response: str
+    ground_truth: str
+    source: str
+    action: str | None
+    terms: dict[str, float]
+
+
+def _check_options(welfare_kind: str, llm_variant: str, bleu_level: str) -> None:
+    # checked up front so a typo fails before any parsing or judging
     if welfare_kind not in WELFARES:
         raise ValueError(f"unknown welfare {welfare_kind!r}; use one of {WELFARES}")
     if llm_variant not in LLM_REWARDS:
         raise ValueError(f"unknown llm_reward {llm_variant!r}; use one of {LLM_REWARDS}")
     if bleu_level not in BLEUS:
         raise ValueError(f"unknown bleu {bleu_level!r}; use one of {BLEUS}")
+
+
+def _check_batch(completions, records) -> list[tuple[str, str, str]]:
+    """(task, question, ground_truth) per record, or a ValueError for a malformed batch."""
     if not isinstance(completions, list) or not isinstance(records, list):
         raise ValueError("score_batch needs a list of completions and a list of records")
     if len(completions) != len(records):
         raise ValueError(f"{len(completions)} completions but {len(records)} records")
     # validate every record before any judging so a bad record costs no judge calls
-    fields = [_record_fields(r, i) for i, r in enumerate(records)]
+    return [_record_fields(r, i) for i, r in enumerate(records)]
 
-    results: list[RewardBreakdown | None] = [None] * len(completions)
-    pending = []  # (index, partial terms) of completions that need a verdict
-    requests = []
-    for i, (completion, record, (task, question, gt)) in enumerate(zip(completions, records, fields)):
-        if not isinstance(completion, str):
-            raise ValueError(f"completion {i} must be a str, got {type(completion).__name__}")
-        source = record["data_source"]
-        blocks = split_blocks(completion)
-        action = analyze_choice(blocks.analyze)
-        if blocks.response is None:
-            results[i] = _zero(source, action, "no <response>...</response> block")
-            continue
-        if blocks.payoff is None:
-            results[i] = _zero(source, action, "no <payoff>...</payoff> block")
-            continue
-        try:
-            matrix = parse_payoff(blocks.payoff)
-        except PayoffError as e:
-            results[i] = _zero(source, action, str(e))
-            continue
-        response = blocks.response.strip()
-        reasoning = completion[:blocks.response_start]
-        terms = dict(
-            format=float(format_ok(completion)), payoff_spread=payoff_spread(matrix),
-            pareto_consistency=pareto_consistency(completion),
-            response_band=band(response, 20, 500), reasoning_brevity=brevity(reasoning, 500),
-            full_band=band(completion, 500, 1000),
-        )
-        pending.append((i, task, response, gt, source, action, terms))
-        requests.append(JudgeRequest(task=task, question=question, response=response, ground_truth=gt,
-                                     extra={"data_source": source, "extra_info": records[i].get("extra_info") or {}}))
 
+def _judge_free_terms(completion: str, response: str, matrix: Matrix, response_start: int) -> dict[str, float]:
+    return dict(
+        format=float(format_ok(completion)), payoff_spread=payoff_spread(matrix),
+        pareto_consistency=pareto_consistency(completion),
+        response_band=band(response, 20, 500),
+        reasoning_brevity=brevity(completion[:response_start], 500),
+        full_band=band(completion, 500, 1000),
+    )
+
+
+def _prepare(i: int, completion: str, record: dict, fields: tuple[str, str, str]
+             ) -> RewardBreakdown | tuple[_Pending, JudgeRequest]:
+    """The judge-free part of scoring completion i: a finished all-zero breakdown when it has no
+    response or no parseable payoff, else its pending terms and the request for its verdict."""
+    if not isinstance(completion, str):
+        raise ValueError(f"completion {i} must be a str, got {type(completion).__name__}")
+    task, question, gt = fields
+    source = record["data_source"]
+    blocks = split_blocks(completion)
+    action = analyze_choice(blocks.analyze)
+    if blocks.response is None:
+        return _zero(source, action, "no <response>...</response> block")
+    if blocks.payoff is None:
+        return _zero(source, action, "no <payoff>...</payoff> block")
+    try:
+        matrix = parse_payoff(blocks.payoff)
+    except PayoffError as e:
+        return _zero(source, action, str(e))
+    response = blocks.response.strip()
+    terms = _judge_free_terms(completion, response, matrix, blocks.response_start)
+    request = JudgeRequest(task=task, question=question, response=response, ground_truth=gt,
+                           extra={"data_source": source, "extra_info": record.get("extra_info") or {}})
+    return _Pending(i, task, response, gt, source, action, terms), request
+
+
+def _judge_all(judge, requests: list[JudgeRequest]) -> list[Verdict]:
+    # one call for the whole batch lets a judge batch or parallelise its work
     verdicts = judge.judge_many(requests) if requests else []
     if len(verdicts) != len(requests):
         raise RuntimeError(f"judge returned {len(verdicts)} verdicts for {len(requests)} requests")
+    return verdicts
 
-    for (i, task, response, gt, source, action, t), verdict in zip(pending, verdicts):
-        qtype, strategy = _choice_parts(action)
-        error = _verdict_error(task, verdict)
-        if error is not None:
-            nan = float("nan")
-            a_user = a_llm = U = L = W = nan
+
+def _finish(p: _Pending, verdict: Verdict, welfare_kind: str, llm_variant: str,
+            bleu_level: str) -> RewardBreakdown:
+    """The final breakdown of a pending completion from its verdict; a failed verdict gives NaN
+    answer terms and rewards (not zeros) so training can drop the sample."""
+    t = p.terms
+    qtype, strategy = _choice_parts(p.action)
+    error = _verdict_error(p.task, verdict)
+    if error is not None:
+        nan = float("nan")
+        a_user = a_llm = U = L = W = nan
+    else:
+        a_user, a_llm = task_answers(p.task, float(verdict.score), p.response, p.ground_truth, bleu_level)
+        U = user_reward(a_user, t["response_band"], t["reasoning_brevity"])
+        L = llm_reward(t["format"], t["payoff_spread"], a_llm, t["full_band"],
+                       t["pareto_consistency"], llm_variant)
+        W = welfare(U, L, welfare_kind)
+    return RewardBreakdown(
+        format=t["format"], payoff_spread=t["payoff_spread"], pareto_consistency=t["pareto_consistency"],
+        answer_user=a_user, answer_llm=a_llm, response_band=t["response_band"],
+        reasoning_brevity=t["reasoning_brevity"], full_band=t["full_band"], user=U, llm=L, welfare=W,
+        action=p.action, question_type=qtype, strategy=strategy, judge_failed=error is not None,
+        parse_error=None, data_source=p.source, judge_error=error)
+
+
+def _score_batch(completions, records, judge, welfare_kind: str, llm_variant: str,
+                 bleu_level: str) -> list[RewardBreakdown]:
+    _check_options(welfare_kind, llm_variant, bleu_level)
+    fields = _check_batch(completions, records)
+    results: list[RewardBreakdown | None] = [None] * len(completions)
+    pending: list[_Pending] = []
+    requests: list[JudgeRequest] = []
+    for i, (completion, record, f) in enumerate(zip(completions, records, fields)):
+        prepared = _prepare(i, completion, record, f)
+        if isinstance(prepared, RewardBreakdown):
+            results[i] = prepared
         else:
-            a_user, a_llm = task_answers(task, float(verdict.score), response, gt, bleu_level)
-            U = user_reward(a_user, t["response_band"], t["reasoning_brevity"])
-            L = llm_reward(t["format"], t["payoff_spread"], a_llm, t["full_band"],
-                           t["pareto_consistency"], llm_variant)
-            W = welfare(U, L, welfare_kind)
-        results[i] = RewardBreakdown(
-            format=t["format"], payoff_spread=t["payoff_spread"], pareto_consistency=t["pareto_consistency"],
-            answer_user=a_user, answer_llm=a_llm, response_band=t["response_band"],
-            reasoning_brevity=t["reasoning_brevity"], full_band=t["full_band"], user=U, llm=L, welfare=W,
-            action=action, question_type=qtype, strategy=strategy, judge_failed=error is not None,
-            parse_error=None, data_source=source, judge_error=error)
+            pending.append(prepared[0])
+            requests.append(prepared[1])
+    for p, verdict in zip(pending, _judge_all(judge, requests)):
+        results[p.index] = _finish(p, verdict, welfare_kind, llm_variant, bleu_level)
     return results
 
 
