@@ -1,5 +1,5 @@
 r"""Evaluate: generate and score a checkpoint on a JSONL split, score a file of completions, or
-compare two scored runs prompt by prompt (SPEC §10).
+compare two scored runs prompt by prompt (docs/metrics.md).
 
     python eval.py                                                # the demo model on the demo test split
     python eval.py --model out/demo/final --data out/demo/test.jsonl --out eval.json --per-sample eval.jsonl
@@ -15,37 +15,43 @@ every rank generates its share of the prompts and rank 0 gathers, scores and pri
 such a file, so a run can be re-scored with another judge). --per-sample writes one line per
 completion: its metrics row (nano_gtalign/metrics.py), the completion, the record and the reward
 breakdown. --compare reads two --per-sample files. The printed table has, per data source and
-overall, every SPEC §10 metric; metrics.group_metrics documents each denominator.
+overall, every metric of docs/metrics.md; metrics.group_metrics documents each denominator.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from nano_gtalign.judges import make_judge
+from data.demo import DEMO_MODEL, DEMO_TEST_DATA, missing_data_hint, missing_model_hint
+from nano_gtalign.data import read_records
+from nano_gtalign.distributed import Dist, exit_after_torchrun, gather_lists, setup_distributed, teardown
+from nano_gtalign.errors import UsageError
+from nano_gtalign.evaluate import Completion, generate_completions, score_completions
+from nano_gtalign.judges import open_judge
+from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.metrics import (
-    breakdown_dict, compare, format_comparison, format_table, frontier, metrics_by_source, per_prompt_points, sample_row,
+    breakdown_dict, compare, format_comparison, format_table, frontier, metrics_by_source, per_prompt_points,
 )
-from nano_gtalign.reward import BLEUS, LLM_REWARDS, WELFARES, score_batch
+from nano_gtalign.reward import BLEUS, LLM_REWARDS, WELFARES
+from nano_gtalign.sampling import SamplingParams
 
-DEFAULT_MODEL = "out/demo/final"       # `python train.py` (the demo) saves its final model here
-DEFAULT_DATA = "out/demo/test.jsonl"   # ... and its held-out test split here
 SCORE_CHUNK = 256                      # completions per score_batch call (bounds memory, shows progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("what to evaluate (default: --model and --data)")
-    src.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (default: %(default)s)")
-    src.add_argument("--data", default=DEFAULT_DATA, help="JSONL records to generate for (default: %(default)s)")
+    src.add_argument("--model", default=DEMO_MODEL, help="checkpoint directory (default: %(default)s)")
+    src.add_argument("--data", default=DEMO_TEST_DATA, help="JSONL records to generate for (default: %(default)s)")
     src.add_argument("--completions", default=None, help="score this JSONL of {record, completion} lines, no model")
     src.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"), default=None,
                      help="compare two --per-sample files on their matched prompts")
@@ -85,8 +91,7 @@ def read_jsonl(path: str, what: str, limit: int | None = None) -> list[dict]:
     """Objects of a JSONL file; a bad line is an error naming file and line."""
     p = Path(path)
     if not p.is_file():
-        hint = " (run `python train.py` first: the demo writes it)" if path in (DEFAULT_DATA,) else ""
-        fail(f"no {what} file at {path}{hint}")
+        fail(f"no {what} file at {path}")
     out = []
     with open(p, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -106,13 +111,6 @@ def read_jsonl(path: str, what: str, limit: int | None = None) -> list[dict]:
     return out
 
 
-def check_record(rec: dict, where: str) -> None:
-    msgs = rec.get("prompt")
-    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                         for m in msgs):
-        fail(f"{where}: 'prompt' must be a non-empty list of {{role, content}} messages")
-
-
 def json_safe(x):
     """NaN/inf (e.g. metrics of an empty comparison) become null so the file is strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -125,88 +123,32 @@ def json_safe(x):
 
 
 # -----------------------------------------------------------------------------
-# generation (optionally sharded across torchrun ranks)
+# generation (optionally sharded across torchrun ranks) and scoring
 
-def dist_setup() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); starts the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    import torch.distributed as dist
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), local
+def default_max_new_tokens(model, prompt_ids: dict[int, list[int]]) -> int:
+    """512, or what the model's context leaves after the longest prompt (the demo's model has 512 positions)."""
+    longest = max((len(v) for v in prompt_ids.values()), default=0)
+    return max(1, min(512, model.config.max_position_embeddings - longest))
 
 
-def generate_all(model, tokenizer, records: list[dict], args, rank: int, world: int, log) -> list[tuple]:
-    """(record index, sample, completion, finish_reason, generated tokens incl. EOS) for this
-    rank's records[rank::world].
-    Prompts are batched by length so a batch carries little left padding."""
-    from nano_gtalign.sampling import SamplingParams, generate
-
-    mine = list(range(rank, len(records), world))
+def generate_mine(model, tokenizer, records: list[dict], args, d: Dist, log) -> list[Completion]:
+    """This rank's share records[rank::world], batched by prompt length so a batch carries little padding."""
+    mine = list(range(d.rank, len(records), d.world))
     ids = {i: tokenizer.encode_chat(records[i]["prompt"], add_generation_prompt=True) for i in mine}
-    max_new = args.max_new_tokens
-    if max_new is None:  # small models (the demo's has 512 positions) cannot take 512 new tokens after a prompt
-        longest = max((len(v) for v in ids.values()), default=0)
-        max_new = max(1, min(512, model.config.max_position_embeddings - longest))
-    params = SamplingParams(max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed + rank)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens or default_max_new_tokens(model, ids),
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + d.rank)
     mine.sort(key=lambda i: len(ids[i]))
-    out = []
-    t0 = time.perf_counter()
-    for b in range(0, len(mine), args.batch_size):
-        batch = mine[b: b + args.batch_size]
-        gen = generate(model, tokenizer, [ids[i] for i in batch], params, num_samples=args.num_samples)
-        n_tokens = gen.completion_mask.sum(dim=1).tolist()
-        for r, text in enumerate(gen.texts):
-            i, s = batch[r // args.num_samples], r % args.num_samples
-            out.append((i, s, text, gen.finish_reasons[r], int(n_tokens[r])))
-        log(f"rank {rank}: generated {min(b + args.batch_size, len(mine))}/{len(mine)} prompts "
-            f"({time.perf_counter() - t0:.1f}s)")
-    return out
+    return generate_completions(model, tokenizer, ids, mine, params, batch_size=args.batch_size,
+                                num_samples=args.num_samples, log=lambda m: log(f"rank {d.rank}: {m}"))
 
 
-def gather(items: list, world: int) -> list:
-    if world == 1:
-        return items
-    import torch.distributed as dist
-    parts = [None] * world
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
-
-
-# -----------------------------------------------------------------------------
-# scoring and reporting
-
-def score_all(pairs: list[tuple[dict, str]], generated: list[int | None], args, count_tokens, log
+def score_all(pairs: list[tuple[dict, str]], generated: list[int | None], args, judge, count_tokens, log
               ) -> tuple[list[dict], list]:
-    """Metrics rows and breakdowns for (record, completion) pairs, SCORE_CHUNK at a time;
-    generated[i] is the sampler's token count for pair i (None: count the text)."""
     try:
-        judge = make_judge(args.judge)
-    except ValueError as e:
-        fail(str(e))
-    if hasattr(judge, "check"):  # an HTTP judge: fail before generating/scoring anything more
-        try:
-            judge.check()
-        except RuntimeError as e:
-            fail(str(e))
-    rows, breakdowns = [], []
-    for c in range(0, len(pairs), SCORE_CHUNK):
-        chunk = pairs[c: c + SCORE_CHUNK]
-        try:
-            bds = score_batch([p[1] for p in chunk], [p[0] for p in chunk], judge, welfare=args.welfare,
-                              llm_reward=args.llm_reward, bleu=args.bleu)
-        except ValueError as e:  # a record the reward cannot use; the message names it
-            fail(f"cannot score: {e}")
-        for (rec, completion), n, bd in zip(chunk, generated[c: c + SCORE_CHUNK], bds):
-            rows.append(sample_row(bd, completion, rec, count_tokens, n))
-            breakdowns.append(bd)
-        log(f"scored {min(c + SCORE_CHUNK, len(pairs))}/{len(pairs)} completions")
-    return rows, breakdowns
+        return score_completions(pairs, judge, welfare=args.welfare, llm_reward=args.llm_reward, bleu=args.bleu,
+                                 generated_tokens=generated, count_tokens=count_tokens, chunk=SCORE_CHUNK, log=log)
+    except ValueError as e:  # a record the reward cannot use; the message names it
+        fail(f"cannot score: {e}")
 
 
 def plot_runs(runs: list[tuple[str, dict]], path: str) -> None:
@@ -266,10 +208,84 @@ def run_compare(args, log) -> None:
                   [(name_a, per_prompt_points(a)), (name_b, per_prompt_points(b))], log)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    rank, world, local = dist_setup() if not (args.compare or args.completions) else (0, 1, 0)
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+@dataclass
+class Scorable:
+    """What is scored: (record, completion) pairs with what is known of how each was generated."""
+    pairs: list[tuple[dict, str]]
+    samples: list[int]
+    finish: list[str | None]
+    generated: list[int | None]
+    count_tokens: Callable[[str], int] | None
+
+
+def from_completions_file(args, log) -> Scorable:
+    lines = read_jsonl(args.completions, "completions", args.limit)
+    pairs = []
+    for n, obj in enumerate(lines, 1):
+        if not isinstance(obj.get("record"), dict) or not isinstance(obj.get("completion"), str):
+            fail(f"{args.completions} line {n} needs a 'record' object and a 'completion' string")
+        pairs.append((obj["record"], obj["completion"]))
+    count_tokens = None
+    if args.tokenizer:
+        try:
+            tok = load_tokenizer(args.tokenizer)
+        except (OSError, ValueError) as e:
+            fail(f"cannot load tokenizer from {args.tokenizer}: {e}")
+        count_tokens = lambda s: len(tok.encode(s))  # noqa: E731
+    else:
+        log("no --tokenizer: token counts, response/total ratio and answer per 1k tokens are '-'")
+    return Scorable(pairs, [obj.get("sample", 0) for obj in lines], [obj.get("finish_reason") for obj in lines],
+                    [obj.get("generated_tokens") for obj in lines], count_tokens)
+
+
+def from_model(args, d: Dist, log) -> Scorable | None:
+    """Generate on every rank; rank 0 gets everything in (record, sample) order, the others None."""
+    if not Path(args.data).is_file():
+        fail(f"no records file at {args.data}{missing_data_hint(args.data)}")
+    try:
+        records = read_records(args.data)[:args.limit]
+    except UsageError as e:
+        fail(str(e))
+    if not Path(args.model).is_dir():
+        fail(f"no model directory at {args.model}: {missing_model_hint(args.model)}")
+    try:
+        model = load_pretrained(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
+                                device=d.device).eval()
+        tok = load_tokenizer(args.model)
+    except (CheckpointError, OSError, ValueError) as e:
+        fail(f"cannot load {args.model}: {e}")
+    t0 = time.perf_counter()
+    try:
+        mine = generate_mine(model, tok, records, args, d, log)
+    except ValueError as e:  # e.g. a prompt longer than the model's context
+        fail(str(e))
+    everything = sorted(gather_lists(d, mine))
+    teardown(d)
+    if not d.main:
+        return None
+    log(f"generated {len(everything)} completions in {time.perf_counter() - t0:.1f}s")
+    return Scorable([(records[c.index], c.text) for c in everything], [c.sample for c in everything],
+                    [c.finish_reason for c in everything], [c.generated_tokens for c in everything],
+                    lambda s: len(tok.encode(s)))
+
+
+def report(args, todo: Scorable, rows: list[dict], breakdowns: list, log) -> None:
+    metrics = metrics_by_source(rows)
+    print(format_table(metrics))
+    reasons = Counter(f for f in todo.finish if f is not None)
+    if reasons:
+        print("finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    failed = sum(r["judge_failed"] for r in rows)
+    if failed:
+        print(f"judge failed on {failed}/{len(rows)} completions: left out of answer/U/L/W (see judge_error "
+              "in --per-sample)")
+    per_sample = [{**row, "sample": s, "finish_reason": f, "completion": c, "record": rec, "breakdown": breakdown_dict(bd)}
+                  for row, s, f, (rec, c), bd in zip(rows, todo.samples, todo.finish, todo.pairs, breakdowns)]
+    payload = {"config": vars(args), "metrics": metrics, "finish_reasons": dict(reasons), "n_samples": len(rows)}
+    write_outputs(args, payload, per_sample, [(Path(args.completions or args.model).name, per_prompt_points(rows))], log)
+
+
+def check_flags(args) -> None:
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -279,87 +295,27 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("batch_size", "num_samples", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    log("config: " + " ".join(f"{k}={v!r}" for k, v in vars(args).items()) + f" world_size={world}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    d = setup_distributed(args.device or "auto") if not (args.compare or args.completions) else Dist()
+    log = (lambda *a: print(*a, flush=True)) if d.main else (lambda *a: None)
+    check_flags(args)
+    log("config: " + " ".join(f"{k}={v!r}" for k, v in vars(args).items()) + f" world_size={d.world}")
     if args.compare:
         return run_compare(args, log)
-
-    count_tokens = None
-    finish = None
-    if args.completions:
-        lines = read_jsonl(args.completions, "completions", args.limit)
-        pairs = []
-        for n, obj in enumerate(lines, 1):
-            if not isinstance(obj.get("record"), dict) or not isinstance(obj.get("completion"), str):
-                fail(f"{args.completions} line {n} needs a 'record' object and a 'completion' string")
-            pairs.append((obj["record"], obj["completion"]))
-        samples = [obj.get("sample", 0) for obj in lines]
-        finish = [obj.get("finish_reason") for obj in lines]
-        generated = [obj.get("generated_tokens") for obj in lines]
-        if args.tokenizer:
-            from nano_gtalign.loader import load_tokenizer
-            try:
-                tok = load_tokenizer(args.tokenizer)
-            except (OSError, ValueError) as e:
-                fail(f"cannot load tokenizer from {args.tokenizer}: {e}")
-            count_tokens = lambda s: len(tok.encode(s))  # noqa: E731
-        else:
-            log("no --tokenizer: token counts, response/total ratio and answer per 1k tokens are '-'")
-    else:
-        from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
-        records = read_jsonl(args.data, "records", args.limit)
-        for n, rec in enumerate(records, 1):
-            check_record(rec, f"{args.data} line {n}")
-        if not Path(args.model).is_dir():
-            hint = ("run `python train.py` first (the demo saves its model there) or pass --model DIR"
-                    if args.model == DEFAULT_MODEL else "pass --model DIR, a checkpoint directory with config.json")
-            fail(f"no model directory at {args.model}: {hint}")
-        device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-        try:
-            model = load_pretrained(args.model, dtype=dtype, device=device).eval()
-            tok = load_tokenizer(args.model)
-        except (CheckpointError, OSError, ValueError) as e:
-            fail(f"cannot load {args.model}: {e}")
-        count_tokens = lambda s: len(tok.encode(s))  # noqa: E731
-        t0 = time.perf_counter()
-        try:
-            mine = generate_all(model, tok, records, args, rank, world, log)
-        except ValueError as e:  # e.g. a prompt longer than the model's context
-            fail(str(e))
-        everything = sorted(gather(mine, world))
-        if world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-        if rank != 0:
-            return
-        log(f"generated {len(everything)} completions in {time.perf_counter() - t0:.1f}s")
-        pairs = [(records[i], text) for i, _, text, _, _ in everything]
-        samples = [e[1] for e in everything]
-        finish = [e[3] for e in everything]
-        generated = [e[4] for e in everything]
-
-    rows, breakdowns = score_all(pairs, generated, args, count_tokens, log)
-    metrics = metrics_by_source(rows)
-    print(format_table(metrics))
-    reasons = Counter(f for f in finish if f is not None)
-    if reasons:
-        print("finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
-    failed = sum(r["judge_failed"] for r in rows)
-    if failed:
-        print(f"judge failed on {failed}/{len(rows)} completions: left out of answer/U/L/W (see judge_error "
-              "in --per-sample)")
-    per_sample = [{**row, "sample": s, "finish_reason": f, "completion": c, "record": rec, "breakdown": breakdown_dict(bd)}
-                  for row, s, f, (rec, c), bd in zip(rows, samples, finish, pairs, breakdowns)]
-    payload = {"config": vars(args), "metrics": metrics, "finish_reasons": dict(reasons), "n_samples": len(rows)}
-    write_outputs(args, payload, per_sample, [(Path(args.completions or args.model).name, per_prompt_points(rows))], log)
+    try:  # before any generation: an unreachable judge would waste it
+        judge = open_judge(args.judge)
+    except UsageError as e:
+        fail(str(e))
+    todo = from_completions_file(args, log) if args.completions else from_model(args, d, log)
+    if todo is None:  # a torchrun rank other than 0: rank 0 scores and reports
+        return
+    rows, breakdowns = score_all(todo.pairs, todo.generated, args, judge, todo.count_tokens, log)
+    report(args, todo, rows, breakdowns, log)
 
 
 if __name__ == "__main__":
     main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Under torchrun (gloo), a worker thread of torch's process group can still be releasing the last
-        # collective's tensors when Python finalizes, which aborts the process ("terminate called without
-        # an active exception", seen in about 1 run in 10). Everything is written and flushed: skip finalizing.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_after_torchrun()

@@ -9,7 +9,7 @@
     python sample.py --prompt "Add 37 to my number." --price token:per_1k=5,payer=user,DA=600,CQ=40,AQ=700
     python sample.py --model DIR --game-prompt full --prompt "Is coffee bad for you?" --price upstream-user:1 --json
 
---price POLICY steers with prices (SPEC §9, nano_gtalign/steering.py; the policies are listed
+--price POLICY steers with prices (docs/steering.md, nano_gtalign/steering.py; the policies are listed
 in --help): the model writes up to </payoff>, its matrix is repriced, the action is chosen
 again (sign-safe Cobb-Douglas over the Pareto frontier, or --rule sum), and the model writes
 its <response> after the rewritten <payoff> and an <analyze> stating the new choice. The
@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
+from data.demo import DEMO_MODEL, missing_model_hint
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.sampling import Generation, SamplingParams, generate
 from nano_gtalign.steering import PRICING_HELP, PricingError, SteerResult, format_side_by_side, parse_pricing, steer
 
-DEFAULT_MODEL = "out/demo/final"  # where `python train.py` (the demo run) saves its final checkpoint
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = SamplingParams()
     p = argparse.ArgumentParser(description="Sample a completion from a checkpoint.", epilog=PRICING_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (default: %(default)s)")
+    p.add_argument("--model", default=DEMO_MODEL, help="checkpoint directory (default: %(default)s)")
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="encode --prompt as is, without the chat template")
@@ -86,9 +86,7 @@ def load_model(model_dir: str, device: str, dtype: str):
     """(model, tokenizer) or exit with a one-line message saying what is wrong."""
     path = Path(model_dir)
     if not path.is_dir():
-        hint = ("run `python train.py` first (it saves the demo model there) or pass --model DIR"
-                if model_dir == DEFAULT_MODEL else "pass --model DIR, a checkpoint directory with config.json")
-        sys.exit(f"sample.py: no model directory at {model_dir}: {hint}")
+        sys.exit(f"sample.py: no model directory at {model_dir}: {missing_model_hint(model_dir)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"sample.py: --device {device} but torch sees no CUDA device; use --device cpu")
     try:

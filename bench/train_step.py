@@ -5,7 +5,7 @@
     python bench/train_step.py --preset 0.5b --prompts 8 --new-tokens 128     # one preset, smaller step
 
 One step is train.py's: the sampler draws `--group-size` completions per prompt (EOS disabled, so every
-completion is exactly --new-tokens long), then train.update runs the clipped GRPO loss over them (one
+completion is exactly --new-tokens long), then nano_gtalign.update.update runs the clipped GRPO loss over them (one
 optimizer step, micro-batches of --micro-batch-size rows, AdamW). The update is timed with the fused
 kernel (kernels/logprob.py; Triton on CUDA, its torch backend on CPU) and with the naive path that
 materialises [tokens, vocab] fp32 logits. Weights are random (seeded); advantages are random normal, so
@@ -65,9 +65,12 @@ def worker(preset: str, backend: str, prompts: int, group: int, prompt_len: int,
     if threads:
         torch.set_num_threads(threads)
 
-    import train
+    from nano_gtalign.distributed import Dist, generation_mode
     from nano_gtalign.model import ModelConfig, Transformer
+    from nano_gtalign.policy import Policy
+    from nano_gtalign.rollout import Rollout
     from nano_gtalign.sampling import SamplingParams, generate
+    from nano_gtalign.update import UpdateConfig, update
 
     fields, _, _, _, _, _, dtype_name, ckpt = PRESETS[preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -77,14 +80,12 @@ def worker(preset: str, backend: str, prompts: int, group: int, prompt_len: int,
     with torch.device(device):
         model = Transformer(config).to(dtype)
     kernel_backend = "naive" if backend == "naive" else "auto"
-    args = train.parse_args(["--model", "random", "--data", "none", "--prompts-per-step", str(prompts),
-                             "--group-size", str(group), "--micro-batch-size", str(micro),
-                             "--max-new-tokens", str(new_tokens), "--lr", "1e-6",
-                             "--logprob-backend", kernel_backend] + (["--grad-checkpointing"] if ckpt else []))
-    args.compute_dtype, args.fsdp = dtype, False
-    d = train.Dist(device=device)
-    policy = train.Policy(model, dtype, kernel_backend)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # train.py's defaults for one on-policy optimizer step over the whole rollout
+    cfg = UpdateConfig(micro_batch_size=micro, max_new_tokens=new_tokens, grad_checkpointing=ckpt,
+                       compute_dtype=dtype)
+    d = Dist(device=device)
+    policy = Policy(model, dtype, kernel_backend)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     g = torch.Generator(device=device).manual_seed(0)
     prompt_ids = torch.randint(3, config.vocab_size, (prompts, prompt_len), generator=torch.Generator().manual_seed(0))
@@ -94,14 +95,14 @@ def worker(preset: str, backend: str, prompts: int, group: int, prompt_len: int,
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    with train.generation_mode(policy, False):  # warm-up: kernels, allocator
+    with generation_mode(policy, False):  # warm-up: kernels, allocator
         generate(policy, NullTokenizer(), prompt_ids[:2].tolist(), SamplingParams(max_new_tokens=2, eos_token_ids=()),
                  num_samples=2, generator=g)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync()
     t0 = time.perf_counter()
-    with train.generation_mode(policy, False):
+    with generation_mode(policy, False):
         gen = generate(policy, NullTokenizer(), prompt_ids.tolist(), params, num_samples=group, generator=g)
     sync()
     gen_s = time.perf_counter() - t0
@@ -109,7 +110,7 @@ def worker(preset: str, backend: str, prompts: int, group: int, prompt_len: int,
     tokens = int(gen.completion_mask.sum())
 
     adv = torch.randn(len(gen.prompt_ids), generator=torch.Generator().manual_seed(1))
-    ro = train.Rollout(gen.prompt_ids, gen.completion_ids.cpu(), gen.completion_mask.cpu(),
+    ro = Rollout(gen.prompt_ids, gen.completion_ids.cpu(), gen.completion_mask.cpu(),
                        gen.completion_mask.cpu(), gen.logprobs.cpu(), adv, [], {})
     del gen
     times = []
@@ -119,7 +120,7 @@ def worker(preset: str, backend: str, prompts: int, group: int, prompt_len: int,
             torch.cuda.reset_peak_memory_stats(device)
         sync()
         t0 = time.perf_counter()
-        train.update(policy, None, optimizer, scheduler, ro, args, 0, d)
+        update(policy, None, optimizer, scheduler, ro, cfg, 0, d)
         sync()
         times.append(time.perf_counter() - t0)
     return dict(preset=preset, backend=backend, device=str(torch.cuda.get_device_name(device) if device.type == "cuda"

@@ -1,4 +1,4 @@
-"""GRPO group advantages (SPEC §7) as a Triton kernel with a plain PyTorch reference.
+"""GRPO group advantages (docs/grpo.md) as a Triton kernel with a plain PyTorch reference.
 
     adv = group_advantages(rewards, group_size=8)            # (R − mean_g) / (std_g + eps)
     adv = group_advantages(rewards, 8, std_normalize=False)  # Dr.GRPO: R − mean_g
@@ -11,7 +11,7 @@ Rows are prompt-major: rows g·G … g·G+G−1 are the G samples of prompt g.
   differ from the common value by an ulp, which would otherwise turn into a
   tiny nonzero advantage).
 - NaN or ±inf rewards raise ValueError: a failed judge must be removed by the
-  caller (SPEC §4: such samples are excluded), never averaged into a group.
+  caller (docs/reward.md: such samples are excluded), never averaged into a group.
 Advantages are returned in fp32.
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The game a completion plays: its four blocks, its payoff matrix, and the choices on it.
 
 A completion is `<thinking>…</thinking><payoff>…</payoff><analyze>…</analyze><response>…</response>`
-(SPEC §2). The payoff block is a 2x3 game: question type (DQ clear / VQ vague) x assistant
+(docs/format.md). The payoff block is a 2x3 game: question type (DQ clear / VQ vague) x assistant
 strategy (DA direct answer / CQ clarifying question / AQ answer + one follow-up), each cell an
 (LLM, user) payoff. This file parses that matrix, finds its Pareto frontier, applies the welfare
-choice rules (SPEC §3) and checks whether the model's own <analyze> picked a frontier cell.
+choice rules (docs/game.md) and checks whether the model's own <analyze> picked a frontier cell.
 
 Everything here is linear in the completion length: blocks are found with str.find, never with
 backtracking regexes, and the payoff parser refuses blocks over MAX_PAYOFF_CHARS.
@@ -159,7 +159,7 @@ _SPACES = re.compile(r"\s*")
 
 def _strict_blocks(completion: str) -> Blocks | None:
     """The four blocks if the completion is exactly them, in order, separated and followed only by
-    whitespace; else None. Same language as SPEC §2's regex except that a block may not contain
+    whitespace; else None. Same language as the regex in docs/format.md except that a block may not contain
     its own closing tag (the regex could backtrack over one); nothing may precede <thinking>,
     not even whitespace, as the regex's `^<thinking>` says."""
     pos, contents = 0, []
@@ -181,7 +181,7 @@ def _strict_blocks(completion: str) -> Blocks | None:
 
 
 def format_ok(completion: str) -> bool:
-    """SPEC §2 format check: the exact four-block layout with nothing after </response> but
+    """The format check of docs/format.md: the exact four-block layout with nothing after </response> but
     whitespace, AND a payoff that parses."""
     blocks = _strict_blocks(completion)
     if blocks is None:

@@ -1,4 +1,4 @@
-"""The GRPO loss pieces (SPEC section 7) as plain tensor functions; train.py composes them.
+"""The GRPO loss pieces (docs/grpo.md) as plain tensor functions; nano_gtalign/update.py composes them.
 
 Shapes: R completion rows (prompt-major: row i*G + g is sample g of prompt i), T completion positions.
 `mask` is a bool (or 0/1) tensor [R, T] that is True on generated tokens (including the EOS the model

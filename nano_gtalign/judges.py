@@ -8,8 +8,8 @@ Two judges share one small protocol (`judge`, `judge_many`):
   flight at once, with per-request timeouts and retries. Standard library only.
 
 A verdict that could not be had is Verdict(failed=True, error=...), never a
-silent score of 0 (SPEC §4): the reward counts it and the sample is dropped.
-Scales per task (SPEC §4-5): math-hard/minerva/arith_demo 0|1, medium 0..4,
+silent score of 0 (docs/reward.md): the reward counts it and the sample is dropped.
+Scales per task (docs/reward.md, docs/judges.md): math-hard/minerva/arith_demo 0|1, medium 0..4,
 wildguard/advbench 0|0.5|1, ambig_qa/abg_coqa 0|1.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
+
+from nano_gtalign.errors import UsageError
 
 # ---------------------------------------------------------------------------
 # Verdicts, requests, the protocol
@@ -455,7 +457,7 @@ class HTTPJudge:
     rule_first: math-hard/minerva answers the RuleJudge finds correct are
     scored 1 without a request; the others are asked to the LLM, whose verdict
     (or failure) is final, so the judge may override the rule's "incorrect"
-    (SPEC §4). arith_demo is always scored by rule: it has no LLM prompt.
+    (docs/reward.md). arith_demo is always scored by rule: it has no LLM prompt.
     """
 
     def __init__(self, base_url: str, model: str = "Qwen/Qwen3-32B", temperature: float = 0.6,
@@ -593,3 +595,26 @@ def make_judge(spec: str, **http_options) -> Judge:
             http_options["model"] = model
         return HTTPJudge(url, **http_options)
     raise ValueError(f"judge spec must be 'rule' or an http(s) URL like http://localhost:8000/v1[#model], got {spec!r}")
+
+
+RULE_TASKS = ("math-hard", "minerva", "arith_demo")  # what the offline rule judge can score
+
+
+def open_judge(spec: str, *, sources: list[str] = (), timeout: float | None = None,
+               max_concurrency: int | None = None) -> Judge:
+    """The judge a script asked for, ready to use: the rule judge only when it can score every data
+    source given, an HTTP judge only once its server answers (an unreachable judge would otherwise turn
+    every sample into a failure). Raises UsageError naming the problem."""
+    if spec == "rule":
+        unscorable = sorted({s for s in sources if canonical_task(s) not in RULE_TASKS})
+        if unscorable:
+            raise UsageError(f"the rule judge cannot score data_source {', '.join(unscorable)}; "
+                             "pass --judge http://HOST:PORT/v1 (an OpenAI-compatible server)")
+        return RuleJudge()
+    options = {k: v for k, v in (("timeout", timeout), ("max_concurrency", max_concurrency)) if v is not None}
+    try:
+        judge = make_judge(spec, **options)
+        judge.check()
+    except (ValueError, JudgeUnavailableError) as e:
+        raise UsageError(str(e)) from None
+    return judge

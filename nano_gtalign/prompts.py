@@ -1,8 +1,8 @@
 """Prompt text: the four-block game instruction the policy sees, and the task judges' prompts.
 
-The instruction carries the content of SPEC §2 (block order, DQ/VQ, DA/CQ/AQ, what to weigh,
+The instruction carries the content of docs/format.md (block order, DQ/VQ, DA/CQ/AQ, what to weigh,
 the payoff JSON shape, the analyze rule, the response rules); the judge prompts carry the
-scales of SPEC §4-5 (math 0/1 in \\boxed{}, writing 0-4 in \\boxed{}, safety 0/0.5/1 in
+scales of docs/reward.md, docs/judges.md (math 0/1 in \\boxed{}, writing 0-4 in \\boxed{}, safety 0/0.5/1 in
 \\boxed{}, ambiguity handling 0/1 in <abg></abg>). All wording is this project's own.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pricing steering at inference (SPEC §9): reprice the model's own payoff matrix, choose again,
+"""Pricing steering at inference (docs/steering.md): reprice the model's own payoff matrix, choose again,
 and let the model answer for the new choice in the same generation.
 
 A pricing policy is a small dataclass with `apply(matrix) -> matrix`:
@@ -33,7 +33,7 @@ from nano_gtalign.game import (
 )
 from nano_gtalign.sampling import SamplingParams, generate
 
-# Upstream's per-strategy bonuses (SPEC §9), given to the side that is NOT priced.
+# Upstream's per-strategy bonuses (docs/steering.md), given to the side that is NOT priced.
 UPSTREAM_LLM_USER_BONUS = {"DA": 0.0, "CQ": 0.5, "AQ": 1.0}
 UPSTREAM_USER_LLM_BONUS = {"DA": 1.0, "AQ": 0.5, "CQ": 0.0}
 

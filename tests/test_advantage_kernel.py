@@ -1,4 +1,4 @@
-"""group_advantages / zero_spread_groups (SPEC §7) on both backends, hand-computed."""
+"""group_advantages / zero_spread_groups (docs/grpo.md) on both backends, hand-computed."""
 import math
 
 import pytest

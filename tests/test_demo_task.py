@@ -103,7 +103,7 @@ def test_clean_transcripts_are_right_in_every_block(train):
         assert t.noise == () and t.action == t.best == game.choose_action(matrix) == game.analyze_choice(b.analyze)
         assert b.analyze.startswith(f"Frontier: {', '.join(game.pareto_frontier(matrix))}.")
         assert game.pareto_consistency(t.completion) == 1.0
-        assert not re.search(r"\d", b.thinking)  # SPEC: no numbers in <thinking>
+        assert not re.search(r"\d", b.thinking)  # the demo's thinking never states a number
         qtype = r["extra_info"]["question_type"]
         assert t.action in (("DQ_DA", "DQ_AQ") if qtype == "DQ" else ("VQ_CQ",))
         assert _judge(r, b.response) == 1.0 and t.answer_ok

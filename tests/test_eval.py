@@ -46,7 +46,7 @@ def sig(x):
     return 1 / (1 + math.exp(-x))
 
 
-def band(n, lo, hi):  # SPEC §4 with the word count n written out
+def band(n, lo, hi):  # docs/reward.md with the word count n written out
     return sig(0.005 * (n - lo)) * sig(0.005 * (hi - n))
 
 

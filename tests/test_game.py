@@ -196,7 +196,7 @@ def test_format_ok_accepts_exact_layout_and_whitespace():
 @pytest.mark.parametrize("bad", [
     completion(tail="\nThanks!"),                         # trailing text after </response> (upstream allowed it after \n)
     completion(tail="</response>"),
-    " " + completion(),                                    # SPEC: ^<thinking>, nothing before it
+    " " + completion(),                                    # docs/format.md: nothing before <thinking>
     "Sure! " + completion(),
     completion(sep=" and "),                               # text between blocks
     completion().replace("</analyze>", ""),                # unclosed block
@@ -232,12 +232,14 @@ def _tag_junk(n_chars: int, seed: int = 0) -> str:
     "<thinking>" * 100_000,
 ], ids=["tag-soup", "open-then-spaces", "spaces-between", "huge-payoff", "huge-analyze", "repeated-open"])
 def test_game_functions_are_fast_on_megabyte_junk(junk):
+    # A guard against quadratic (or backtracking) parsing, not a benchmark: linear work on a megabyte takes
+    # well under a second even on a loaded 2-core machine, a quadratic pass takes minutes.
     t0 = time.perf_counter()
     format_ok(junk)
     split_blocks(junk)
     pareto_consistency(junk)
     analyze_choice(junk)
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 5.0
 
 
 # -----------------------------------------------------------------------------

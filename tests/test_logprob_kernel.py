@@ -1,4 +1,4 @@
-"""fused_logprobs (both backends; Triton in its interpreter) against a float64 naive reference (SPEC §8)."""
+"""fused_logprobs (both backends; Triton in its interpreter) against a float64 naive reference (docs/logprobs.md)."""
 import importlib.util
 import math
 import subprocess

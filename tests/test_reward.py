@@ -1,4 +1,4 @@
-"""Tests for nano_gtalign/reward.py against hand-computed numbers (SPEC §4), with a fake judge.
+"""Tests for nano_gtalign/reward.py against hand-computed numbers (docs/reward.md), with a fake judge.
 
     python -m pytest tests/test_reward.py -q
 

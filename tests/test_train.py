@@ -1,5 +1,6 @@
 """train.py end to end on a tiny random model (CPU): a short run, exact resume, refused bad checkpoints,
-metrics.jsonl, and the pieces of the step with hand-computed expectations.
+metrics.jsonl, and the library pieces of the step (data order, token layout, learning-rate schedule,
+concatenated generations, repeatable evaluation) with hand-computed expectations.
 
 The reward here is a stand-in (`fake_score_batch`): a random tiny model never writes the four blocks, so the
 real reward would be 0 everywhere and no gradient would flow. The stand-in gives every completion a welfare
@@ -16,8 +17,17 @@ import pytest
 import torch
 
 import train
+from nano_gtalign import evaluate, rollout
+from nano_gtalign.data import Cursor, epoch_order, next_prompts, read_records
+from nano_gtalign.distributed import Dist
+from nano_gtalign.errors import UsageError
+from nano_gtalign.judges import make_judge
+from nano_gtalign.layout import pack_rows
 from nano_gtalign.loader import CheckpointError, load_pretrained
+from nano_gtalign.policy import Policy
 from nano_gtalign.reward import RewardBreakdown
+from nano_gtalign.rollout import concat_generations
+from nano_gtalign.update import lr_factor
 from tests.tiny import make_hf_model
 
 QUESTIONS = [("What is 3 + 4?", "7"), ("Add 5 to my number.", "vague"), ("What is 9 - 2?", "7"),
@@ -62,7 +72,8 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fake_reward(monkeypatch):
-    monkeypatch.setattr(train, "score_batch", fake_score_batch)
+    monkeypatch.setattr(rollout, "score_batch", fake_score_batch)
+    monkeypatch.setattr(evaluate, "score_batch", fake_score_batch)
 
 
 def argv(setup, out: Path, *extra: str) -> list[str]:
@@ -174,66 +185,62 @@ def test_bad_checkpoints_are_refused_and_kept(setup, tmp_path):
 
 def test_bad_inputs_name_the_problem(setup, tmp_path):
     root, model, data, _ = setup
-    with pytest.raises(train.UsageError, match="--model needs --data"):
+    with pytest.raises(UsageError, match="--model needs --data"):
         train.main(["--model", str(model)])
-    with pytest.raises(train.UsageError, match="need --model"):
+    with pytest.raises(UsageError, match="need --model"):
         train.main(["--data", str(data)])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(data.read_text().splitlines()[0] + "\n{oops\n")
-    with pytest.raises(train.UsageError, match=r"bad\.jsonl:2: not valid JSON"):
+    with pytest.raises(UsageError, match=r"bad\.jsonl:2: not valid JSON"):
         train.main(["--model", str(model), "--data", str(bad)])
     medium = tmp_path / "medium.jsonl"
     rec = json.loads(data.read_text().splitlines()[0]) | {"data_source": "medium"}
     medium.write_text(json.dumps(rec) + "\n")
-    with pytest.raises(train.UsageError, match="rule judge cannot score data_source medium"):
+    with pytest.raises(UsageError, match="rule judge cannot score data_source medium"):
         train.main(["--model", str(model), "--data", str(medium), "--out-dir", str(tmp_path / "o")])
-    with pytest.raises(train.UsageError, match="must divide"):
+    with pytest.raises(UsageError, match="must divide"):
         train.main(["--model", str(model), "--data", str(data), "--prompts-per-step", "4", "--mini-batch-size", "3"])
-    with pytest.raises(train.UsageError, match="--fsdp needs several processes"):
+    with pytest.raises(UsageError, match="--fsdp needs several processes"):
         train.main(argv(setup, tmp_path / "f", "--fsdp"))
-    with pytest.raises(train.UsageError, match=r"--max-new-tokens 4096 exceeds the model's max_position_embeddings \(512\)"):
+    with pytest.raises(UsageError, match=r"--max-new-tokens 4096 exceeds the model's max_position_embeddings \(512\)"):
         train.main(argv(setup, tmp_path / "long", "--max-new-tokens", "4096"))
     # port 9 (discard) is not listening on the test machine: the run stops before any work
-    with pytest.raises(train.UsageError, match="judge server at http://127.0.0.1:9/v1/models is unreachable"):
+    with pytest.raises(UsageError, match="judge server at http://127.0.0.1:9/v1/models is unreachable"):
         train.main(argv(setup, tmp_path / "judge", "--judge", "http://127.0.0.1:9/v1"))
 
 
 def test_demo_defaults_apply_only_to_unset_flags():
     demo = train.parse_args([])
-    assert demo.demo and demo.lr == train.DEMO_DEFAULTS["lr"] and demo.out_dir == "out/demo"
+    assert demo.model is None and demo.lr == train.DEMO_DEFAULTS["lr"] and demo.out_dir == "out/demo"
     assert train.parse_args(["--lr", "0.5"]).lr == 0.5
     real = train.parse_args(["--model", "m", "--data", "d.jsonl"])
-    assert not real.demo and real.lr == 1e-6 and real.weight_decay == 0.01 and real.mini_batch_size == 64
+    assert real.lr == 1e-6 and real.weight_decay == 0.01 and real.mini_batch_size is None  # None: all prompts
 
 
 def test_lr_schedule_by_hand():
-    class A:
-        warmup_steps, lr_schedule, min_lr_ratio = 2, "cosine", 0.1
     # warm-up: (s+1)/2; then cosine over the remaining 4 steps from 1 down to 0.1
-    got = [train.lr_factor(s, 6, A) for s in range(7)]
+    got = [lr_factor(s, 6, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1) for s in range(7)]
     want = [0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)), 0.55,
             0.1 + 0.9 * 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.1]
     assert got == pytest.approx(want)
-    A.lr_schedule = "constant"
-    assert [train.lr_factor(s, 6, A) for s in (0, 1, 2, 5)] == [0.5, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, 6, 2, "constant", 0.1) for s in (0, 1, 2, 5)] == [0.5, 1.0, 1.0, 1.0]
 
 
 def test_pack_lines_up_completions_like_the_sampler():
-    ids, mask, P, T = train.pack([[5, 6, 7], [8]], torch.tensor([[1, 2, 0, 0], [3, 4, 9, 0]]),
-                                 torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool), pad_id=0, device="cpu")
+    ids, mask, P, T = pack_rows([[5, 6, 7], [8]], torch.tensor([[1, 2, 0, 0], [3, 4, 9, 0]]),
+                                torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool), pad_id=0)
     assert (P, T) == (3, 3)  # the last column is unused by every row and dropped
     assert ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
     assert mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
 
 
 def test_data_order_is_a_function_of_seed_epoch_and_position():
-    cursor = {"epoch": 0, "pos": 0}
-    seen = [train.next_prompts(cursor, 10, 4, seed=3) for _ in range(3)]
-    assert cursor == {"epoch": 1, "pos": 4}  # 10 records, 4 a step: the remainder of 2 is skipped
-    assert sorted(seen[0] + seen[1]) == sorted(train.epoch_order(10, 3, 0)[:8].tolist())
-    assert seen[2] == train.epoch_order(10, 3, 1)[:4].tolist()
-    again = {"epoch": 0, "pos": 4}
-    assert train.next_prompts(again, 10, 4, seed=3) == seen[1]
+    cursor = Cursor()
+    seen = [next_prompts(cursor, 10, 4, seed=3) for _ in range(3)]
+    assert cursor == Cursor(epoch=1, pos=4)  # 10 records, 4 a step: the remainder of 2 is skipped
+    assert sorted(seen[0] + seen[1]) == sorted(epoch_order(10, 3, 0)[:8].tolist())
+    assert seen[2] == epoch_order(10, 3, 1)[:4].tolist()
+    assert next_prompts(Cursor(epoch=0, pos=4), 10, 4, seed=3) == seen[1]
 
 
 def test_concat_generations_pads_to_the_longest():
@@ -243,7 +250,7 @@ def test_concat_generations_pads_to_the_longest():
     b = Generation([[1, 2], [3]], torch.tensor([[6, 7, 8], [9, 0, 0]]),
                    torch.tensor([[True, True, True], [True, False, False]]),
                    torch.tensor([[-0.5, -0.25, -0.125], [-3.0, 0.0, 0.0]]), ["b", "c"], ["length", "eos"])
-    g = train.concat([a, b], pad_id=0)
+    g = concat_generations([a, b], pad_id=0)
     assert g.prompt_ids == [[1], [1, 2], [3]] and g.texts == ["a", "b", "c"]
     assert g.finish_reasons == ["eos", "length", "eos"]
     assert g.completion_ids.tolist() == [[5, 2, 0], [6, 7, 8], [9, 0, 0]]
@@ -255,15 +262,13 @@ def test_sampled_evaluation_is_repeatable(setup):
     # The same policy evaluated twice draws the same tokens: a before/after difference is the policy's.
     root, model, _, evals = setup
     from nano_gtalign.loader import load_tokenizer
-    args = train.parse_args(["--model", str(model), "--data", "x", "--eval-temperature", "1", "--eval-samples", "3",
-                             "--max-new-tokens", "8"])
-    args.compute_dtype = torch.float32
+    cfg = evaluate.EvalConfig(max_new_tokens=8, temperature=1.0, samples=3)
     tok = load_tokenizer(model)
-    policy = train.Policy(load_pretrained(model), torch.float32, "auto")
-    records = train.read_records(evals)
+    policy = Policy(load_pretrained(model), torch.float32, "auto")
+    records = read_records(evals)
     ids = [tok.encode_chat(r["prompt"]) for r in records]
-    a = train.evaluate(policy, tok, records, ids, args, train.make_judge("rule"), train.Dist())
-    b = train.evaluate(policy, tok, records, ids, args, train.make_judge("rule"), train.Dist())
+    a = evaluate.evaluate_policy(policy, tok, records, ids, cfg, make_judge("rule"), Dist())
+    b = evaluate.evaluate_policy(policy, tok, records, ids, cfg, make_judge("rule"), Dist())
     assert a == b and a["n"] == 3 * len(records)
-    with pytest.raises(train.UsageError, match="eval-temperature"):
+    with pytest.raises(UsageError, match="eval-temperature"):
         train.parse_args(["--model", str(model), "--data", "x", "--eval-samples", "3"])

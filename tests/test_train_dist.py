@@ -24,15 +24,17 @@ def worker(out: str, optimizer: str, args: list[str]) -> None:
     import torch.distributed as dist
 
     import train
+    from nano_gtalign import evaluate, rollout
+    from nano_gtalign.distributed import unwrap
     from tests.test_train import fake_score_batch
 
     dist.init_process_group("gloo")  # train.main sees an initialised group and leaves it to us
-    train.score_batch = fake_score_batch
+    rollout.score_batch = evaluate.score_batch = fake_score_batch
     if optimizer == "sgd":  # linear in the gradient, so DDP and FSDP2 can be compared closely (Adam's first
         # step is about sign(g), which float noise flips where g is ~0)
         torch.optim.AdamW = lambda params, lr, betas, weight_decay: torch.optim.SGD(params, lr=lr, momentum=0.9)
     res = train.main(args)
-    state = train.unwrap(res.policy).state_dict()
+    state = unwrap(res.policy).state_dict()
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()}
     torch.save(full, Path(out) / f"rank{dist.get_rank()}.pt")
     dist.barrier()

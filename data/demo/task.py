@@ -8,7 +8,7 @@ A clear question (DQ), "What is 7 + 9?", has one right answer ("16"). A vague qu
 truth is "vague". Clear questions use single-digit operands (see ADD_RANGE for why). The rule judge (nano_gtalign/judges.py) scores a DQ response 1 iff its last integer is the
 answer, and a VQ response 1 iff it asks something ("?") and states no integer that is not in the question.
 
-Records have the shape of the published GTAlign rows (SPEC section 6) with data_source "arith_demo".
+Records have the shape of the published GTAlign rows (docs/data.md) with data_source "arith_demo".
 The four-block instruction in nano_gtalign/prompts.py is about 2,000 characters, far too long for the tiny
 demo model to read on every prompt on a CPU, so the demo puts DEMO_SYSTEM_PROMPT (a compact form of the same
 instruction) in the system message and the bare question in the user message.
@@ -123,7 +123,7 @@ def sample_question(rng: random.Random, vague: bool) -> Question:
 
 
 def make_record(q: Question, split: str, index: int) -> dict:
-    """One record in the published shape (SPEC section 6)."""
+    """One record in the published shape (docs/data.md)."""
     return {
         "prompt": [{"role": "system", "content": DEMO_SYSTEM_PROMPT}, {"role": "user", "content": q.text}],
         "data_source": DATA_SOURCE,

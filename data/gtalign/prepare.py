@@ -10,7 +10,7 @@ r"""Convert the published GTAlign parquet files into our JSONL records.
 --out is a directory that mirrors the source tree (a/b/test.parquet ->
 OUT/a/b/test.jsonl).
 
-One JSON object per line, every column of the parquet row kept (SPEC §6):
+One JSON object per line, every column of the parquet row kept (docs/data.md):
 `prompt` (chat messages), `data_source`, `reward_model.ground_truth`, and
 `extra_info` with `single_turn_prompt`, `chat_history`,
 `single_turn_completion`. Two deliberate changes, both reported:

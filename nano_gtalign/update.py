@@ -1,0 +1,155 @@
+"""The policy update of one GRPO step: epochs -> mini-batches (one optimizer step each) -> micro-batches.
+
+Each micro-batch's loss is its share of the mini-batch's loss over the WHOLE step's token and sequence
+counts on every rank (grpo.reduce_loss), so gradient accumulation and DDP averaging give exactly the
+full-batch gradient however the step is split (docs/grpo.md#loss-aggregation).
+
+Old log-probs (the denominator of the PPO ratio). With one mini-batch and one epoch the update is exactly
+on-policy: old_logp = logp.detach() of the same forward (ratio 1, no extra pass). With several optimizer
+steps per rollout, "recompute" runs one no-grad pass before the first update; "sampler" takes the sampler's
+log-probs instead (the same distribution when top-k/top-p are off, up to float noise between the KV-cache
+decode and the full forward; saves that pass).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nano_gtalign import grpo
+from nano_gtalign.distributed import Dist, all_sum, grad_sync, unwrap
+from nano_gtalign.layout import pack_rows
+from nano_gtalign.policy import autocast
+from nano_gtalign.rollout import Rollout
+
+
+@dataclass
+class UpdateConfig:
+    mini_batches: int = 1             # optimizer steps per epoch (the step's prompts split evenly)
+    epochs: int = 1                   # passes over the step's samples (--ppo-epochs)
+    micro_batch_size: int = 4         # rows per forward/backward
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = 3.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    loss_agg: str = "token-mean"
+    max_new_tokens: int = 4096        # the fixed length of seq-mean-token-sum-norm
+    temperature: float = 1.0          # divides the logits, as in sampling
+    old_logp: str = "recompute"       # or "sampler"
+    grad_clip: float = 1.0            # 0: off
+    grad_checkpointing: bool = False
+    fsdp: bool = False
+    compute_dtype: torch.dtype = torch.float32
+
+
+def lr_factor(opt_step: int, total: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Linear warm-up from 0 over warmup_steps optimizer steps, then constant or cosine down to min_lr_ratio."""
+    if opt_step < warmup_steps:
+        return (opt_step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (opt_step - warmup_steps) / max(1, total - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def micro_batches(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + size, hi)) for s in range(lo, hi, size)]
+
+
+def forward_logp(model, ro: Rollout, lo: int, hi: int, cfg: UpdateConfig, pad_id: int, device: torch.device,
+                 with_entropy: bool = False):
+    """[rows, T] log-probs (and entropies, else None) of rollout rows lo:hi, and their loss mask."""
+    ids, mask, P, T = pack_rows(ro.prompt_ids[lo:hi], ro.completion_ids[lo:hi], ro.attn_mask[lo:hi], pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    with autocast(device, cfg.compute_dtype):
+        out = model(ids, attention_mask=mask, targets=ids[:, P:], prompt_len=P, temperature=cfg.temperature,
+                    with_entropy=with_entropy)
+    B = hi - lo
+    logp, ent = (out[0].view(B, T), out[1].view(B, T)) if with_entropy else (out.view(B, T), None)
+    return logp, ent, ro.loss_mask[lo:hi, :T].to(device)
+
+
+def old_logprobs(model, ro: Rollout, cfg: UpdateConfig, pad_id: int, device: torch.device) -> torch.Tensor:
+    """[R, T] log-probs of the policy that sampled, for a rollout that feeds several optimizer steps."""
+    if cfg.old_logp == "sampler":
+        return ro.sampler_logp
+    old = torch.zeros_like(ro.sampler_logp)
+    with torch.no_grad():
+        for lo, hi in micro_batches(0, len(ro.prompt_ids), cfg.micro_batch_size):
+            lp, _, _ = forward_logp(model, ro, lo, hi, cfg, pad_id, device)
+            old[lo:hi, :lp.shape[1]] = lp.float().cpu()
+    return old
+
+
+def update(model, ref, optimizer, scheduler, ro: Rollout, cfg: UpdateConfig, pad_id: int, d: Dist) -> dict:
+    """Every optimizer step of one rollout. `model` is the (DDP/FSDP-wrapped) Policy, `ref` the frozen
+    reference Policy for the KL term (None without one). Returns sums for report.step_metrics."""
+    policy = unwrap(model)
+    policy.model.gradient_checkpointing = cfg.grad_checkpointing
+    policy.train()
+    rows_per_mini = len(ro.prompt_ids) // cfg.mini_batches
+    on_policy = cfg.mini_batches == 1 and cfg.epochs == 1
+    old_logp = None if on_policy else old_logprobs(model, ro, cfg, pad_id, d.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    totals = dict(tokens=0.0, clip=0.0, approx_kl=0.0, entropy=0.0, kl=0.0, grad_norm=0.0, opt_steps=0.0,
+                  loss=0.0, mismatch=0.0, mismatch_tokens=0.0)
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        for m in range(cfg.mini_batches):
+            lo, hi = m * rows_per_mini, (m + 1) * rows_per_mini
+            n_tok, n_seq = all_sum(d, list(grpo.step_counts(ro.loss_mask[lo:hi])))
+            if n_tok == 0:  # nothing to learn from on any rank: skip the optimizer step everywhere
+                continue
+            chunks = micro_batches(lo, hi, cfg.micro_batch_size)
+            for i, (a, b) in enumerate(chunks):
+                with grad_sync(model, i == len(chunks) - 1, cfg.fsdp):
+                    micro_step(model, ref, ro, a, b, old_logp, (n_tok, n_seq), cfg, pad_id, d, totals,
+                               check_sampler=epoch == 0 and m == 0)
+            optimizer_step(params, optimizer, scheduler, cfg.grad_clip, totals)
+    totals["update_time"] = time.perf_counter() - t0
+    return totals
+
+
+def micro_step(model, ref, ro: Rollout, lo: int, hi: int, old_logp: torch.Tensor | None, counts: tuple,
+               cfg: UpdateConfig, pad_id: int, d: Dist, totals: dict, check_sampler: bool) -> None:
+    """Forward and backward of rollout rows lo:hi; adds this micro-batch's numbers to totals."""
+    logp, ent, mask = forward_logp(model, ro, lo, hi, cfg, pad_id, d.device, with_entropy=True)
+    T = logp.shape[1]
+    old = logp.detach() if old_logp is None else old_logp[lo:hi, :T].to(d.device)
+    loss_tok, st = grpo.policy_loss(logp, old, ro.advantages[lo:hi].to(d.device), mask,
+                                    cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+    if ref is not None:
+        with torch.no_grad():
+            ref_logp, _, _ = forward_logp(ref, ro, lo, hi, cfg, pad_id, d.device)
+        kl_tok = grpo.kl_penalty(logp, ref_logp, cfg.kl_estimator)
+        loss_tok = loss_tok + cfg.kl_coef * kl_tok
+        totals["kl"] += float((kl_tok.detach() * mask).sum())
+    n_tok, n_seq = counts
+    loss = grpo.reduce_loss(loss_tok, mask, cfg.loss_agg, global_token_count=n_tok,
+                            max_len=cfg.max_new_tokens, global_seq_count=n_seq)
+    # DDP and FSDP2 average gradients over ranks; the loss is already a share of the global sum, so scale
+    # back up by the world size.
+    (loss * d.world).backward()
+    totals["loss"] += float(loss.detach())
+    k = float(st["tokens"])
+    totals["tokens"] += k
+    totals["clip"] += float(st["clip_frac"]) * k
+    totals["approx_kl"] += float(st["approx_kl"]) * k
+    totals["entropy"] += float((ent.detach() * mask).sum())
+    if check_sampler:  # weights still those that sampled: only float noise separates the two
+        sampler = ro.sampler_logp[lo:hi, :T].to(d.device)
+        totals["mismatch"] += float(((logp.detach() - sampler).abs() * mask).sum())
+        totals["mismatch_tokens"] += k
+
+
+def optimizer_step(params: list, optimizer, scheduler, grad_clip: float, totals: dict) -> None:
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+    totals["grad_norm"] += float(norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals["opt_steps"] += 1
