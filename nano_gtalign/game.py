@@ -19,7 +19,6 @@ import warnings
 from dataclasses import dataclass
 
 KEYS = ("DQ_AQ", "DQ_CQ", "DQ_DA", "VQ_AQ", "VQ_CQ", "VQ_DA")
-QUESTION_TYPES = ("DQ", "VQ")
 STRATEGIES = ("DA", "CQ", "AQ")
 FIELDS = ("LLM", "user")
 TAGS = ("thinking", "payoff", "analyze", "response")
@@ -211,6 +210,7 @@ def pareto_frontier(matrix: Matrix, eps: float = 1e-9) -> list[str]:
 
 
 def welfare_sum(l: float, u: float) -> float:
+    """l + u: the measure the four-block prompt asks the model to maximise."""
     return l + u
 
 
@@ -224,7 +224,7 @@ def cobb_douglas(l: float, u: float) -> float:
 def _better_by_sum(a: tuple[float, float], b: tuple[float, float], eps: float) -> bool:
     """The prompt's order: higher l+u, then higher user, then higher LLM; eps-equal counts as a tie."""
     (la, ua), (lb, ub) = a, b
-    for x, y in ((la + ua, lb + ub), (ua, ub), (la, lb)):
+    for x, y in ((welfare_sum(la, ua), welfare_sum(lb, ub)), (ua, ub), (la, lb)):
         if x > y + eps:
             return True
         if x < y - eps:

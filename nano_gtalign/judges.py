@@ -503,8 +503,6 @@ class HTTPJudge:
             raise JudgeUnavailableError(f"judge server at {self.base_url} does not serve model {self.model!r}; "
                                         f"it serves {served}")
 
-    ping = check
-
     def _ask(self, prompt: str) -> tuple[str | None, str | None, str | None]:
         """(reply text, finish_reason, None) or (None, None, error) after retries."""
         payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}],

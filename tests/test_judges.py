@@ -401,7 +401,7 @@ def test_http_check_names_a_missing_model(serve):
     server = serve(lambda payload, n: (200, "\\boxed{1}"), models=("Qwen/Qwen3-32B",))
     fast(server.url, model="Qwen/Qwen3-32B").check()
     with pytest.raises(JudgeUnavailableError, match="does not serve model 'test-model'.*Qwen3-32B"):
-        fast(server.url).ping()
+        fast(server.url).check()
 
 
 def test_http_bad_records_and_tasks_fail_without_a_request(serve):
