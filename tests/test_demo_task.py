@@ -231,3 +231,13 @@ def test_warm_start_learns_the_transcripts(demo_tokenizer, train, capsys):
         sft.warm_start(model, demo_tokenizer, records[:3], comps[:2], steps=1)
     with pytest.raises(ValueError, match="more than max_len=10"):
         sft.encode_examples(demo_tokenizer, records[:1], comps[:1], max_len=10)
+
+
+def test_warm_start_leaves_no_gradient_behind(demo_tokenizer, train):
+    # GRPO's first optimizer step must see only its own gradient, not the last supervised one.
+    records = train[:4]
+    comps = [t.completion for t in transcripts.make_transcripts(records, seed=0)]
+    torch.manual_seed(0)
+    model = Transformer(build.demo_model_config(demo_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1))
+    sft.warm_start(model, demo_tokenizer, records, comps, steps=2, batch_size=2, log_every=0)
+    assert all(p.grad is None for p in model.parameters())

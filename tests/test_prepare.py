@@ -149,3 +149,112 @@ def test_missing_pyarrow_is_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import now fails
     with pytest.raises(SystemExit, match="needs pyarrow"):
         prepare.prepare(tmp_path / "t.parquet", tmp_path / "o.jsonl", log=lambda *_: None)
+
+
+# --- fault handling: corrupt files, missing columns, unwritable --out ---------------------------------
+
+def corrupt_page(path):
+    """Overwrite the second row group's first data page with garbage: the footer still reads, so the file
+    opens and its first rows convert, then reading fails part-way (what a damaged download looks like)."""
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    start = chunk.data_page_offset
+    data[start:start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    """Cut a valid file in half: the footer is gone, so the file cannot be opened at all."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def write_two_groups(path, n=40):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([row(gt=str(i)) for i in range(n)]), path, row_group_size=n // 2)
+
+
+@pytest.mark.parametrize("damage", [corrupt_page, truncate])
+@pytest.mark.parametrize("single", [True, False])
+def test_a_corrupt_file_leaves_an_existing_good_output_untouched(tmp_path, damage, single):
+    src = tmp_path / "src" / "t.parquet"
+    write_two_groups(src)
+    out = tmp_path / ("o.jsonl" if single else "o")
+    dest = out if single else out / "t.jsonl"
+    prepare.prepare(src, out, log=lambda *_: None)
+    good = dest.read_text()
+    assert len(good.splitlines()) == 40
+    damage(src)
+    lines = []
+    (report,) = prepare.prepare(src, out, log=lines.append)
+    assert report.error and "cannot read parquet file" in report.error and report.kept == 0
+    assert dest.read_text() == good  # the earlier good output survives
+    assert not [p.name for p in dest.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert any("left unchanged" in l and str(dest) in l for l in lines)
+
+
+def test_one_corrupt_file_in_a_directory_is_named_and_the_rest_converted(tmp_path, capsys):
+    src = tmp_path / "src"
+    write(src / "a.parquet", [row()])
+    write_two_groups(src / "b.parquet")
+    corrupt_page(src / "b.parquet")
+    write(src / "c.parquet", [row(source="wildguard", gt="harmful")])
+    (src / "d.parquet").write_bytes(b"garbage, not parquet" * 10)
+    assert prepare.main(["--src", str(src), "--out", str(tmp_path / "o")]) == 1  # non-zero at the end
+    out = capsys.readouterr().out
+    assert len(read_jsonl(tmp_path / "o" / "a.jsonl")) == 1 and len(read_jsonl(tmp_path / "o" / "c.jsonl")) == 1
+    assert not (tmp_path / "o" / "b.jsonl").exists() and not (tmp_path / "o" / "d.jsonl").exists()
+    for name in ("b.parquet", "d.parquet"):
+        (line,) = [l for l in out.splitlines() if l.startswith("SKIP") and name in l]
+        assert "cannot read parquet file" in line
+    # pyarrow's multi-line message is folded into that one line, not spilled over several
+    assert all("parquet" in l for l in out.splitlines() if "Deserializing" in l or "thrift" in l)
+    assert "total: kept 2," in out and "files not converted 2" in out
+
+
+def test_a_missing_column_is_one_line_naming_it(tmp_path):
+    no_question = [row(question=f"What is {i} + 1?") for i in range(30)]
+    for r in no_question:
+        del r["extra_info"]["single_turn_prompt"]
+    write(tmp_path / "src" / "q.parquet", no_question)
+    no_reward = [row() for _ in range(12)]
+    for r in no_reward:
+        del r["reward_model"]
+    write(tmp_path / "src" / "r.parquet", no_reward)
+    lines = []
+    reports = prepare.prepare(tmp_path / "src", tmp_path / "o", log=lines.append)
+    by_file = {r.path.split("/")[-1]: r for r in reports}
+    assert (by_file["q.parquet"].kept, by_file["q.parquet"].skipped) == (0, 30)
+    assert (by_file["r.parquet"].kept, by_file["r.parquet"].skipped) == (0, 12)
+    skips = [l for l in lines if l.startswith("SKIP")]
+    assert len(skips) == 2, skips
+    (q,) = [l for l in skips if "q.parquet" in l]
+    assert "extra_info.single_turn_prompt" in q and "30 rows" in q
+    (r,) = [l for l in skips if "r.parquet" in l]
+    assert "reward_model" in r and "12 rows" in r
+    assert by_file["q.parquet"].error and by_file["r.parquet"].error  # a file-level failure, exit non-zero
+
+
+def test_row_skip_lines_are_capped_per_file(tmp_path):
+    write(tmp_path / "t.parquet", [row()] + [row(gt="") for _ in range(25)])
+    lines = []
+    (report,) = prepare.prepare(tmp_path / "t.parquet", tmp_path / "o.jsonl", log=lines.append)
+    assert (report.kept, report.skipped, report.error) == (1, 25, None)
+    skips = [l for l in lines if l.startswith("SKIP")]
+    assert len(skips) == 11 and all("missing ground truth" in l for l in skips[:10])
+    assert "row 10: missing ground truth" in skips[9] and "15 more" in skips[10]
+
+
+@pytest.mark.parametrize("out_name", ["o.jsonl", "o"])
+def test_an_unwritable_out_is_one_line_before_anything_is_converted(tmp_path, capsys, out_name):
+    write(tmp_path / "t.parquet", [row(gt="")])  # would print a SKIP line if it were converted
+    (tmp_path / "blocker").write_text("a file, not a directory")
+    out = tmp_path / "blocker" / "sub" / out_name
+    assert prepare.main(["--src", str(tmp_path / "t.parquet"), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    (err,) = captured.err.splitlines()
+    assert str(tmp_path / "blocker") in err and "--out" in err
+    assert "SKIP" not in captured.out and "wrote" not in captured.out
+    (tmp_path / "adir.jsonl").mkdir()  # a .jsonl --out that is a directory cannot be written either
+    assert prepare.main(["--src", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "adir.jsonl")]) == 2
+    assert "adir.jsonl" in capsys.readouterr().err

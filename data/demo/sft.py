@@ -70,7 +70,8 @@ def warm_start(model: Transformer, tokenizer: Tokenizer, records: list[dict], co
 
     Batches are drawn at random (with a generator seeded by seed) without replacement within an epoch.
     Right padding needs no attention mask: causal attention never lets a real token see the padding after it.
-    The learning rate rises linearly over warmup_steps, then stays constant.
+    The learning rate rises linearly over warmup_steps, then stays constant. Every parameter's .grad is None
+    on return.
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0; got steps={steps}, batch_size={batch_size}, lr={lr}")
@@ -105,6 +106,9 @@ def warm_start(model: Transformer, tokenizer: Tokenizer, records: list[dict], co
             el = time.time() - t0
             print(f"sft step {step + 1:4d}/{steps} | loss {losses[-1]:.3f} | lr {sched.get_last_lr()[0]:.2e} "
                   f"| {n_tokens / max(el, 1e-9):,.0f} tok/s | {el:.0f}s", flush=True)
+    # The last step's (clipped) gradient would otherwise stay on the parameters and be added to GRPO's first
+    # optimizer step; the caller gets a model with no gradient at all, as if freshly loaded.
+    opt.zero_grad(set_to_none=True)
     model.eval()
     return SFTStats(steps=steps, seconds=time.time() - t0, examples=len(examples), completion_tokens=n_tokens,
                     first_loss=losses[0], final_loss=sum(losses[-10:]) / len(losses[-10:]), losses=losses)

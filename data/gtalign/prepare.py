@@ -21,7 +21,14 @@ One JSON object per line, every column of the parquet row kept (docs/data.md):
 
 Every row is validated; a bad row (unknown data_source, missing ground truth,
 missing or empty messages, missing single_turn_prompt) is printed with its
-file and row index and skipped, and the skips are counted at the end.
+file and row index (the first 10 per file, then a count) and skipped, and the
+skips are counted at the end. A file that cannot be converted at all (it cannot
+be read, or it lacks a required column such as extra_info.single_turn_prompt)
+is one SKIP FILE line naming it and the reason; the other files are still
+converted, and the exit status is 1. Each output is written to a temporary file
+and renamed over the target only once complete, so a failure never truncates a
+good output from an earlier run; a single .jsonl --out is written only if every
+file converted. An unwritable --out is reported before anything is converted.
 pyarrow is needed by this script only.
 """
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,10 +47,25 @@ from pathlib import Path
 KNOWN_SOURCES = ("math-hard", "minerva", "medium", "wildguard", "advbench", "ambig_qa", "abg_coqa", "arith_demo")
 SOURCE_ALIASES = {"abg-coqa": "abg_coqa"}
 SPEC_EXTRA_FIELDS = ("single_turn_prompt", "chat_history", "single_turn_completion")
+# Columns without which no row of a file can become a record (checked once per file, from its schema).
+REQUIRED_COLUMNS = ("data_source", "prompt", "reward_model.ground_truth", "extra_info.single_turn_prompt")
+# Bad rows named per file; the rest are counted in one line (a systematic fault must not flood the log).
+MAX_LISTED_SKIPS = 10
 
 
 class RowError(ValueError):
     """A row that cannot become a record; the message says what is wrong."""
+
+
+class FileError(Exception):
+    """A whole parquet file that cannot be converted (unreadable, or a required column absent).
+
+    rows: how many rows the failure cost, where known (a missing column costs them all).
+    """
+
+    def __init__(self, message: str, rows: int = 0):
+        super().__init__(message)
+        self.rows = rows
 
 
 def canonical_source(name: str) -> str:
@@ -122,13 +145,36 @@ class FileReport:
     kept: int = 0
     skipped: int = 0
     filtered: int = 0  # rows of other data sources, left out on purpose by --sources
-    error: str | None = None  # the whole file could not be read
+    error: str | None = None  # the whole file could not be converted (unreadable, or a required column absent)
     by_source: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
 
 
-def iter_parquet_rows(path: Path, batch_size: int = 512):
-    """Yield the rows of one parquet file as dicts, a batch at a time (bounded memory)."""
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line: pyarrow's messages span several, and a log reader greps lines."""
+    return " ".join(str(e).split())
+
+
+def missing_column(schema) -> str | None:
+    """The first required column (a dotted path into struct columns) that a file's arrow schema lacks, or None.
+
+    Checked once per file so that a file without, say, extra_info.single_turn_prompt is one line naming the
+    column, not one SKIP line per row. A column of another type (not a struct) is left to the per-row checks.
+    """
+    import pyarrow as pa
+
+    for dotted in REQUIRED_COLUMNS:
+        head, *rest = dotted.split(".")
+        if head not in schema.names:
+            return head
+        kind = schema.field(head).type
+        if rest and pa.types.is_struct(kind) and kind.get_field_index(rest[0]) < 0:
+            return dotted
+    return None
+
+
+def open_parquet(path: Path):
+    """Open one parquet file (reads only its footer) and check its columns; FileError if either fails."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -136,30 +182,62 @@ def iter_parquet_rows(path: Path, batch_size: int = 512):
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a broken file
-        raise RowError(f"cannot read parquet file: {e}") from None
-    for batch in pf.iter_batches(batch_size=batch_size):
-        yield from batch.to_pylist()
+        raise FileError(f"cannot read parquet file: {one_line(e)}") from None
+    column = missing_column(pf.schema_arrow)
+    if column is not None:
+        n = pf.metadata.num_rows
+        raise FileError(f"required column {column} is missing (all {n} rows skipped)", rows=n)
+    return pf
 
 
-def find_parquet(src: Path) -> list[Path]:
+def iter_parquet_rows(path: Path, batch_size: int = 512):
+    """Yield the rows of one parquet file as dicts, a batch at a time (bounded memory).
+
+    A damaged data page only shows once it is read, part-way through the file: that is a FileError too, so the
+    caller can drop the rows it already has rather than write a silently shortened output.
+    """
+    pf = open_parquet(path)
+    done = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_size):
+            yield from batch.to_pylist()
+            done += batch.num_rows
+    except Exception as e:  # OSError, ArrowInvalid, ... depending on what is broken
+        raise FileError(f"cannot read parquet file after {done} rows: {one_line(e)}") from None
+
+
+def find_parquet(src: Path, split: str | None = None) -> list[Path]:
+    """The parquet files to convert: src itself, or every *.parquet below it (only SPLIT.parquet with split)."""
     if src.is_file():
-        return [src]
-    if src.is_dir():
-        return sorted(src.rglob("*.parquet"))
-    raise FileNotFoundError(f"--src {src} does not exist")
+        files = [src]
+    elif src.is_dir():
+        files = sorted(src.rglob("*.parquet"))
+    else:
+        raise FileNotFoundError(f"--src {src} does not exist")
+    if split is not None:
+        files = [f for f in files if f.stem == split]
+    if not files:
+        raise FileNotFoundError(f"no parquet files under {src}" + (f" named {split}.parquet" if split else ""))
+    return files
 
 
-def convert_file(path: Path, sources: set[str] | None, log=print) -> tuple[list[dict], FileReport]:
+def convert_file(path: Path, sources: set[str] | None, log=print,
+                 max_listed: int = MAX_LISTED_SKIPS) -> tuple[list[dict], FileReport]:
+    """Convert one parquet file: (records, report). Bad rows are skipped, the first max_listed of them named.
+
+    A file is converted whole or not at all: on a file-level failure it returns no records and a report with
+    only `error` (and, for a missing column, the rows it cost) set, and logs one line naming file and reason.
+    """
     report = FileReport(str(path))
     records = []
     try:
-        rows = iter_parquet_rows(path)
-        for i, row in enumerate(rows):
+        for i, row in enumerate(iter_parquet_rows(path)):
             try:
                 rec, notes = convert_row(row)
             except RowError as e:
                 report.skipped += 1
-                log(f"SKIP {path} row {i}: {e}")
+                if report.skipped <= max_listed:
+                    log(f"SKIP {path} row {i}: {e}")
                 continue
             if sources is not None and rec["data_source"] not in sources:
                 report.filtered += 1
@@ -168,53 +246,121 @@ def convert_file(path: Path, sources: set[str] | None, log=print) -> tuple[list[
             report.kept += 1
             report.by_source[rec["data_source"]] += 1
             report.notes.update(notes)
-    except RowError as e:
-        log(f"SKIP {path}: {e}")
-        report.error = str(e)
+    except FileError as e:
+        log(f"SKIP FILE {path}: {e}")
+        return [], FileReport(str(path), skipped=e.rows, error=str(e))
+    if report.skipped > max_listed:  # a bad column that slipped past the schema check must not flood the log
+        log(f"SKIP {path}: ... {report.skipped - max_listed} more bad rows not listed ({report.skipped} in all)")
     return records, report
 
 
-def prepare(src: Path, out: Path, sources: set[str] | None = None, split: str | None = None, log=print) -> list[FileReport]:
-    """Convert every parquet file under src; write JSONL; return one report per file."""
-    files = find_parquet(src)
-    if split is not None:
-        files = [f for f in files if f.stem == split]
-    if not files:
-        raise FileNotFoundError(f"no parquet files under {src}" + (f" named {split}.parquet" if split else ""))
+class AtomicJsonl:
+    """A JSONL output written under a temporary name in its own directory and renamed over the target by
+    commit(), after fsync: the target is only ever absent, the old complete file, or the new complete file.
+    Leaving the `with` block without commit() deletes the temporary file and leaves the target as it was.
+    """
+
+    def __init__(self, dest: Path):
+        self.dest = dest
+        self.tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")  # same directory: os.replace is atomic
+        self.file = open(self.tmp, "w", encoding="utf-8")
+        self.lines = 0
+
+    def write(self, records: list[dict]) -> None:
+        for rec in records:
+            self.file.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
+        self.lines += len(records)
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())  # the data is on disk before the name points at it
+        self.file.close()
+        os.replace(self.tmp, self.dest)
+
+    def __enter__(self) -> "AtomicJsonl":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)  # gone already after commit()
+
+
+def check_output(out: Path) -> None:
+    """Fail before anything is converted when --out cannot be written: create its directory and a probe file
+    there (os.access is no guide for root or a read-only mount). Raises ValueError naming the path."""
     single = out.suffix == ".jsonl"
-    reports = []
-    sink = None
-    if single:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sink = open(out, "w", encoding="utf-8")
+    if single and out.is_dir():
+        raise ValueError(f"--out {out} is a directory, but a .jsonl --out must be a file")
+    folder = out.parent if single else out
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".prepare-probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written: {one_line(e)}") from None
+
+
+def _not_written(dest: Path, why: str, log) -> None:
+    log(f"not written: {dest} ({why}; " + ("existing file left unchanged)" if dest.exists() else "no file made)"))
+
+
+def _prepare_tree(files: list[Path], src: Path, out: Path, sources, log) -> list[FileReport]:
+    """One output per parquet file, mirroring the source tree; a failed file leaves its output as it was."""
+    reports = []
+    for f in files:
+        records, report = convert_file(f, sources, log)
+        reports.append(report)
+        rel = f.relative_to(src) if src.is_dir() else Path(f.name)
+        dest = (out / rel).with_suffix(".jsonl")
+        if report.error:
+            _not_written(dest, "its parquet file was not converted", log)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with AtomicJsonl(dest) as sink:
+            sink.write(records)
+            sink.commit()
+        log(f"wrote {len(records)} records to {dest}")
+    return reports
+
+
+def _prepare_one_file(files: list[Path], out: Path, sources, log) -> list[FileReport]:
+    """Every file's rows in one output, written only if every file converted: a file missing a whole source
+    file would look complete, so the existing output (if any) is kept instead."""
+    reports = []
+    with AtomicJsonl(out) as sink:
         for f in files:
             records, report = convert_file(f, sources, log)
             reports.append(report)
-            if single:
-                target = sink
-            else:
-                rel = f.relative_to(src) if src.is_dir() else Path(f.name)
-                dest = (out / rel).with_suffix(".jsonl")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                target = open(dest, "w", encoding="utf-8")
-            for rec in records:
-                target.write(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
-            if not single:
-                target.close()
-                log(f"wrote {len(records)} records to {dest}")
-    finally:
-        if sink is not None:
-            sink.close()
-    if single:
-        log(f"wrote {sum(r.kept for r in reports)} records to {out}")
+            sink.write(records)
+        failed = sum(r.error is not None for r in reports)
+        if not failed:
+            sink.commit()
+            log(f"wrote {sink.lines} records to {out}")
+    if failed:
+        _not_written(out, f"{failed} of {len(files)} parquet files were not converted", log)
     return reports
+
+
+def prepare(src: Path, out: Path, sources: set[str] | None = None, split: str | None = None,
+            log=print) -> list[FileReport]:
+    """Convert every parquet file under src; write JSONL; return one report per file.
+
+    --src and --out are both checked before any file is converted. Outputs are replaced atomically
+    (AtomicJsonl), so neither a corrupt input nor a crash truncates a good output from an earlier run.
+    """
+    files = find_parquet(src, split)
+    check_output(out)
+    if out.suffix == ".jsonl":
+        return _prepare_one_file(files, out, sources, log)
+    return _prepare_tree(files, src, out, sources, log)
 
 
 def summarize(reports: list[FileReport], log=print) -> None:
     log(f"{'file':60s} {'kept':>6s} {'skipped':>8s} {'filtered':>9s}")
     for r in reports:
-        log(f"{r.path[-60:]:60s} {r.kept:6d} {r.skipped:8d} {r.filtered:9d}" + (f"  UNREADABLE: {r.error}" if r.error else ""))
+        failed = f"  NOT CONVERTED: {r.error}" if r.error else ""
+        log(f"{r.path[-60:]:60s} {r.kept:6d} {r.skipped:8d} {r.filtered:9d}{failed}")
         for note, n in sorted(r.notes.items()):
             log(f"    {n} rows: {note}")
     total = Counter()
@@ -222,7 +368,8 @@ def summarize(reports: list[FileReport], log=print) -> None:
         total.update(r.by_source)
     log("kept per data_source: " + ", ".join(f"{k} {v}" for k, v in sorted(total.items())))
     log(f"total: kept {sum(r.kept for r in reports)}, skipped {sum(r.skipped for r in reports)} (bad rows, listed above), "
-        f"filtered out by --sources {sum(r.filtered for r in reports)}, unreadable files {sum(r.error is not None for r in reports)}")
+        f"filtered out by --sources {sum(r.filtered for r in reports)}, "
+        f"files not converted {sum(r.error is not None for r in reports)} (listed above)")
 
 
 def parse_sources(text: str | None) -> set[str] | None:
@@ -246,14 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sources = parse_sources(args.sources)
         reports = prepare(Path(args.src), Path(args.out), sources, args.split)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad arguments, --src missing, --out unwritable, a full disk
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     summarize(reports)
     if sum(r.kept for r in reports) == 0:
         print("error: no records were written", file=sys.stderr)
         return 1
-    return 1 if any(r.error for r in reports) else 0
+    return 1 if any(r.error for r in reports) else 0  # the others were converted; still, not everything was
 
 
 if __name__ == "__main__":
