@@ -29,6 +29,7 @@ import argparse
 import copy
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,12 @@ from nano_gtalign.distributed import (Dist, exit_after_torchrun, print0, reduce_
                                       teardown, unwrap, wrap_ddp)
 from nano_gtalign.errors import UsageError
 from nano_gtalign.evaluate import EvalConfig, evaluate_policy
+from nano_gtalign.interrupts import StopOnSignal
 from nano_gtalign.judges import open_judge
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.policy import LOGPROB_BACKENDS, Policy, compute_dtype
-from nano_gtalign.report import MetricsLog, console_line, eval_line, format_eval_table, step_metrics
+from nano_gtalign.report import (MetricsLog, console_line, eval_line, format_eval_table, judge_failure_rate,
+                                  step_metrics)
 from nano_gtalign.reward import BLEUS, LLM_REWARDS, WELFARES
 from nano_gtalign.rollout import RolloutConfig, rollout
 from nano_gtalign.update import UpdateConfig, lr_factor, update
@@ -85,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--judge", default="rule", help='"rule" (offline) or an OpenAI-compatible URL, "URL#model"')
     a.add_argument("--judge-concurrency", type=int, default=32, help="HTTP judge requests in flight per rank")
     a.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per HTTP judge request")
+    a.add_argument("--max-judge-failures", type=float, default=0.5,
+                   help="stop (with a checkpoint) when more than this share of judgements failed over the last "
+                        "--judge-failure-window steps (1: never)")
+    a.add_argument("--judge-failure-window", type=int, default=3, help="steps the judge failure share is taken over")
     a = p.add_argument_group("reward")
     a.add_argument("--welfare", default="cobb_douglas", choices=WELFARES, help="W = sqrt(U L) | (U+L)/2 | U | L")
     a.add_argument("--llm-reward", default="main", choices=LLM_REWARDS, help="L as in the paper, or its ablation")
@@ -200,6 +207,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("need --lr > 0, --warmup-steps >= 0 and 0 <= --min-lr-ratio <= 1")
     if args.kl_coef < 0:
         raise UsageError(f"--kl-coef must be >= 0, got {args.kl_coef}")
+    if not 0 <= args.max_judge_failures <= 1 or args.judge_failure_window < 1:
+        raise UsageError("need 0 <= --max-judge-failures <= 1 and --judge-failure-window >= 1")
 
 
 def check_world(args: argparse.Namespace, d: Dist) -> None:
@@ -254,6 +263,16 @@ def build_policy(model: nn.Module, args, dtype: torch.dtype, d: Dist):
     return (wrap_ddp(policy, d) if d.on else policy), ref
 
 
+def make_out_dir(path: Path) -> None:
+    """Create OUT_DIR and check that files can be written there, before any work that would be lost."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out-dir {path}: cannot write there ({e.strerror or e})") from None
+
+
 @dataclass
 class RunResult:
     policy: nn.Module                  # the trained module (DDP/FSDP-wrapped under torchrun)
@@ -262,6 +281,7 @@ class RunResult:
     table: str | None                  # before/after table when there were two evaluations
     out_dir: Path
     final_dir: Path | None             # the exported Hugging Face directory (None when halted early)
+    exit_code: int = 0                 # 3: the judge kept failing; 128 + N: stopped by signal N
 
 
 def run(args: argparse.Namespace, d: Dist) -> RunResult:
@@ -272,7 +292,7 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
     if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_out_dir(out_dir)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -304,8 +324,7 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
         changed = {k: (state["args"].get(k), v) for k, v in flags.items()
                    if k not in RESUMABLE_FLAGS and state["args"].get(k) != v}
         print0(d, f"resumed from {path} at step {start}" + (f"; changed flags: {changed}" if changed else ""))
-    log = MetricsLog(out_dir / "metrics.jsonl", start if args.resume else None, d.main)
-    wandb = start_wandb(args.wandb, flags, out_dir) if args.wandb and d.main else None
+    log = MetricsLog(out_dir / "metrics.jsonl", start if args.resume else None, d.main, args.wandb, flags)
 
     rollout_cfg = RolloutConfig(
         group_size=args.group_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -330,8 +349,6 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
         m = evaluate_policy(policy, tokenizer, evals, eval_ids, eval_cfg, judge, d)
         log.write({"kind": "eval", "step": step, **m})
         print0(d, eval_line(step, m))
-        if wandb:
-            wandb.log({f"eval/{k}": v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
 
     # ---- the loop: prompts -> generate -> score -> advantages -> update -> log / evaluate / checkpoint
     if args.eval_every >= 0 and not args.resume:
@@ -339,35 +356,48 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
     history: list[dict] = []
     t_start = time.perf_counter()
     step = start
-    for step in range(start + 1, total_steps + 1):
-        t0 = time.perf_counter()
-        idx = next_prompts(cursor, len(train), args.prompts_per_step, args.seed)
-        share = args.prompts_per_step // d.world
-        mine = idx[d.rank * share: (d.rank + 1) * share]
-        ro = rollout(policy, tokenizer, [train[i] for i in mine], [train_ids[i] for i in mine], rollout_cfg,
-                     judge, generator, d)
-        up = update(trained, ref, optimizer, scheduler, ro, update_cfg, tokenizer.pad_token_id, d)
-        now, done = time.perf_counter(), step - start
-        m = step_metrics(step, total_steps, reduce_stats(d, ro.stats), reduce_stats(d, up),
-                         lr=scheduler.get_last_lr()[0], elapsed=now - t_start, step_time=now - t0,
-                         eta=(now - t_start) / done * (total_steps - step), epochs=args.ppo_epochs,
-                         with_kl=args.kl_coef > 0)
-        history.append(m)
-        log.write(m)
-        print0(d, console_line(m))
-        if wandb:
-            wandb.log({f"train/{k}": v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
-        if args.eval_every > 0 and step % args.eval_every == 0 and step != total_steps:
-            do_eval(step)
-        halting = args.halt_after is not None and done == args.halt_after and step != total_steps
-        if halting or (args.save_every > 0 and step % args.save_every == 0):
-            saved = save_checkpoint(out_dir, step, trained, optimizer, scheduler, cursor, generator, flags,
-                                    args.fsdp, d)
-            if saved:
-                print0(d, f"saved {saved}")
-        if halting:
-            print0(d, f"halted after {done} steps; continue with --resume")
-            return RunResult(trained, history, log.evals(), None, out_dir, None)
+    with StopOnSignal() as signals:
+        for step in range(start + 1, total_steps + 1):
+            t0 = time.perf_counter()
+            idx = next_prompts(cursor, len(train), args.prompts_per_step, args.seed)
+            share = args.prompts_per_step // d.world
+            mine = idx[d.rank * share: (d.rank + 1) * share]
+            ro = rollout(policy, tokenizer, [train[i] for i in mine], [train_ids[i] for i in mine], rollout_cfg,
+                         judge, generator, d)
+            up = update(trained, ref, optimizer, scheduler, ro, update_cfg, tokenizer.pad_token_id, d)
+            now, done = time.perf_counter(), step - start
+            m = step_metrics(step, total_steps, reduce_stats(d, ro.stats), reduce_stats(d, up),
+                             lr=scheduler.get_last_lr()[0], elapsed=now - t_start, step_time=now - t0,
+                             eta=(now - t_start) / done * (total_steps - step), epochs=args.ppo_epochs,
+                             with_kl=args.kl_coef > 0)
+            history.append(m)
+            log.write(m)
+            print0(d, console_line(m))
+            if args.eval_every > 0 and step % args.eval_every == 0 and step != total_steps:
+                do_eval(step)
+            # Stop early, with a checkpoint: a persistently failing judge, a signal, or --halt-after.
+            failing = judge_failure_rate(history, args.judge_failure_window)
+            judge_down = failing is not None and failing > args.max_judge_failures
+            interrupted = signals.requested(d)
+            halting = args.halt_after is not None and done == args.halt_after and step != total_steps
+            if judge_down or interrupted or halting or (args.save_every > 0 and step % args.save_every == 0):
+                saved = save_checkpoint(out_dir, step, trained, optimizer, scheduler, cursor, generator, flags,
+                                        args.fsdp, d)
+                if saved:
+                    print0(d, f"saved {saved}")
+            if judge_down:
+                example = next((s.judge_error for s in ro.scores if s.judge_failed), None)
+                print0(d, f"stopped after step {step}: the judge failed on {failing:.0%} of the last "
+                          f"{args.judge_failure_window} steps' samples (over --max-judge-failures "
+                          f"{args.max_judge_failures:g}); {example or 'see judge_failed in metrics.jsonl'}. "
+                          "Fix the judge, then continue with --resume")
+                return RunResult(trained, history, log.evals(), None, out_dir, None, exit_code=3)
+            if interrupted:
+                print0(d, f"interrupted by {signals.name} after step {step}; continue with --resume")
+                return RunResult(trained, history, log.evals(), None, out_dir, None, exit_code=signals.exit_code)
+            if halting:
+                print0(d, f"halted after {done} steps; continue with --resume")
+                return RunResult(trained, history, log.evals(), None, out_dir, None)
 
     # ---- export and the before/after table
     if args.eval_every >= 0 and step == total_steps and (step != start or not args.resume):
@@ -384,18 +414,8 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
         print0(d, f"\nheld-out evaluation, {len(evals)} prompts, {mode} (step {evals_logged[0]['step']} vs "
                   f"step {evals_logged[-1]['step']}):")
         print0(d, table)
-    if wandb:
-        wandb.finish()
+    log.close()
     return RunResult(trained, history, evals_logged, table, out_dir, final)
-
-
-def start_wandb(project: str, flags: dict, out_dir: Path):
-    try:
-        import wandb
-    except ImportError:
-        raise UsageError("--wandb needs the wandb package (pip install wandb)") from None
-    wandb.init(project=project, config=flags, dir=str(out_dir), resume="allow")
-    return wandb
 
 
 def main(argv: list[str] | None = None) -> RunResult:
@@ -409,8 +429,8 @@ def main(argv: list[str] | None = None) -> RunResult:
 
 if __name__ == "__main__":
     try:
-        main()
+        result = main()
     except (UsageError, CheckpointError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    exit_after_torchrun()
+    exit_after_torchrun(result.exit_code)

@@ -59,17 +59,18 @@ def teardown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def exit_after_torchrun() -> None:
-    """End a torchrun worker without interpreter finalization, once everything is written.
+def exit_after_torchrun(code: int = 0) -> None:
+    """End the process with `code`; a torchrun worker without interpreter finalization.
 
     Under torchrun (gloo) a worker thread of torch's process group can still be releasing the last
     collective's tensors when Python finalizes, which aborts the process ("terminate called without an
-    active exception", about 1 run in 10). Outside torchrun this returns and Python exits normally.
+    active exception", about 1 run in 10). Everything is written and flushed by then.
     """
+    sys.stdout.flush()
+    sys.stderr.flush()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+    sys.exit(code)
 
 
 def print0(d: Dist, *parts) -> None:

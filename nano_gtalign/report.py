@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from nano_gtalign.errors import UsageError
+
 # (key, header, format, meaning) of the before/after table of held-out evaluations
 EVAL_COLUMNS = (
     ("welfare", "W", "{:.3f}", "mean welfare W (the training score)"),
@@ -30,18 +32,21 @@ def fmt_time(s: float) -> str:
 def step_metrics(step: int, total: int, ro: dict, up: dict, *, lr: float, elapsed: float, step_time: float,
                  eta: float, epochs: int, with_kl: bool) -> dict:
     """One step's metrics.jsonl record from the rollout's (ro) and the update's (up) sums over ranks."""
-    n, scored, tok = ro["rows"], max(ro["scored"], 1), max(up["tokens"], 1)
-    opt = max(up["opt_steps"], 1)
+    n, tok, opt = ro["rows"], max(up["tokens"], 1), max(up["opt_steps"], 1)
+
+    def per_scored(key: str) -> float | None:  # a step whose judgements all failed has no welfare, not 0
+        return ro[key] / ro["scored"] if ro["scored"] else None
     return {
         "kind": "train", "step": step, "steps": total, "lr": lr, "time": elapsed, "step_time": step_time,
         "prompts_per_s": ro["groups"] / step_time, "tokens_per_s": ro["completion_tokens"] / step_time,
         "gen_tokens_per_s": ro["completion_tokens"] / max(ro["gen_time"], 1e-9),
         "update_tokens_per_s": ro["completion_tokens"] * epochs / max(up["update_time"], 1e-9),
-        "W": ro["W"] / scored, "U": ro["U"] / scored, "L": ro["L"] / scored,
-        "answer": ro["answer"] / scored, "format": ro["format"] / n,
+        "W": per_scored("W"), "U": per_scored("U"), "L": per_scored("L"),
+        "answer": per_scored("answer"), "format": ro["format"] / n,
         "DA": ro["DA"] / n, "CQ": ro["CQ"] / n, "AQ": ro["AQ"] / n,
         "completion_len": ro["completion_tokens"] / n, "truncated": ro["truncated"] / n,
-        "judge_failed": int(ro["judge_failed"]), "zero_spread_groups": int(ro["zero_spread_groups"]),
+        "samples": n, "judge_failed": int(ro["judge_failed"]), "judge_failure_rate": ro["judge_failed"] / n,
+        "zero_spread_groups": int(ro["zero_spread_groups"]),
         "train_rows": int(ro["train_rows"]),
         "kl": up["kl"] / tok if with_kl else None,
         "approx_kl": up["approx_kl"] / tok, "clip_frac": up["clip"] / tok, "entropy": up["entropy"] / tok,
@@ -54,8 +59,10 @@ def step_metrics(step: int, total: int, ro: dict, up: dict, *, lr: float, elapse
 
 def console_line(m: dict) -> str:
     kl = "-" if m["kl"] is None else f"{m['kl']:.4f}"
+    judge = f" | judge failed {m['judge_failure_rate']:.0%}" if m["judge_failed"] else ""
     return (f"step {m['step']:4d}/{m['steps']} | {m['prompts_per_s']:5.2f} p/s {m['tokens_per_s']:6.0f} tok/s | "
-            f"W {m['W']:.3f} U {m['U']:.3f} L {m['L']:.3f} | fmt {m['format']:.2f} ans {m['answer']:.2f} | "
+            f"W {_cell(m['W'])} U {_cell(m['U'])} L {_cell(m['L'])}{judge} | "
+            f"fmt {m['format']:.2f} ans {_cell(m['answer'], '{:.2f}')} | "
             f"DA {m['DA']:.2f} CQ {m['CQ']:.2f} AQ {m['AQ']:.2f} | len {m['completion_len']:5.1f} | kl {kl} | "
             f"clip {m['clip_frac']:.3f} | gnorm {m['grad_norm']:.3f} | lr {m['lr']:.1e} | "
             f"{m['step_time']:.1f}s eta {fmt_time(m['eta_s'])}")
@@ -69,7 +76,8 @@ def eval_line(step: int, m: dict) -> str:
     return (f"eval step {step} | n {m['n']} | W {_cell(m['welfare'])} U {_cell(m['user'])} L {_cell(m['llm'])} | "
             f"answer {_cell(m['answer_llm'])} | act_DQ {_cell(m['action_ok_DQ'])} act_VQ {_cell(m['action_ok_VQ'])} | "
             f"format {_cell(m['format_rate'])} | reas_ch {_cell(m['reasoning_chars'], '{:.0f}')} | "
-            f"tokens {_cell(m['completion_tokens'], '{:.1f}')}")
+            f"tokens {_cell(m['completion_tokens'], '{:.1f}')}"
+            + (f" | judge failed {m['judge_failure_rate']:.0%}" if m.get("judge_failure_rate") else ""))
 
 
 def format_eval_table(before: dict, after: dict) -> str:
@@ -83,26 +91,66 @@ def format_eval_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-class MetricsLog:
-    """OUT_DIR/metrics.jsonl (rank 0): one JSON line per training step and per evaluation."""
+def judge_failure_rate(history: list[dict], window: int) -> float | None:
+    """The share of failed judgements over the last `window` steps, None until there are that many."""
+    if len(history) < window:
+        return None
+    last = history[-window:]
+    return sum(m["judge_failed"] for m in last) / max(sum(m["samples"] for m in last), 1)
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-        self.path, self.enabled = path, enabled
+
+class MetricsLog:
+    """OUT_DIR/metrics.jsonl (rank 0): one JSON line per training step and per evaluation, also sent to
+    Weights & Biases when a project is given."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool, wandb_project: str | None = None,
+                 config: dict | None = None):
+        self.path, self.enabled, self.wandb = path, enabled, None
         if not enabled:
             return
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise UsageError("--wandb needs the wandb package (pip install wandb)") from None
+            wandb.init(project=wandb_project, config=config, dir=str(path.parent), resume="allow")
+            self.wandb = wandb
         if resume_step is None:
             path.write_text("")
         elif path.exists():  # drop lines written after the checkpoint we resume from
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in self._read() if ln["step"] <= resume_step]
+            path.write_text("".join(json.dumps(ln) + "\n" for ln in kept))
+
+    def _read(self) -> list[dict]:
+        """The file's records; a torn last line (the process died mid-write) is dropped, any other bad
+        line is an error naming it."""
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        out = []
+        for n, ln in enumerate(lines, 1):
+            if not ln.strip():
+                continue
+            try:
+                out.append(json.loads(ln))
+            except json.JSONDecodeError:
+                if n == len(lines):
+                    print(f"{self.path}: dropped a partial last line (the run stopped while writing it)")
+                    continue
+                raise UsageError(f"{self.path}:{n}: not valid JSON; fix or remove that line to resume") from None
+        return out
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log({f"{record['kind']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))},
+                           step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb:
+            self.wandb.finish()
 
     def evals(self) -> list[dict]:
         if not self.enabled or not self.path.exists():
             return []
-        lines = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
-        return [ln for ln in lines if ln["kind"] == "eval"]
+        return [ln for ln in self._read() if ln["kind"] == "eval"]
