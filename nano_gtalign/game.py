@@ -44,19 +44,81 @@ def _short(x: object, n: int = 40) -> str:
     return r if len(r) <= n else r[: n - 3] + "..."
 
 
-def _load(text: str) -> object:
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; deep nesting recurses
-        pass
+def _name(key: object) -> str:
+    return f'"{key}"' if isinstance(key, str) else _short(key)
+
+
+def _first_repeat(keys: list) -> list:
+    """[the first key written a second time] or [] (a list, not a set: a literal's keys may be
+    equal but of different types, 1 and 1.0, and a dict would merge them too)."""
+    seen: list = []
+    for k in keys:
+        if k in seen:
+            return [k]
+        seen.append(k)
+    return []
+
+
+def _refuse_repeats(top: list, cells: list[tuple[object, list]]) -> None:
+    """PayoffError for a key written twice at the top (top = [that key]) or a field written twice
+    in a cell (cells = [(cell key, [that field])]): the matrix is ambiguous, and both parsers would
+    silently keep the last value."""
+    if top:
+        raise PayoffError(f"payoff has the key {_name(top[0])} twice: an ambiguous matrix")
+    for cell, field in cells:
+        if field:
+            raise PayoffError(f"payoff[{_name(cell)}] has the field {_name(field[0])} twice: an ambiguous cell")
+
+
+def _load_json(text: str) -> object:
+    """json.loads, refusing repeated keys in the object and in its cells (ValueError if not JSON)."""
+    # id of a parsed object -> (the object, kept alive so its id is never reused, [its first repeat])
+    repeats: dict[int, tuple[dict, list]] = {}
+
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            repeats[id(obj)] = (obj, _first_repeat([k for k, _ in pairs]))
+        return obj
+
+    def repeat(obj: object) -> list:
+        return repeats.get(id(obj), (None, []))[1]
+
+    obj = json.loads(text, object_pairs_hook=hook)
+    if isinstance(obj, dict):
+        _refuse_repeats(repeat(obj), [(k, repeat(v)) for k, v in obj.items()])
+    return obj
+
+
+def _load_literal(text: str) -> object:
+    """ast.literal_eval (never eval), refusing repeated keys in the dict and in its cells."""
     try:
         with warnings.catch_warnings():  # junk such as a backslash before a letter warns (invalid escape)
             warnings.simplefilter("ignore")
-            return ast.literal_eval(text.translate(_CURLY_QUOTES))
-    # literal_eval raises SyntaxError, ValueError, TypeError (unhashable dict keys),
+            tree = ast.parse(text, mode="eval")
+            obj = ast.literal_eval(tree)
+    # parse/literal_eval raise SyntaxError, ValueError, TypeError (unhashable dict keys),
     # MemoryError/RecursionError (deep nesting) and more on junk; all of it means "not a literal".
     except Exception as e:
         raise PayoffError(f"payoff is neither JSON nor a Python literal ({type(e).__name__})") from None
+    root = tree.body
+    if isinstance(root, ast.Dict):   # it evaluated, so every key in it is a literal
+        def keys(node: ast.Dict) -> list:
+            return [ast.literal_eval(k) for k in node.keys]
+        _refuse_repeats(_first_repeat(keys(root)),
+                        [(ast.literal_eval(k), _first_repeat(keys(v)) if isinstance(v, ast.Dict) else [])
+                         for k, v in zip(root.keys, root.values)])
+    return obj
+
+
+def _load(text: str) -> object:
+    try:
+        return _load_json(text)
+    except PayoffError:   # a repeated key: JSON, but ambiguous (PayoffError is a ValueError too)
+        raise
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; deep nesting recurses
+        pass
+    return _load_literal(text.translate(_CURLY_QUOTES))
 
 
 def _number(value: object, where: str) -> float:
@@ -75,7 +137,8 @@ def _number(value: object, where: str) -> float:
 
 
 def parse_payoff(text: str) -> Matrix:
-    """Parse a <payoff> block into {key: (llm, user)} in KEYS order, or raise PayoffError."""
+    """Parse a <payoff> block into {key: (llm, user)} in KEYS order, or raise PayoffError (also for
+    a key or a cell's field written twice: an ambiguous matrix, docs/format.md#payoff-parsing)."""
     if not isinstance(text, str):
         raise PayoffError(f"payoff must be text, got {type(text).__name__}")
     if len(text) > MAX_PAYOFF_CHARS:
@@ -218,7 +281,10 @@ def cobb_douglas(l: float, u: float) -> float:
     """sqrt(l*u); only defined for l, u >= 0 (a product of two negatives must not look good)."""
     if not (l >= 0 and u >= 0):  # also catches NaN
         raise ValueError(f"cobb_douglas needs non-negative payoffs, got l={l}, u={u}")
-    return math.sqrt(l * u)
+    product = l * u
+    if math.isinf(product) and math.isfinite(l) and math.isfinite(u):   # l, u near 1e308: no overflow
+        return math.sqrt(l) * math.sqrt(u)
+    return math.sqrt(product)
 
 
 def _better_by_sum(a: tuple[float, float], b: tuple[float, float], eps: float) -> bool:
@@ -232,14 +298,29 @@ def _better_by_sum(a: tuple[float, float], b: tuple[float, float], eps: float) -
     return False
 
 
+def _sums_overflow(matrix: Matrix) -> bool:
+    """Whether a finite matrix has payoffs so large (near 1e308: parse_payoff takes any finite
+    number, and so does a price) that l+u or the Cobb-Douglas shift l-min overflows to inf, which
+    would tie every such cell. Never true for an ordinary matrix."""
+    values = [x for cell in matrix.values() for x in cell]
+    if not all(math.isfinite(x) for x in values):
+        return False
+    shift = min(0.0, min(values))
+    return any(not (math.isfinite(l + u) and math.isfinite(l - shift) and math.isfinite(u - shift))
+               for l, u in matrix.values())
+
+
 def choose_action(matrix: Matrix, rule: str = "sum", eps: float = 1e-9) -> str:
     """Pick one key. "sum": the prompt's rule, max l+u, ties by user, then LLM, then the first in
     the matrix order. "cobb_douglas" (sign-safe): among the Pareto frontier only, shift both
     coordinates by min(0, smallest payoff in the matrix) so every point is >= 0, then maximise
     sqrt(l'*u'); ties by the "sum" order. With no negative payoffs this is plain sqrt(l*u), and
-    (-3,-3) can never beat (2,2) as it did with upstream's raw product."""
+    (-3,-3) can never beat (2,2) as it did with upstream's raw product. A matrix whose sums or
+    shifted payoffs would overflow (payoffs near 1e308) is halved first, exactly, so no score is inf."""
     if not matrix:
         raise ValueError("choose_action needs a non-empty matrix")
+    if _sums_overflow(matrix):   # huge payoffs: halving is exact and keeps the order of cells
+        matrix = {k: (l / 2, u / 2) for k, (l, u) in matrix.items()}
     if rule == "sum":
         candidates = list(matrix)
         score = {k: 0.0 for k in candidates}

@@ -5,7 +5,7 @@ Two judges share one small protocol (`judge`, `judge_many`):
   and the synthetic arith_demo task offline, with no model.
 - HTTPJudge asks an OpenAI-compatible chat-completions server (e.g. vLLM
   serving Qwen3-32B) and reads the verdict from its reply, many requests in
-  flight at once, with per-request timeouts and retries. Standard library only.
+  flight at once, each under a total deadline, with retries. Standard library only.
 
 A verdict that could not be had is Verdict(failed=True, error=...), never a
 silent score of 0 (docs/reward.md): the reward counts it and the sample is dropped.
@@ -14,10 +14,14 @@ wildguard/advbench 0|0.5|1, ambig_qa/abg_coqa 0|1.
 """
 from __future__ import annotations
 
+import functools
+import http.client
 import json
 import math
 import os
 import re
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -434,6 +438,126 @@ def _default_prompt(request: JudgeRequest) -> str:
     return judge_prompt(canonical_task(request.task), request.question, request.response, request.ground_truth)
 
 
+# A judge reply is a few kB; a body past this is garbage, and reading it all would only fill memory.
+MAX_REPLY_BYTES = 16 * 2**20
+
+
+class _Deadline:
+    """A total time limit for one HTTP request (connect, send, headers and body together).
+
+    When it passes, every socket the request opened is shut down, which wakes a read or write
+    blocked on it: a server that trickles one byte at a time cannot hold a request longer than
+    `seconds`, as it could under a timeout per socket read."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return max(self.end - time.monotonic(), 1e-3)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self.expired:
+                self._socks.append(sock)
+                return
+        _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired, socks, self._socks = True, self._socks, []
+        for sock in socks:
+            _shut(sock)
+
+    def stop(self) -> bool:
+        """Disarm; True if the deadline had passed (then whatever was read is not trusted)."""
+        self._timer.cancel()
+        with self._lock:
+            self._socks = []
+            return self.expired
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:   # already closed
+        pass
+
+
+class _WatchedConnection:
+    """An http.client connection that connects within what is left of its deadline and hands
+    its socket (after any TLS handshake) to the deadline."""
+
+    def __init__(self, *args, deadline: _Deadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self):
+        self.timeout = self.deadline.remaining()
+        super().connect()
+        self.deadline.watch(self.sock)
+
+
+class _WatchedHTTP(_WatchedConnection, http.client.HTTPConnection):
+    pass
+
+
+_WATCHED: dict[type, type] = {http.client.HTTPConnection: _WatchedHTTP}
+if hasattr(http.client, "HTTPSConnection"):   # Python built with ssl
+    class _WatchedHTTPS(_WatchedConnection, http.client.HTTPSConnection):
+        pass
+    _WATCHED[http.client.HTTPSConnection] = _WatchedHTTPS
+
+
+class _DeadlineHandlerMixin:
+    """urllib handler that opens the request's connection as a _WatchedConnection (urllib keeps
+    doing proxies, TLS and redirects)."""
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(functools.partial(_WATCHED[http_class], deadline=req.deadline), req, **kwargs)
+
+
+class _DeadlineHTTPHandler(_DeadlineHandlerMixin, urllib.request.HTTPHandler):
+    pass
+
+
+class _DeadlineHTTPSHandler(_DeadlineHandlerMixin, urllib.request.HTTPSHandler):
+    pass
+
+
+class _DeadlineRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """A redirect is a new Request: it keeps the first one's deadline."""
+
+    def redirect_request(self, req, *args, **kwargs):
+        new = super().redirect_request(req, *args, **kwargs)
+        if new is not None:
+            new.deadline = req.deadline
+        return new
+
+
+class _HTTPStatus(Exception):
+    """A non-2xx answer: its code and the start of its body."""
+
+    def __init__(self, code: int, snippet: str):
+        super().__init__(f"HTTP {code}: {snippet}")
+        self.code, self.snippet = code, snippet
+
+
+class _BadReply(Exception):
+    """A 2xx reply whose body is not a chat completion; the message says how."""
+
+
+# What a request can raise besides _HTTPStatus and _BadReply: refused, reset, DNS, timeouts
+# (URLError and TimeoutError are OSErrors), and broken HTTP (IncompleteRead, BadStatusLine, ...).
+TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
+
+
 def _describe(err: BaseException, timeout: float) -> str:
     """A short cause for a failed call: 'connection refused', 'timed out after 2s', ..."""
     reason = err.reason if isinstance(err, urllib.error.URLError) else err
@@ -441,18 +565,63 @@ def _describe(err: BaseException, timeout: float) -> str:
         return "connection refused"
     if isinstance(reason, TimeoutError):
         return f"timed out after {timeout:g}s"
+    if isinstance(reason, http.client.RemoteDisconnected):   # a ConnectionResetError: test it first
+        return "the server closed the connection without a reply (RemoteDisconnected)"
+    if isinstance(reason, ConnectionResetError):
+        return "connection reset by the server (ConnectionResetError)"
+    if isinstance(reason, http.client.IncompleteRead):
+        more = f", {reason.expected} more expected" if reason.expected is not None else ""
+        return (f"the reply body is incomplete: the connection closed mid-reply or the chunked encoding "
+                f"broke (IncompleteRead: {len(reason.partial)} bytes read{more})")
+    if isinstance(reason, http.client.BadStatusLine):
+        return f"not an HTTP reply (BadStatusLine: {str(reason)[:80]!r})"
+    if isinstance(reason, http.client.HTTPException):
+        return f"broken HTTP reply ({type(reason).__name__}: {str(reason)[:80]})"
+    if isinstance(reason, _BadReply):
+        return f"it sent {reason}"
     return f"{type(reason).__name__}: {reason}"
+
+
+def _read_body(resp) -> bytes:
+    body = resp.read(MAX_REPLY_BYTES + 1)
+    if len(body) > MAX_REPLY_BYTES:
+        raise _BadReply(f"a reply body over {MAX_REPLY_BYTES} bytes")
+    if resp.length:   # Content-Length promised more (read(n) returns a short body without raising)
+        raise http.client.IncompleteRead(body, resp.length)
+    return body
+
+
+def _chat_completion(body: bytes) -> tuple[str, str | None]:
+    """(choices[0].message.content, finish_reason) of a chat-completions body, or _BadReply."""
+    try:
+        reply = json.loads(body)
+    except (ValueError, RecursionError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _BadReply(f"a body that is not JSON ({type(e).__name__}): {body[:200]!r}") from None
+    try:
+        choice = reply["choices"][0]
+        text = choice["message"].get("content")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise _BadReply(f"a reply that is not a chat completion (no choices[0].message): {body[:200]!r}") from None
+    if text is None:   # some servers send null content for an empty reply
+        text = ""
+    if not isinstance(text, str):
+        raise _BadReply(f"a reply that is not a chat completion (message.content is {type(text).__name__}, "
+                        f"not text): {body[:200]!r}")
+    finish_reason = choice.get("finish_reason")
+    return text, finish_reason if isinstance(finish_reason, str) else None
 
 
 class HTTPJudge:
     """LLM judge behind an OpenAI-compatible server (POST {base_url}/chat/completions).
 
-    judge_many sends up to max_concurrency requests at once. Each call has a
-    socket timeout of `timeout` seconds (per connect/read, so a server that
-    sends nothing fails after `timeout`); connection errors, timeouts, HTTP 5xx
-    and 429 are retried `retries` times, waiting backoff * 2**k between tries;
+    judge_many sends up to max_concurrency requests at once. Each attempt must
+    be over within `timeout` seconds in all (connect, send, headers and the
+    whole body: a server that trickles bytes is cut off at the deadline, see
+    _Deadline). Transport faults (refused, reset, closed mid-reply, broken HTTP,
+    a body that is not JSON or not a chat completion), timeouts, HTTP 5xx and
+    429 are retried `retries` times, waiting backoff * 2**k between tries;
     other HTTP 4xx are not retried. Whatever still fails becomes a failed
-    Verdict naming the URL and the cause.
+    Verdict naming the URL and the cause; judge_many never raises.
 
     rule_first: math-hard/minerva answers the RuleJudge finds correct are
     scored 1 without a request; the others are asked to the LLM, whose verdict
@@ -479,6 +648,8 @@ class HTTPJudge:
         self.api_key = api_key if api_key is not None else os.environ.get("JUDGE_API_KEY")
         self.extra_body = dict(extra_body or {})   # e.g. {"chat_template_kwargs": {"enable_thinking": False}} for vLLM
         self._rule = RuleJudge()
+        self._opener = urllib.request.build_opener(_DeadlineHTTPHandler, _DeadlineHTTPSHandler,
+                                                   _DeadlineRedirectHandler)
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -486,17 +657,43 @@ class HTTPJudge:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
+    def _fetch(self, url: str, data: bytes | None = None) -> bytes:
+        """The body of a 2xx reply to GET (data None) or POST `url`, all within `timeout` seconds.
+        Raises _HTTPStatus (non-2xx), _BadReply (body over MAX_REPLY_BYTES), TimeoutError (past the
+        deadline) or one of TRANSPORT_ERRORS."""
+        request = urllib.request.Request(url, data=data, headers=self._headers(),
+                                         method="GET" if data is None else "POST")
+        request.deadline = deadline = _Deadline(self.timeout)
+        body, error = b"", None
+        try:
+            try:
+                with self._opener.open(request, timeout=self.timeout) as resp:
+                    body = _read_body(resp)
+            except urllib.error.HTTPError as e:   # before OSError: HTTPError is one
+                try:
+                    snippet = e.read(200).decode("utf-8", "replace").strip()
+                except TRANSPORT_ERRORS:
+                    snippet = ""
+                finally:
+                    e.close()
+                raise _HTTPStatus(e.code, snippet) from None
+        except (_HTTPStatus, _BadReply, *TRANSPORT_ERRORS) as e:
+            error = e
+        if deadline.stop():   # whatever the reads saw, it was cut off by the deadline
+            raise TimeoutError(f"timed out after {self.timeout:g}s")
+        if error is not None:
+            raise error
+        return body
+
     def check(self) -> None:
         """Fail fast: raise JudgeUnavailableError unless the server answers
         GET {base_url}/models and (when it lists models) serves self.model."""
         url = self.base_url + "/models"
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=self._headers()),
-                                        timeout=self.timeout) as resp:
-                body = json.loads(resp.read())
-        except urllib.error.HTTPError as e:
+            body = json.loads(self._fetch(url))
+        except _HTTPStatus as e:
             raise JudgeUnavailableError(f"judge server at {url} answered HTTP {e.code}") from None
-        except (OSError, ValueError) as e:   # URLError, timeouts and connection errors are OSErrors
+        except (_BadReply, ValueError, RecursionError, *TRANSPORT_ERRORS) as e:
             raise JudgeUnavailableError(f"judge server at {url} is unreachable: {_describe(e, self.timeout)}") from None
         served = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)] if isinstance(body, dict) else []
         if served and self.model not in served:
@@ -513,29 +710,20 @@ class HTTPJudge:
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                    body = resp.read()
-            except urllib.error.HTTPError as e:   # before OSError: HTTPError is one
-                try:
-                    snippet = e.read(200).decode("utf-8", "replace").strip()
-                except OSError:
-                    snippet = ""
-                error = f"judge server {self.url} answered HTTP {e.code}: {snippet}"
+                text, finish_reason = _chat_completion(self._fetch(self.url, data))
+            except _HTTPStatus as e:
+                error = f"judge server {self.url} answered HTTP {e.code}: {e.snippet}"
                 if e.code == 429 or e.code >= 500:
                     continue
                 return None, None, error
-            except OSError as e:   # refused, reset, DNS, timeouts (URLError and TimeoutError are OSErrors)
+            except _BadReply as e:   # a broken reply is a transport fault: retried like a 5xx
+                error = f"judge server {self.url} sent {e}"
+                continue
+            except TRANSPORT_ERRORS as e:
                 error = f"judge server {self.url}: {_describe(e, self.timeout)}"
                 continue
-            try:
-                reply = json.loads(body)
-                choice = reply["choices"][0]
-                text = choice["message"].get("content") or ""
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                return None, None, f"judge server {self.url} sent a reply that is not a chat completion: {body[:200]!r}"
-            return text, choice.get("finish_reason"), None
+            return text, finish_reason, None
         return None, None, f"{error} (gave up after {self.retries + 1} attempts)"
 
     def _judge_llm(self, request: JudgeRequest) -> Verdict:
@@ -543,7 +731,10 @@ class HTTPJudge:
             prompt = self.prompt_fn(request)
         except ValueError as e:   # a record the prompt cannot describe (e.g. a bad safety label)
             return _failed(f"cannot build the judge prompt: {e}")
-        text, finish_reason, error = self._ask(prompt)
+        try:
+            text, finish_reason, error = self._ask(prompt)
+        except Exception as e:   # a fault nobody foresaw still costs one sample, not the run
+            return _failed(f"judge server {self.url}: unexpected {type(e).__name__}: {e}")
         if text is None:
             return _failed(error or "judge call failed")
         verdict = parse_verdict(request.task, text)

@@ -63,7 +63,8 @@ over the Pareto frontier (game.choose_action rule "cobb_douglas"; "sum" = max LL
 
 
 class PricingError(ValueError):
-    """A --price spec that cannot be read; the message names the bad part."""
+    """A --price spec that cannot be read, or a price whose effect on a payoff is not finite;
+    the message names the bad part."""
 
 
 def _strategy(key: str) -> str:
@@ -74,10 +75,24 @@ def _rounded(matrix: Matrix) -> Matrix:
     return {k: (round(l, ROUND_DECIMALS) + 0.0, round(u, ROUND_DECIMALS) + 0.0) for k, (l, u) in matrix.items()}
 
 
+def _finite(priced: Matrix, raw: Matrix, policy: Pricing) -> Matrix:
+    """priced, or PricingError naming the price and the first cell it pushed past the float range
+    (a non-finite payoff would only fail later, far from its cause, in the welfare)."""
+    for k, (l, u) in priced.items():
+        for who, x, before in (("LLM", l, raw[k][0]), ("user", u, raw[k][1])):
+            if not math.isfinite(x):
+                raise PricingError(f"price {policy.spec()!r} makes the {who} payoff of {k} {x:g} (from {before:g}), "
+                                   "which is not finite (the price or the matrix is too large)")
+    return priced
+
+
 @dataclass
 class NoPrice:
     def apply(self, matrix: Matrix) -> Matrix:
-        return dict(matrix)
+        return _finite(dict(matrix), matrix, self)
+
+    def spec(self) -> str:
+        return "none"
 
     def describe(self) -> str:
         return "none (the model's own matrix)"
@@ -88,7 +103,11 @@ class UpstreamLLM:
     s: float
 
     def apply(self, matrix: Matrix) -> Matrix:
-        return _rounded({k: (l + self.s, u + UPSTREAM_LLM_USER_BONUS[_strategy(k)]) for k, (l, u) in matrix.items()})
+        priced = {k: (l + self.s, u + UPSTREAM_LLM_USER_BONUS[_strategy(k)]) for k, (l, u) in matrix.items()}
+        return _rounded(_finite(priced, matrix, self))
+
+    def spec(self) -> str:
+        return f"upstream-llm:{self.s:g}"
 
     def describe(self) -> str:
         return f"upstream-llm:{self.s:g} (LLM +{self.s:g} on every cell; user +0 DA, +0.5 CQ, +1 AQ)"
@@ -99,7 +118,11 @@ class UpstreamUser:
     s: float
 
     def apply(self, matrix: Matrix) -> Matrix:
-        return _rounded({k: (l + UPSTREAM_USER_LLM_BONUS[_strategy(k)], u + self.s) for k, (l, u) in matrix.items()})
+        priced = {k: (l + UPSTREAM_USER_LLM_BONUS[_strategy(k)], u + self.s) for k, (l, u) in matrix.items()}
+        return _rounded(_finite(priced, matrix, self))
+
+    def spec(self) -> str:
+        return f"upstream-user:{self.s:g}"
 
     def describe(self) -> str:
         return f"upstream-user:{self.s:g} (user +{self.s:g} on every cell; LLM +1 DA, +0.5 AQ, +0 CQ)"
@@ -119,7 +142,11 @@ class TokenPrice:
         for k, (l, u) in matrix.items():
             c = self.cost(_strategy(k))
             out[k] = (l - c, u) if self.payer == "llm" else (l, u - c)
-        return _rounded(out)
+        return _rounded(_finite(out, matrix, self))
+
+    def spec(self) -> str:
+        tokens = ",".join(f"{s}={self.tokens[s]:g}" for s in STRATEGIES)
+        return f"token:per_1k={self.per_1k:g},payer={self.payer},{tokens}"
 
     def describe(self) -> str:
         costs = ", ".join(f"{s} {self.tokens[s]:g} tok = -{self.cost(s):g}" for s in STRATEGIES)
@@ -140,7 +167,19 @@ def _number(text: str, what: str, spec: str) -> float:
 
 
 def parse_pricing(spec: str) -> Pricing:
-    """Read a policy spec (see PRICING_HELP); PricingError names the part that is wrong."""
+    """Read a policy spec (see PRICING_HELP); PricingError names the part that is wrong, and
+    refuses a price whose effect on a payoff is not finite (e.g. token:per_1k=1e308, whose cost
+    per 1,000 tokens times 300 tokens overflows)."""
+    policy = _parse_pricing(spec)
+    try:   # the effect of the price alone: its shift of each cell of an all-zero matrix
+        policy.apply({k: (0.0, 0.0) for k in KEYS})
+    except PricingError:
+        raise PricingError(f"--price {spec!r}: the price's effect on a payoff is not finite "
+                           f"({policy.spec()}); use a smaller price or token count") from None
+    return policy
+
+
+def _parse_pricing(spec: str) -> Pricing:
     name, sep, arg = spec.strip().partition(":")
     name = name.strip().lower()
     if name == "none":
@@ -250,7 +289,10 @@ def steer(model, tokenizer, messages: list[dict], pricing: Pricing, params: Samp
         raw = parse_payoff(stage_one[start + len("<payoff>"): end])
     except PayoffError as e:
         return stopped(f"the model's payoff does not parse: {e}")
-    priced = pricing.apply(raw)
+    try:
+        priced = pricing.apply(raw)
+    except PricingError as e:   # a huge matrix pushed past the float range by the price
+        return stopped(f"repricing failed: {e}", raw)
     frontier_raw, frontier_priced = pareto_frontier(raw), pareto_frontier(priced)
     action_raw, action_priced = choose_action(raw, rule), choose_action(priced, rule)
     # Keep the model's own words before <payoff> (its thinking) verbatim; everything after is ours

@@ -109,6 +109,31 @@ def test_parse_rejects_with_a_message_naming_the_problem(text, words):
         assert w in str(e.value), (w, str(e.value))
 
 
+
+# A model that writes a cell (or a field) twice has written an ambiguous matrix: which value is meant?
+_DUP_KEY = PAYOFF[:-1] + ', "DQ_DA": {"LLM": 0.0, "user": 0.0}}'
+_DUP_FIELD = PAYOFF.replace('"DQ_CQ": {"LLM": 3.1,', '"DQ_CQ": {"LLM": 3.1, "LLM": -9,')
+_DUP_SAME = PAYOFF[:-1] + ', "VQ_AQ": {"LLM": 2.0, "user": 2.1}}'   # the same value twice is still refused
+
+
+@pytest.mark.parametrize("text, words", [
+    (_DUP_KEY, ['key "DQ_DA" twice']),
+    (_DUP_FIELD, ['payoff["DQ_CQ"]', 'field "LLM" twice']),
+    (_DUP_SAME, ['key "VQ_AQ" twice']),
+    (PAYOFF.replace('"user": 1.2}', '"user": 1.2, "user": 1.2}'), ['payoff["VQ_CQ"]', 'field "user" twice']),
+    (_DUP_KEY.replace('"', "'"), ['key "DQ_DA" twice']),                      # Python-literal path
+    (_DUP_FIELD.replace('"', "'"), ['payoff["DQ_CQ"]', 'field "LLM" twice']),
+    (_DUP_KEY[:-1] + ",}", ['key "DQ_DA" twice']),                             # literal (trailing comma)
+    (_DUP_FIELD.replace('"DQ_CQ"', "\u201cDQ_CQ\u201d"), ['payoff["DQ_CQ"]', 'field "LLM" twice']),  # curly quotes
+], ids=["json-key", "json-field", "json-same-value", "json-user-field", "literal-key", "literal-field",
+        "literal-trailing-comma", "curly-quotes-field"])
+def test_parse_refuses_a_key_or_field_written_twice(text, words):
+    with pytest.raises(PayoffError) as e:
+        parse_payoff(text)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+    assert not format_ok(completion(payoff=text))
+
 def test_parse_rejects_non_text():
     with pytest.raises(PayoffError, match="text"):
         parse_payoff(None)
@@ -298,6 +323,24 @@ def test_choose_action_cobb_douglas_is_sign_safe():
     m = {k: (2.0, 2.0) for k in KEYS} | {"VQ_CQ": (-3.0, -3.0)}
     assert choose_action(m, "cobb_douglas") == "DQ_AQ"  # five (2,2) ties: KEYS order
 
+
+
+def test_choose_action_huge_payoffs_do_not_overflow():
+    # products of payoffs near 1e200 overflow to inf: every cell would tie at inf and the first
+    # key would win whatever the numbers; the choice must be the one on the matrix scaled down
+    small = {"DQ_AQ": (1.0, 1.0), "DQ_CQ": (3.0, 1.0), "DQ_DA": (2.5, 2.5),
+             "VQ_AQ": (0.5, 0.5), "VQ_CQ": (1.0, 3.0), "VQ_DA": (-1.0, -1.0)}
+    for scale in (1e200, 1e307):
+        huge = {k: (l * scale, u * scale) for k, (l, u) in small.items()}
+        assert choose_action(huge, "cobb_douglas") == choose_action(small, "cobb_douglas") == "DQ_DA"
+        assert choose_action(huge, "sum") == choose_action(small, "sum") == "DQ_DA"
+    spread = {**small, "DQ_DA": (1.5e308, 1.5e308), "VQ_DA": (-1.5e308, -1.5e308)}   # l - shift overflows
+    assert choose_action(spread, "cobb_douglas") == "DQ_DA" and choose_action(spread, "sum") == "DQ_DA"
+    # small payoffs next to huge ones still count: every LLM payoff 1e308, the user's decides
+    flat = {k: (1e308, u) for k, (_, u) in small.items()}
+    assert pareto_frontier(flat) == ["VQ_CQ"]
+    assert choose_action(flat, "cobb_douglas") == choose_action(flat, "sum") == "VQ_CQ"
+    assert cobb_douglas(1e300, 1e300) == pytest.approx(1e300) and cobb_douglas(0.25, 4.0) == 1.0
 
 def test_choose_action_cobb_douglas_hand_numbers():
     # no negatives: no shift. DQ_AQ sqrt(3*0.1)=0.548 < DQ_DA sqrt(1*0.5)=0.707 (sum rule: 3.1 > 1.5)

@@ -6,6 +6,7 @@ HTTP judge against a real chat-completions server run by the test on 127.0.0.1.
 import json
 import re
 import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -214,7 +215,8 @@ def test_parse_verdict_scales_and_think():
 
 class FakeJudgeServer:
     """ThreadingHTTPServer on 127.0.0.1:0. `reply(payload, n)` (n = 1-based request
-    number) returns (status, content) or ("hang", None); it records requests,
+    number) returns (status, content), ("hang", None), or ("raw", write) where
+    write(handler) sends the reply's raw bytes (or resets); it records requests,
     headers and the most requests in flight at once."""
 
     def __init__(self, reply, delay=0.0, models=("test-model",)):
@@ -262,6 +264,13 @@ class FakeJudgeServer:
                 finally:
                     with outer.lock:
                         outer.in_flight -= 1
+                if status == "raw":   # content(handler) writes the reply's bytes itself (transport faults)
+                    self.close_connection = True
+                    try:
+                        content(self)
+                    except OSError:   # the client gave up (its deadline shut the socket)
+                        pass
+                    return
                 if status != 200:
                     self._send(status, {"error": content})
                     return
@@ -374,6 +383,144 @@ def test_http_hanging_server_times_out(serve):
     elapsed = time.perf_counter() - t0
     assert v.failed and v.score is None and "timed out after 0.3s" in v.error and server.url in v.error
     assert server.requests == 2 and elapsed < 1.5   # two tries of 0.3 s plus a 0.01 s backoff
+
+
+# ---------------------------------------------------------------------------
+# Transport faults: each is a counted failure, retried like a 5xx, never an exception
+
+
+def chat_body(content, finish="stop"):
+    return json.dumps({"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": content}}]}).encode()
+
+
+def raw_reply(body, headers=b"Content-Type: application/json\r\n", length=None):
+    """A handler writer: a 200 with `body`, Content-Length `length` (default: the body's), then close."""
+    def write(handler):
+        n = len(body) if length is None else length
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: %d\r\n\r\n" % n + body)
+    return write
+
+
+def reset(after=b""):
+    """A handler writer: send `after` (maybe nothing), then reset the connection (RST, not FIN)."""
+    def write(handler):
+        if after:
+            handler.wfile.write(after)
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        handler.connection.close()
+    return write
+
+
+def chunked_garbage(handler):
+    handler.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz-not-hex\r\nhello\r\n")
+
+
+def garbage_status(handler):
+    handler.wfile.write(b"garbage, not HTTP at all\r\n\r\n")
+
+
+TRANSPORT_FAULTS = {
+    # name: (writer, words the failed verdict's error must contain)
+    "content-length larger than the body": (raw_reply(chat_body("\\boxed{3}")[:40], length=500),
+                                            ["IncompleteRead", "40 bytes read"]),
+    "invalid JSON body": (raw_reply(b"{not json"), ["not JSON", "{not json"]),
+    "not UTF-8": (raw_reply(b"\xff\xfe\x00garbage"), ["not JSON"]),
+    "reset before the reply": (reset(), ["reset"]),
+    "reset mid-body": (reset(b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"choices\""), ["judge server"]),
+    "closed without a reply": (lambda handler: None, ["closed the connection without a reply"]),
+    "garbage status line": (garbage_status, ["not an HTTP reply", "garbage"]),
+    "chunked garbage": (chunked_garbage, ["IncompleteRead"]),
+    "no choices": (raw_reply(b'{"choices": []}'), ["not a chat completion", "choices"]),
+    "a JSON list": (raw_reply(b'[1, 2]'), ["not a chat completion"]),
+    "content not text": (raw_reply(b'{"choices": [{"message": {"content": 5}}]}'), ["not a chat completion", "int"]),
+    "message not an object": (raw_reply(b'{"choices": [{"message": "hi"}]}'), ["not a chat completion"]),
+}
+
+
+@pytest.mark.parametrize("fault", list(TRANSPORT_FAULTS))
+def test_http_transport_fault_is_retried_like_a_5xx(serve, fault):
+    writer, _ = TRANSPORT_FAULTS[fault]
+    server = serve(lambda payload, n: ("raw", writer) if n == 1 else (200, "\\boxed{3}"))
+    v = fast(server.url, retries=2).judge("medium", "q", "r", "ref")
+    assert (v.score, v.failed, v.error, server.requests) == (3.0, False, None, 2), v
+
+
+@pytest.mark.parametrize("fault", list(TRANSPORT_FAULTS))
+def test_http_transport_fault_is_a_counted_failure_naming_it(serve, fault):
+    writer, words = TRANSPORT_FAULTS[fault]
+    server = serve(lambda payload, n: ("raw", writer))
+    verdicts = fast(server.url, retries=1).judge_many([JudgeRequest("medium", "q", "r", "ref"),
+                                                       JudgeRequest("wildguard", "q", "r", "harmful")])
+    for v in verdicts:
+        assert v.failed and v.score is None and server.url in v.error and "gave up after 2 attempts" in v.error, v
+        for w in words:
+            assert w in v.error, (w, v.error)
+    assert server.requests == 4   # two requests, each tried twice
+
+
+def test_http_check_reports_transport_faults_as_unavailable(serve):
+    for writer in (garbage_status, reset()):
+        server = serve(lambda payload, n: (200, "\\boxed{1}"))
+        server.httpd.RequestHandlerClass.do_GET = lambda handler, w=writer: w(handler)
+        with pytest.raises(JudgeUnavailableError, match="unreachable"):
+            fast(server.url).check()
+
+
+
+def test_http_check_follows_a_redirect(serve):
+    server = serve(lambda payload, n: (200, "\\boxed{1}"))
+
+    def do_get(handler):
+        if handler.path == "/v1/models":   # a redirect is a new request: it must keep the deadline
+            handler.send_response(302)
+            handler.send_header("Location", "/v1/models/")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+        else:
+            handler._send(200, {"data": [{"id": "test-model"}]})
+    server.httpd.RequestHandlerClass.do_GET = do_get
+    fast(server.url).check()
+
+# ---------------------------------------------------------------------------
+# The timeout bounds the whole request, not each socket read
+
+
+def trickle_body(handler, slow=30, gap=0.3):
+    """A valid reply whose first `slow` body bytes (JSON whitespace) come one every `gap` seconds."""
+    body = chat_body("\\boxed{2}")
+    handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (slow + len(body)))
+    for _ in range(slow):
+        handler.wfile.write(b" ")
+        time.sleep(gap)
+    handler.wfile.write(body)
+
+
+def trickle_headers(handler, slow=30, gap=0.3):
+    """A valid reply whose headers come one byte every `gap` seconds."""
+    body = chat_body("\\boxed{2}")
+    handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    for _ in range(slow):
+        handler.wfile.write(b"a")
+        time.sleep(gap)
+    handler.wfile.write(b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+@pytest.mark.parametrize("writer", [trickle_body, trickle_headers], ids=["body", "headers"])
+def test_http_trickling_server_hits_the_total_deadline(serve, writer):
+    # one byte every 0.3 s never trips a per-read timeout of 1 s; the whole reply would take 9 s
+    server = serve(lambda payload, n: ("raw", writer))
+    t0 = time.perf_counter()
+    v = fast(server.url, timeout=1.0, retries=1).judge("medium", "q", "r", "ref")
+    elapsed = time.perf_counter() - t0
+    assert v.failed and v.score is None and "timed out after 1s" in v.error and "2 attempts" in v.error, v
+    assert server.requests == 2 and elapsed < 3.5, elapsed   # two tries of 1 s plus a 0.01 s backoff
+
+
+def test_http_total_deadline_lets_a_prompt_reply_through(serve):
+    server = serve(lambda payload, n: ("raw", lambda h: trickle_body(h, slow=3, gap=0.1)))
+    v = fast(server.url, timeout=1.0, retries=0).judge("medium", "q", "r", "ref")
+    assert (v.score, v.failed) == (2.0, False), v
 
 
 def test_http_no_verdict_is_a_failure_with_raw_kept(serve):

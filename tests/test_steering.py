@@ -1,6 +1,7 @@
 """nano_gtalign/steering.py: pricing policies on hand-computed matrices, and the two-stage
 generation driven by a stub sampler (which tokens it is asked to continue from)."""
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -101,6 +102,41 @@ def test_bad_specs_name_the_bad_part(spec, message):
     with pytest.raises(steering.PricingError, match=message.replace("(", r"\(").replace(")", r"\)")):
         steering.parse_pricing(spec)
 
+
+
+@pytest.mark.parametrize("spec, named", [
+    ("token:per_1k=1e308", "token:per_1k=1e+308"),                  # 1e308 * 300 tokens overflows
+    ("token:per_1k=1e300,payer=llm,AQ=1e300", "AQ=1e+300"),
+    ("token-price:per_1k=2,CQ=1e308,DA=1e308", "DA=1e+308"),
+])
+def test_price_whose_effect_is_not_finite_is_refused_naming_it(spec, named):
+    with pytest.raises(steering.PricingError) as e:
+        steering.parse_pricing(spec)
+    msg = str(e.value)
+    assert spec in msg and "not finite" in msg and named in msg, msg
+
+
+def test_apply_refuses_a_repriced_cell_that_is_not_finite():
+    huge = {k: (1.7976e308, -1.7976e308) for k in game.KEYS}   # the largest float is 1.7977e308
+    for spec, where in [("upstream-llm:1e308", "LLM"), ("upstream-user:-1e308", "user"),
+                        ("token:per_1k=1e305,payer=user", "user")]:   # the user pays 3e304 for DA
+        policy = steering.parse_pricing(spec)   # a finite effect: fine on an honest matrix
+        assert all(math.isfinite(x) for cell in policy.apply(M).values() for x in cell)
+        with pytest.raises(steering.PricingError) as e:
+            policy.apply(huge)
+        msg = str(e.value)
+        assert "not finite" in msg and "DQ_AQ" in msg and where in msg and spec.split(":")[0] in msg, msg
+    with pytest.raises(steering.PricingError, match="not finite"):
+        steering.NoPrice().apply({**M, "VQ_DA": (float("inf"), 0.0)})
+
+
+def test_steer_stops_cleanly_when_repricing_overflows(tokenizer):
+    huge = {k: (1.7e308, 1.0) for k in game.KEYS}
+    sampler = StubSampler(full_completion(game.format_payoff(huge)), "85</response>")
+    r = steering.steer("stub-model", tokenizer, MESSAGES, steering.parse_pricing("upstream-llm:1e308"),
+                       SamplingParams(max_new_tokens=20, temperature=0), generate_fn=sampler)
+    assert len(sampler.calls) == 1 and r.payoff_raw == huge and r.payoff_priced is None and r.response is None
+    assert r.error.startswith("repricing failed:") and "upstream-llm:1e+308" in r.error and "not finite" in r.error
 
 def test_steer_continues_the_same_generation(tokenizer):
     sampler = StubSampler(full_completion(game.format_payoff(M)), "Sure: 85. Want the steps?</response>ignored")
