@@ -40,7 +40,8 @@ import torch.nn as nn
 
 from data.demo import DEMO_OUT_DIR
 from nano_gtalign import grpo
-from nano_gtalign.checkpoint import export_final, load_checkpoint, restore, save_checkpoint
+from nano_gtalign.checkpoint import (export_final, load_checkpoint, remove_stale_temporaries, restore,
+                                     save_checkpoint)
 from nano_gtalign.data import Cursor, encode_prompts, next_prompts, read_splits
 from nano_gtalign.distributed import (Dist, exit_after_torchrun, print0, reduce_stats, setup_distributed, shard,
                                       teardown, unwrap, wrap_ddp)
@@ -293,6 +294,8 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
     out_dir = Path(args.out_dir)
     if d.main:
         make_out_dir(out_dir)
+        for stale in remove_stale_temporaries(out_dir):
+            print0(d, f"removed {stale} (left by an interrupted save)")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

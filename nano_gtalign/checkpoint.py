@@ -1,17 +1,26 @@
 """Training checkpoints that survive a crash at any moment, resume bit for bit, and the final export.
 
-A checkpoint is one torch.save file OUT_DIR/step_NNNNNN.pt holding the full (unsharded) weights, the
-optimizer and scheduler state, every rank's RNG states, the data cursor and the flags. Files are written
-through a temporary file, fsynced and renamed (`atomic_write_bytes`), then listed in OUT_DIR/checkpoints.json
-with their size and SHA-256; the two newest are kept. `load_checkpoint` verifies a file against the manifest
-before loading it and names the intact previous checkpoint when the newest is damaged.
+A checkpoint is one file OUT_DIR/step_NNNNNN.pt holding the full (unsharded) weights, the optimizer and
+scheduler state, every rank's RNG states, the data cursor and the flags. The file verifies itself: a
+256-byte text header (`head -c 256 step_000050.pt`) records the format, the size and the SHA-256 of the
+torch.save payload after it, so a copy taken anywhere is checked before anything is unpickled. Files are
+written through a temporary file, fsynced and renamed (`atomic_write_bytes`), then listed in
+OUT_DIR/checkpoints.json with their size and the SHA-256 of the whole file; the two newest are kept.
+`load_checkpoint` checks a file against its header and, when listed, the manifest, and when it is damaged
+names a previous checkpoint only after verifying that one too. `remove_stale_temporaries` deletes what
+writers killed mid-save left behind.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import random
+import re
+import shutil
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,12 +31,16 @@ import torch.nn as nn
 from nano_gtalign.data import Cursor
 from nano_gtalign.distributed import (Dist, all_gather, full_model_state, full_optimizer_state, load_full_state,
                                       print0, unwrap)
-from nano_gtalign.loader import CheckpointError, save_pretrained
+from nano_gtalign.loader import CheckpointError, default_file_mode, save_pretrained
 from nano_gtalign.model import Transformer
 
 MANIFEST = "checkpoints.json"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the SHA-256 header; 1 was a bare torch.save file
 KEEP = 2  # checkpoints kept: the newest and the one before it
+MAGIC = b"nano-gtalign checkpoint\n"
+HEADER_BYTES = 256  # fixed, so the header can be written after the payload it describes
+# Leftovers of atomic_write_bytes (.NAME.tmp-PID) and save_pretrained (.NAME.tmp-PID/, .NAME.old-PID/).
+TEMPORARY = re.compile(r"\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
 
 
 def fsync_dir(path: Path) -> None:
@@ -51,28 +64,179 @@ def sha256(path: Path) -> str:
 
 def atomic_write_bytes(path: Path, write) -> None:
     """Write through a temporary file in the same directory, fsync, then rename over the target: a reader
-    sees the old file or the complete new one, never a partial one. write(f) gets the open binary file."""
+    sees the old file or the complete new one, never a partial one. write(f) gets the open binary file.
+    An OSError (disk full, unwritable directory) propagates with the temporary file removed."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
+            # Like any new file (0644 under umask 022), also when a stale temporary of another mode is reused.
+            os.chmod(tmp, default_file_mode())
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # failing to clean up must not hide why the write failed
+            tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 
+# -----------------------------------------------------------------------------
+# The file: a header with the payload's size and SHA-256, then the torch.save payload
+
+
+class _Hashing:
+    """A write-only file that passes bytes through to `f`, counting and hashing them."""
+
+    def __init__(self, f):
+        self.f, self.size, self.sha = f, 0, hashlib.sha256()
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_checkpoint(f, state: dict) -> None:
+    """Header placeholder, the payload streamed through a hash (no second copy of the state in memory),
+    then the real header over the placeholder."""
+    f.write(b"\0" * HEADER_BYTES)
+    payload = _Hashing(f)
+    torch.save(state, payload)
+    info = json.dumps({"format": CHECKPOINT_FORMAT, "bytes": payload.size, "sha256": payload.sha.hexdigest()})
+    f.seek(0)
+    f.write((MAGIC + info.encode()).ljust(HEADER_BYTES - 1) + b"\n")
+
+
+def _read_header(f, path: Path) -> tuple[dict, bytes]:
+    """(format/bytes/sha256 the file records about its payload, the header's bytes); refuses a file
+    that is not a checkpoint of this format."""
+    head = f.read(HEADER_BYTES)
+    if not head.startswith(MAGIC):
+        if zipfile.is_zipfile(f):  # a bare torch.save file: format 1, or not train.py's at all
+            raise CheckpointError(f"{path}: not a train.py checkpoint (format {CHECKPOINT_FORMAT}): a plain "
+                                  "torch.save file without the SHA-256 header (older train.py versions wrote these)")
+        raise CheckpointError(f"{path}: unreadable checkpoint (no train.py checkpoint header)")
+    if len(head) < HEADER_BYTES:
+        raise CheckpointError(f"{path}: truncated checkpoint ({len(head)} bytes, shorter than its header)")
+    try:
+        info = json.loads(head[len(MAGIC):].decode())
+        if not (isinstance(info["bytes"], int) and isinstance(info["sha256"], str)):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: corrupt checkpoint (SHA-256 header damaged)") from None
+    if info.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a train.py checkpoint (format {CHECKPOINT_FORMAT}): "
+                              f"its header says format {info.get('format')}")
+    return info, head
+
+
+def _verify(f, path: Path, entry: dict | None) -> None:
+    """Check an open checkpoint against its own header and, when the manifest lists it, the manifest:
+    sizes first (cheap, and they name truncation), then both SHA-256s in one pass over the file."""
+    size = os.fstat(f.fileno()).st_size
+    if entry is not None and size != entry["bytes"]:
+        raise CheckpointError(f"{path}: truncated checkpoint ({size} bytes, the manifest says {entry['bytes']})")
+    info, head = _read_header(f, path)
+    if size != HEADER_BYTES + info["bytes"]:
+        raise CheckpointError(f"{path}: truncated checkpoint ({size} bytes, its header says "
+                              f"{HEADER_BYTES + info['bytes']})")
+    whole, payload = hashlib.sha256(head), hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        whole.update(block)
+        payload.update(block)
+    if entry is not None and whole.hexdigest() != entry["sha256"]:
+        raise CheckpointError(f"{path}: corrupt checkpoint (SHA-256 differs from the manifest)")
+    if payload.hexdigest() != info["sha256"]:
+        raise CheckpointError(f"{path}: corrupt checkpoint (SHA-256 differs from the one in its header)")
+
+
+class _Payload(io.RawIOBase):
+    """The bytes after the header of an open checkpoint, seen by torch.load as a file of their own."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+        f.seek(HEADER_BYTES)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self.f.readinto(b)
+
+    def tell(self) -> int:
+        return self.f.tell() - HEADER_BYTES
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        return self.f.seek(pos + HEADER_BYTES if whence == os.SEEK_SET else pos, whence) - HEADER_BYTES
+
+
+def _load_verified(path: Path, entry: dict | None) -> dict:
+    """Verify, then unpickle from the same open file (a rename over `path` meanwhile cannot swap it)."""
+    try:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint file is missing")
+        with open(path, "rb") as f:
+            _verify(f, path, entry)
+            try:  # our own verified file: the RNG states are pickled, so weights_only=False
+                state = torch.load(io.BufferedReader(_Payload(f)), map_location="cpu", weights_only=False)
+            except Exception as e:  # torch raises several types for a damaged zip/pickle
+                raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: "
+                                      f"{' '.join(str(e).split())[:200]})") from None
+    except PermissionError:
+        raise CheckpointError(f"permission denied reading {path}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a train.py checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+# -----------------------------------------------------------------------------
+# The manifest
+
+
 def read_manifest(out_dir: Path) -> list[dict]:
+    """OUT_DIR's checkpoint entries, oldest first ([] without a manifest); a one-line CheckpointError
+    naming the manifest when it cannot be read or an entry is malformed."""
     path = out_dir / MANIFEST
     if not path.exists():
         return []
     try:
-        entries = json.loads(path.read_text())["checkpoints"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint manifest ({e})") from None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{path}: unreadable checkpoint manifest "
+                              f"({getattr(e, 'strerror', None) or ' '.join(str(e).split())})") from None
+    entries = data.get("checkpoints") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise CheckpointError(f"{path}: malformed checkpoint manifest (no 'checkpoints' list)")
+    for i, entry in enumerate(entries):
+        problem = _entry_problem(entry)
+        if problem:
+            raise CheckpointError(f"{path}: malformed checkpoint manifest (entry {i}: {problem})")
     return entries
+
+
+def _entry_problem(entry) -> str | None:
+    """What is wrong with one manifest entry, or None."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    for key, kind in (("step", int), ("file", str), ("bytes", int), ("sha256", str)):
+        if key not in entry:
+            return f"no '{key}'"
+        if not isinstance(entry[key], kind):
+            return f"'{key}' is not {'an integer' if kind is int else 'a string'}"
+    # save_checkpoint deletes dropped entries' files: only plain names in OUT_DIR, never "../x" or "/x"
+    if Path(entry["file"]).name != entry["file"] or entry["file"] in ("", ".", ".."):
+        return f"'file' {entry['file']!r} is not a file name in this directory"
+    return None
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -93,7 +257,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, scheduler, cursor: Cursor,
                     generator: torch.Generator, flags: dict, fsdp: bool, d: Dist) -> Path | None:
     """Everything needed to continue bit for bit. Collective (all ranks call it); rank 0 writes and gets
-    the path, the other ranks None. `flags` are the run's settings, recorded to report changes on resume."""
+    the path, the other ranks None. `flags` are the run's settings, recorded to report changes on resume.
+    A failed write is a CheckpointError naming the file; the earlier checkpoints and manifest stay."""
     rngs = all_gather(d, rng_state(generator))
     if not (d.main or fsdp):  # FSDP gathers the full state collectively; DDP ranks hold identical copies
         return None
@@ -104,54 +269,120 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, sched
     }
     if not d.main:
         return None
-    name = f"step_{step:06d}.pt"
-    path = out_dir / name
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
-    entry = {"step": step, "file": name, "bytes": path.stat().st_size, "sha256": sha256(path)}
-    entries = [e for e in read_manifest(out_dir) if e["step"] != step] + [entry]
+    path = out_dir / f"step_{step:06d}.pt"
+    with _writing(path, "the earlier checkpoints and the manifest are unchanged"):
+        atomic_write_bytes(path, lambda f: _write_checkpoint(f, state))
+        entry = {"step": step, "file": path.name, "bytes": path.stat().st_size, "sha256": sha256(path)}
+    entries = [e for e in _manifest_to_update(out_dir, d) if e["step"] != step] + [entry]
     keep, drop = entries[-KEEP:], entries[:-KEEP]
-    atomic_write_bytes(out_dir / MANIFEST, lambda f: f.write(json.dumps({"checkpoints": keep}, indent=1).encode()))
+    manifest = out_dir / MANIFEST
+    with _writing(manifest, f"{path} itself is complete: --resume {path}"):
+        atomic_write_bytes(manifest, lambda f: f.write(json.dumps({"checkpoints": keep}, indent=1).encode()))
     for e in drop:  # only after the manifest no longer lists them
-        (out_dir / e["file"]).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a file that cannot be deleted only costs space
+            (out_dir / e["file"]).unlink(missing_ok=True)
     return path
 
 
+@contextlib.contextmanager
+def _writing(path: Path, kept: str):
+    """An OSError while writing `path` (disk full, unwritable directory) as one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write ({e.strerror or e}); {kept}") from None
+
+
+def _manifest_to_update(out_dir: Path, d: Dist) -> list[dict]:
+    """The entries a save extends. An unreadable manifest (a run resumed with --resume FILE beside it) is
+    replaced rather than ending the run here: its files stay on disk and each verifies on its own."""
+    try:
+        return read_manifest(out_dir)
+    except CheckpointError as e:
+        print0(d, f"warning: {e}; writing a new one (the checkpoint files it listed are left in place)")
+        return []
+
+
 def load_checkpoint(spec: str, out_dir: Path) -> tuple[dict, Path]:
-    """The checkpoint --resume names ("latest": the newest in OUT_DIR's manifest), verified against the
-    manifest's size and SHA-256 before loading. A bad file is refused and left alone."""
-    entries = read_manifest(out_dir)
+    """The checkpoint --resume names ("latest": the newest in OUT_DIR's manifest), verified against its own
+    header and, when listed, the manifest before anything is unpickled. A bad file is refused and left alone;
+    the message names an intact checkpoint to resume from instead, if there is one."""
     if spec == "latest":
+        entries = read_manifest(out_dir)
         if not entries:
             raise CheckpointError(f"{out_dir / MANIFEST}: no checkpoint to resume from")
         entry = entries[-1]
         path = out_dir / entry["file"]
     else:
         path = Path(spec)
-        entries = read_manifest(path.parent)
+        try:
+            entries = read_manifest(path.parent)
+        except CheckpointError:  # the file carries its own check: a broken manifest beside it does not matter
+            entries = []
         entry = next((e for e in entries if e["file"] == path.name), None)
-    others = [e["file"] for e in entries if entry is None or e["file"] != entry["file"]]
-    hint = f"; the previous checkpoint {path.parent / others[-1]} is intact: --resume {path.parent / others[-1]}" \
-        if others else ""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file is missing{hint}")
-    if entry is not None:
-        _verify(path, entry, hint)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are pickled
-    except Exception as e:  # torch raises several types for a damaged zip/pickle
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:200]}){hint}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a train.py checkpoint (format {CHECKPOINT_FORMAT})")
-    return state, path
+        return _load_verified(path, entry), path
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{_fallback(path, entry, entries)}") from None
 
 
-def _verify(path: Path, entry: dict, hint: str) -> None:
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise CheckpointError(f"{path}: truncated checkpoint ({size} bytes, the manifest says {entry['bytes']}){hint}")
-    if sha256(path) != entry["sha256"]:
-        raise CheckpointError(f"{path}: corrupt checkpoint (SHA-256 differs from the manifest){hint}")
+def _fallback(path: Path, failed: dict | None, entries: list[dict]) -> str:
+    """The hint after a refused checkpoint: the newest other listed checkpoint that verifies, or that none
+    does. Each candidate is checked in full (size and both hashes) before it is called intact."""
+    others = sorted((e for e in entries if failed is None or e["file"] != failed["file"]),
+                    key=lambda e: e["step"], reverse=True)
+    for e in others:
+        candidate = path.parent / e["file"]
+        try:
+            with open(candidate, "rb") as f:
+                _verify(f, candidate, e)
+        except (CheckpointError, OSError):
+            continue
+        which = "the previous checkpoint" if failed is None or e["step"] < failed["step"] else "checkpoint"
+        return f"; {which} {candidate} is intact: --resume {candidate}"
+    return f"; no other checkpoint in {path.parent / MANIFEST} is intact" if others else ""
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Delete what writers killed mid-save (SIGKILL, OOM, a lost node) left in out_dir: atomic_write_bytes'
+    .NAME.tmp-PID files, each as large as a checkpoint, and save_pretrained's .NAME.tmp-PID/ directories.
+    Only leftovers of processes no longer running are removed, so a writer still at work keeps its file;
+    call it once at start, on the one process that writes (rank 0). A .NAME.old-PID/ directory (the export
+    being replaced) goes only once NAME exists again: until then it may be the only complete copy.
+    Returns the removed paths; what cannot be removed is left (it only costs space)."""
+    removed = []
+    for p in sorted(out_dir.glob(".*-*")):
+        m = TEMPORARY.fullmatch(p.name)
+        if m is None or _running(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not (out_dir / m["target"]).exists():
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:
+            continue
+        removed.append(p)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists. Our own pid on a leftover at start is a dead writer's, reused."""
+    if pid == os.getpid():
+        return False
+    if os.name == "nt":  # os.kill there terminates the process: assume it runs, remove nothing
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except (OverflowError, ValueError):  # not a possible pid
+        return False
+    return True
 
 
 def restore(state: dict, model: nn.Module, optimizer, scheduler, generator: torch.Generator, fsdp: bool,

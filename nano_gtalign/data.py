@@ -48,16 +48,29 @@ def _read_parquet(path: Path) -> tuple[list, list[str]]:
 
 def _read_jsonl(path: Path) -> tuple[list, list[str]]:
     records, where = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            where.append(f"{path}:{n}")
+    try:
+        with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line
+            for n, raw in enumerate(f, 1):
+                line = _decode(raw, path, n)
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                where.append(f"{path}:{n}")
+    except PermissionError:
+        raise UsageError(f"permission denied reading {path}") from None
     return records, where
+
+
+def _decode(raw: bytes, path: Path, n: int) -> str:
+    """Line n of the file as text; bytes that are not UTF-8 are a UsageError naming the file and line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                         "line; save the file as UTF-8)") from None
 
 
 def check_record(record: object, where: str) -> None:

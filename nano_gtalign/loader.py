@@ -2,12 +2,16 @@
 
 Loading builds the model on the meta device and assigns the tensors read from disk, so the weights exist
 once in memory (a 3B bf16 model needs 6 GB, not 12). Saving writes the same layout back, loadable by
-transformers and vLLM unchanged. Every problem with a checkpoint is a one-line CheckpointError naming the file.
+transformers and vLLM unchanged, with the modes of normal files (0644 under umask 022) so other users can read
+a shared model. Every problem with a checkpoint is a one-line CheckpointError naming the file, an unreadable
+one included ("permission denied reading FILE").
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,6 +27,8 @@ from nano_gtalign.tokenizer import Tokenizer
 SafetensorError = getattr(safetensors, "SafetensorError", Exception)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+# The files Tokenizer.from_pretrained reads (those present).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
 class CheckpointError(ValueError):
@@ -31,6 +37,34 @@ class CheckpointError(ValueError):
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
+
+
+def default_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the umask (0644 under the usual 022). safetensors writes
+    through a private temporary file and leaves 0600, which other users of a shared model cannot read."""
+    try:  # Linux reports the umask without changing it (os.umask would, racing other threads)
+        status = Path("/proc/self/status").read_text()
+        return 0o666 & ~int(re.search(r"^Umask:\s*([0-7]+)$", status, re.M).group(1), 8)
+    except (OSError, AttributeError):  # not Linux, or a kernel before 4.7
+        return 0o644
+
+
+def _reports_permission(load):
+    """`load(path, ...)` with a PermissionError turned into "permission denied reading FILE": otherwise
+    it is a traceback, or (from safetensors and tokenizers) a misleading "No such file or directory"."""
+    @functools.wraps(load)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return load(path, *args, **kwargs)
+        except PermissionError as e:
+            raise CheckpointError(f"permission denied reading {e.filename or path}") from None
+    return wrapper
+
+
+def _check_readable(file: Path) -> None:
+    """Open `file` before a library that would misreport a PermissionError reads it."""
+    with file.open("rb"):
+        pass
 
 
 def _read_json(file: Path) -> dict:
@@ -42,6 +76,7 @@ def _read_json(file: Path) -> dict:
         raise CheckpointError(f"{file}: not valid JSON ({_one_line(e)})") from None
 
 
+@_reports_permission
 def load_config(path) -> ModelConfig:
     path = Path(path)
     if not path.is_dir():
@@ -80,6 +115,7 @@ def _as_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"unknown dtype {dtype!r} (e.g. 'bfloat16', 'float32')")
 
 
+@_reports_permission
 def load_pretrained(path, dtype=None, device="cpu") -> Transformer:
     """Load a Qwen2/Qwen3 model directory. dtype None keeps the checkpoint's dtype. Returned in eval mode."""
     path = Path(path)
@@ -92,6 +128,7 @@ def load_pretrained(path, dtype=None, device="cpu") -> Transformer:
 
     state: dict[str, torch.Tensor] = {}
     for file in files:
+        _check_readable(file)  # safe_open reports a file it may not read as "No such file or directory"
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for name in f.keys():
@@ -120,10 +157,14 @@ def load_pretrained(path, dtype=None, device="cpu") -> Transformer:
     return model.eval()
 
 
+@_reports_permission
 def load_tokenizer(path) -> Tokenizer:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: model directory does not exist")
+    for name in TOKENIZER_FILES:  # tokenizers reports an unreadable tokenizer.json without naming it
+        if (path / name).is_file():
+            _check_readable(path / name)
     try:
         return Tokenizer.from_pretrained(path)
     except (FileNotFoundError, ValueError) as e:
@@ -178,6 +219,9 @@ def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, max_s
     dtype = str(model.output_weight().dtype).removeprefix("torch.")
     config = dict(c.to_hf(), torch_dtype=dtype)  # torch_dtype: the key transformers <5 and vLLM read
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    mode = default_file_mode()
+    for file in tmp.iterdir():  # readable by others like any new file (safetensors leaves 0600)
+        file.chmod(mode)
 
     if path.exists():  # swap the old directory out only once the new one is complete
         old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -1,10 +1,14 @@
-"""Loader: HF model directories in and out, and a one-line CheckpointError naming the file for every bad input.
+"""Loader: HF model directories in and out, and a one-line CheckpointError naming the file for every bad input
+(unreadable files included); saved files get normal modes. Also data.read_records' encoding errors.
 
 Run: python -m pytest tests/test_loader.py -q
 """
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +239,97 @@ def test_missing_tokenizer(dirs, tmp_path):
         load_tokenizer(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- file modes and permissions
+
+def test_saved_files_are_readable_by_others(dirs, tmp_path):
+    # safetensors writes through a private temporary file (mode 0600): other users of a shared
+    # checkpoint could not read the weights. Everything is written like a normal file (0666 less the umask).
+    model, tok = load_pretrained(dirs["qwen2"]), load_tokenizer(dirs["qwen2"])
+    old = os.umask(0o022)
+    try:
+        save_pretrained(model, tok, tmp_path / "single")
+        save_pretrained(model, tok, tmp_path / "sharded", max_shard_size=60_000)
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "single").iterdir()) + list((tmp_path / "sharded").iterdir())
+    assert any(f.name.endswith(".safetensors") for f in files)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o644) for f in files}
+    assert oct((tmp_path / "single").stat().st_mode & 0o777) == oct(0o755)
+
+
+def deny_reading(monkeypatch, denied: set):
+    """Reading the files in `denied` fails as it does for a file of another user with mode 0600: open()
+    raises PermissionError, safetensors says "No such file or directory" (root ignores mode bits, so the
+    tests cannot chmod)."""
+    real_open, real_safe_open = Path.open, loader.safe_open
+
+    def path_open(self, *args, **kwargs):
+        if self in denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    def safe_open(file, *args, **kwargs):
+        if Path(file) in denied:
+            raise FileNotFoundError(f"No such file or directory: {file}")
+        return real_safe_open(file, *args, **kwargs)
+
+    def from_file(file):
+        if Path(file) in denied:
+            raise Exception("Permission denied (os error 13)")  # what tokenizers raises: no file name
+        return real_from_file(file)
+
+    import tokenizers
+    real_from_file = tokenizers.Tokenizer.from_file
+    monkeypatch.setattr(Path, "open", path_open)
+    monkeypatch.setattr(loader, "safe_open", safe_open)
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_file", from_file)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "model.safetensors.index.json",
+                                  "model-00002-of-", "tokenizer.json", "tokenizer_config.json"])
+def test_permission_denied_is_not_reported_as_missing(dirs, monkeypatch, name):
+    path = dirs["qwen2_sharded"] if "-of-" in name or "index" in name else dirs["qwen2"]
+    file = next(f for f in sorted(path.iterdir()) if f.name.startswith(name))
+    deny_reading(monkeypatch, {file})
+    with pytest.raises(CheckpointError) as info:
+        load_tokenizer(path) if name.startswith("tokenizer") else load_pretrained(path)
+    assert str(info.value) == f"permission denied reading {file}"
+
+
+@pytest.mark.slow
+def test_permission_denied_for_real(dirs, tmp_path):
+    """The same with real mode bits: directly when not root, else as root without CAP_DAC_OVERRIDE."""
+    path = copy(dirs["qwen2"], tmp_path / "m")
+    (path / "model.safetensors").chmod(0)
+    script = ("import sys\nfrom nano_gtalign.loader import CheckpointError, load_pretrained\n"
+              "try:\n    load_pretrained(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)\n")
+    cmd = [sys.executable, "-c", script, str(path)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root ignores mode bits and setpriv is not available to drop that")
+        caps = "-dac_override,-dac_read_search"
+        cmd = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *cmd]
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    if res.returncode != 0 and "setpriv" in res.stderr:
+        pytest.skip(f"setpriv cannot drop capabilities here: {res.stderr.strip()}")
+    assert res.stdout.strip() == f"permission denied reading {path / 'model.safetensors'}", res.stderr
+
+
+# ---------------------------------------------------------------- data files (nano_gtalign/data.py)
+
+def test_non_utf8_data_file_names_the_line(tmp_path):
+    from nano_gtalign.data import read_records
+    from nano_gtalign.errors import UsageError
+    record = {"prompt": [{"role": "user", "content": "What is 3 + 4?"}], "data_source": "arith_demo",
+              "reward_model": {"ground_truth": "7"}}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(json.dumps(record).encode() + b"\n\n" + b'{"prompt": "caf\xe9"}\n')  # latin-1, not UTF-8
+    with pytest.raises(UsageError) as info:
+        read_records(bad)
+    assert str(info.value).startswith(f"{bad}:3: not valid UTF-8"), str(info.value)
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(json.dumps(record | {"note": "caf\u00e9 \u2713"}, ensure_ascii=False).encode() + b"\r\n")
+    assert read_records(good)[0]["note"] == "caf\u00e9 \u2713"
