@@ -16,35 +16,44 @@ such a file, so a run can be re-scored with another judge). --per-sample writes 
 completion: its metrics row (nano_gtalign/metrics.py), the completion, the record and the reward
 breakdown. --compare reads two --per-sample files. The printed table has, per data source and
 overall, every metric of docs/metrics.md; metrics.group_metrics documents each denominator.
+
+Faults: every input record and output path is checked before the first judge call. --per-sample lines
+are written as each chunk is scored (one process generates and scores a few batches at a time), so
+Ctrl-C (exit 130) keeps them and --resume scores only the rest. When the judge failed on more than half
+of the completions it was asked about, eval.py says so on stderr, writes its outputs and exits 3.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from data.demo import DEMO_MODEL, DEMO_TEST_DATA, missing_data_hint, missing_model_hint
 from nano_gtalign.data import read_records
-from nano_gtalign.distributed import Dist, exit_after_torchrun, gather_lists, setup_distributed, teardown
+from nano_gtalign.distributed import Dist, all_gather, exit_after_torchrun, gather_lists, setup_distributed, teardown
 from nano_gtalign.errors import UsageError
-from nano_gtalign.evaluate import Completion, generate_completions, score_completions
+from nano_gtalign.evaluate import (
+    Key, SampleLog, check_scorable, check_writable, generate_completions, judge_failures, json_safe, sample_keys,
+    score_completions,
+)
 from nano_gtalign.judges import open_judge
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.metrics import (
     breakdown_dict, compare, format_comparison, format_table, frontier, metrics_by_source, per_prompt_points,
+    prompt_key,
 )
 from nano_gtalign.reward import BLEUS, LLM_REWARDS, WELFARES
 from nano_gtalign.sampling import SamplingParams
 
 SCORE_CHUNK = 256                      # completions per score_batch call (bounds memory, shows progress)
+JUDGE_FAILED_EXIT = 3                  # the judge failed on more than half of the completions it was asked about
+INTERRUPTED_EXIT = 130                 # Ctrl-C, as a shell reports it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--limit", type=int, default=None, help="only the first N records / completions")
     sc = p.add_argument_group("scoring")
     sc.add_argument("--judge", default="rule", help="'rule' or an OpenAI-compatible URL[#model] (default: %(default)s)")
+    sc.add_argument("--judge-timeout", type=float, default=60.0,
+                    help="seconds per HTTP judge request (default: %(default)s)")
+    sc.add_argument("--judge-concurrency", type=int, default=32,
+                    help="HTTP judge requests in flight (default: %(default)s)")
     sc.add_argument("--welfare", default="cobb_douglas", choices=WELFARES, help="W in the breakdown (default: %(default)s)")
     sc.add_argument("--llm-reward", default="main", choices=LLM_REWARDS, help="L variant (default: %(default)s)")
     sc.add_argument("--bleu", default="char", choices=BLEUS, help="BLEU for the writing task (default: %(default)s)")
@@ -78,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = the checkpoint's dtype (default: %(default)s)")
     o = p.add_argument_group("outputs")
     o.add_argument("--out", default=None, help="write every number as JSON here")
-    o.add_argument("--per-sample", default=None, help="write one JSON line per completion here")
+    o.add_argument("--per-sample", default=None,
+                   help="write one JSON line per completion here as each is scored (an existing file needs --resume)")
+    o.add_argument("--resume", action="store_true",
+                   help="continue the --per-sample file of an interrupted run: score only what it lacks")
     o.add_argument("--plot", default=None, help="PNG of the per-prompt (U, L) points and their frontier (needs matplotlib)")
     return p
 
@@ -87,14 +103,18 @@ def fail(msg: str):
     sys.exit(f"eval.py: {msg}")
 
 
-def read_jsonl(path: str, what: str, limit: int | None = None) -> list[dict]:
-    """Objects of a JSONL file; a bad line is an error naming file and line."""
+def read_jsonl(path: str, what: str, limit: int | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) for each line of a JSONL file; a bad line is an error naming file and line."""
     p = Path(path)
     if not p.is_file():
         fail(f"no {what} file at {path}")
     out = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                fail(f"{path} line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)")
             if not line.strip():
                 continue
             try:
@@ -103,7 +123,7 @@ def read_jsonl(path: str, what: str, limit: int | None = None) -> list[dict]:
                 fail(f"{path} line {n} is not JSON: {e}")
             if not isinstance(obj, dict):
                 fail(f"{path} line {n} must be a JSON object, got {type(obj).__name__}")
-            out.append(obj)
+            out.append((n, obj))
             if limit is not None and len(out) >= limit:
                 break
     if not out:
@@ -111,19 +131,75 @@ def read_jsonl(path: str, what: str, limit: int | None = None) -> list[dict]:
     return out
 
 
-def json_safe(x):
-    """NaN/inf (e.g. metrics of an empty comparison) become null so the file is strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
+# -----------------------------------------------------------------------------
+# inputs and outputs, all checked before the first judge call
+
+@dataclass
+class Item:
+    """One completion to score, with what is known of how it was generated."""
+    key: Key                   # (prompt_id, sample, k): matches its --per-sample line on --resume
+    record: dict
+    completion: str
+    sample: int
+    finish_reason: str | None
+    generated_tokens: int | None
+
+
+def open_outputs(args, d: Dist) -> tuple[SampleLog | None, set[Key]]:
+    """Rank 0 checks that --out/--per-sample/--plot can be written and opens --per-sample (reading what an
+    interrupted run left there, with --resume); every rank learns which completions are already scored."""
+    sink = None
+    if d.main:
+        for flag in ("out", "per_sample", "plot"):
+            if getattr(args, flag):
+                check_writable(getattr(args, flag), "--" + flag.replace("_", "-"))
+        if args.per_sample:
+            sink = SampleLog(args.per_sample, args.resume)
+    return sink, all_gather(d, set(sink.done) if sink else set())[0]
+
+
+def completion_items(args) -> list[Item]:
+    """The --completions file's lines, each record checked (file and line named) before anything is scored."""
+    found = []
+    for n, obj in read_jsonl(args.completions, "completions", args.limit):
+        where = f"{args.completions} line {n}"
+        rec, text, sample = obj.get("record"), obj.get("completion"), obj.get("sample", 0)
+        if not isinstance(rec, dict) or not isinstance(text, str):
+            fail(f"{where} needs a 'record' object and a 'completion' string")
+        if not isinstance(sample, int) or isinstance(sample, bool) or sample < 0:
+            fail(f"{where}: 'sample' must be an integer >= 0, got {sample!r}")
+        check_scorable(rec, where)
+        found.append((rec, text, sample, obj.get("finish_reason"), obj.get("generated_tokens")))
+    keys = sample_keys([(prompt_key(rec), sample) for rec, _, sample, _, _ in found])
+    return [Item(k, *f) for k, f in zip(keys, found)]
+
+
+def read_data(args) -> tuple[list[dict], list[list[Key]]]:
+    """--data's records (read_records names file and line), each also checked for what scoring needs, and
+    the key of each record's num_samples completions."""
+    if not Path(args.data).is_file():
+        fail(f"no records file at {args.data}{missing_data_hint(args.data)}")
+    records = read_records(args.data)[:args.limit]
+    for i, rec in enumerate(records):
+        check_scorable(rec, f"{args.data} record {i + 1}")
+    n = args.num_samples
+    flat = sample_keys([(prompt_key(rec), s) for rec in records for s in range(n)])
+    return records, [flat[i * n: (i + 1) * n] for i in range(len(records))]
+
+
+def token_counter(args, log):
+    if not args.tokenizer:
+        log("no --tokenizer: token counts, response/total ratio and answer per 1k tokens are '-'")
         return None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    return x
+    try:
+        tok = load_tokenizer(args.tokenizer)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load tokenizer from {args.tokenizer}: {e}")
+    return lambda s: len(tok.encode(s))
 
 
 # -----------------------------------------------------------------------------
-# generation (optionally sharded across torchrun ranks) and scoring
+# generation (optionally sharded across torchrun ranks) and scoring, written out as it goes
 
 def default_max_new_tokens(model, prompt_ids: dict[int, list[int]]) -> int:
     """512, or what the model's context leaves after the longest prompt (the demo's model has 512 positions)."""
@@ -131,25 +207,76 @@ def default_max_new_tokens(model, prompt_ids: dict[int, list[int]]) -> int:
     return max(1, min(512, model.config.max_position_embeddings - longest))
 
 
-def generate_mine(model, tokenizer, records: list[dict], args, d: Dist, log) -> list[Completion]:
-    """This rank's share records[rank::world], batched by prompt length so a batch carries little padding."""
-    mine = list(range(d.rank, len(records), d.world))
-    ids = {i: tokenizer.encode_chat(records[i]["prompt"], add_generation_prompt=True) for i in mine}
+def score_items(items: list[Item], args, judge, count_tokens, sink: SampleLog | None, log) -> dict[Key, dict]:
+    """The --per-sample lines of items by key; each chunk is appended to the --per-sample file once scored."""
+    new: dict[Key, dict] = {}
+
+    def keep(start: int, rows: list[dict], breakdowns: list) -> None:
+        part = items[start: start + len(rows)]
+        lines = [{**row, "sample": it.sample, "finish_reason": it.finish_reason, "completion": it.completion,
+                  "record": it.record, "breakdown": breakdown_dict(bd)} for it, row, bd in zip(part, rows, breakdowns)]
+        new.update(zip((it.key for it in part), lines))
+        if sink:
+            sink.append(lines)
+
+    try:
+        score_completions([(it.record, it.completion) for it in items], judge, welfare=args.welfare,
+                          llm_reward=args.llm_reward, bleu=args.bleu, count_tokens=count_tokens,
+                          generated_tokens=[it.generated_tokens for it in items], chunk=SCORE_CHUNK, log=log,
+                          on_chunk=keep)
+    except ValueError as e:  # a record the reward cannot use (check_scorable should have caught it)
+        fail(f"cannot score: {e}")
+    return new
+
+
+def load_model(args, d: Dist):
+    if not Path(args.model).is_dir():
+        fail(f"no model directory at {args.model}: {missing_model_hint(args.model)}")
+    try:
+        model = load_pretrained(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
+                                device=d.device).eval()
+        return model, load_tokenizer(args.model)
+    except (CheckpointError, OSError, ValueError) as e:
+        fail(f"cannot load {args.model}: {e}")
+
+
+def generate_and_score(args, d: Dist, records: list[dict], keys: list[list[Key]], done: set[Key], judge,
+                       sink: SampleLog | None, log) -> dict[Key, dict]:
+    """Generate for every prompt with a completion not yet scored, and score those completions on rank 0.
+    One process works a few batches at a time and writes each round's lines before generating more; under
+    torchrun every rank generates its share of everything first (a gather per round would keep the other
+    ranks waiting on rank 0's judge)."""
+    todo = [i for i in range(len(records)) if any(k not in done for k in keys[i])]
+    if len(todo) < len(records):
+        log(f"--resume: {len(records) - len(todo)} of {len(records)} prompts are already scored in {args.per_sample}")
+    if not todo:
+        return {}
+    model, tok = load_model(args, d)
+    ids = {i: tok.encode_chat(records[i]["prompt"], add_generation_prompt=True) for i in todo}
     params = SamplingParams(max_new_tokens=args.max_new_tokens or default_max_new_tokens(model, ids),
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + d.rank)
-    mine.sort(key=lambda i: len(ids[i]))
-    return generate_completions(model, tokenizer, ids, mine, params, batch_size=args.batch_size,
-                                num_samples=args.num_samples, log=lambda m: log(f"rank {d.rank}: {m}"))
+    todo.sort(key=lambda i: len(ids[i]))  # batches of similar lengths carry little padding
+    per_round = len(todo) if d.on else max(1, SCORE_CHUNK // (args.num_samples * args.batch_size)) * args.batch_size
+    new: dict[Key, dict] = {}
+    t0 = time.perf_counter()
+    for r in range(0, len(todo), per_round):
+        try:
+            mine = generate_completions(model, tok, ids, todo[r: r + per_round][d.rank::d.world], params,
+                                        batch_size=args.batch_size, num_samples=args.num_samples,
+                                        log=(lambda m: log(f"rank {d.rank}: {m}")) if d.on else None)
+        except ValueError as e:  # e.g. a prompt longer than the model's context
+            fail(str(e))
+        everything = sorted(gather_lists(d, mine))
+        log(f"generated {min(r + per_round, len(todo))}/{len(todo)} prompts ({time.perf_counter() - t0:.1f}s)")
+        if d.main:
+            items = [Item(keys[c.index][c.sample], records[c.index], c.text, c.sample, c.finish_reason,
+                          c.generated_tokens) for c in everything if keys[c.index][c.sample] not in done]
+            new.update(score_items(items, args, judge, lambda s: len(tok.encode(s)), sink, log))
+    return new
 
 
-def score_all(pairs: list[tuple[dict, str]], generated: list[int | None], args, judge, count_tokens, log
-              ) -> tuple[list[dict], list]:
-    try:
-        return score_completions(pairs, judge, welfare=args.welfare, llm_reward=args.llm_reward, bleu=args.bleu,
-                                 generated_tokens=generated, count_tokens=count_tokens, chunk=SCORE_CHUNK, log=log)
-    except ValueError as e:  # a record the reward cannot use; the message names it
-        fail(f"cannot score: {e}")
-
+# -----------------------------------------------------------------------------
+# outputs
 
 def plot_runs(runs: list[tuple[str, dict]], path: str) -> None:
     """Scatter each run's per-prompt (U, L) points and draw its Pareto frontier as a staircase."""
@@ -177,112 +304,64 @@ def plot_runs(runs: list[tuple[str, dict]], path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(args, payload: dict, lines: list[dict] | None, runs_for_plot, log) -> None:
+def write_outputs(args, payload: dict, runs_for_plot, log) -> None:
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(json_safe(payload), indent=1, ensure_ascii=False))
         log(f"wrote {args.out}")
-    if args.per_sample and lines is not None:
-        Path(args.per_sample).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.per_sample, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(json.dumps(json_safe(line), ensure_ascii=False) + "\n")
-        log(f"wrote {len(lines)} lines to {args.per_sample}")
     if args.plot:
         plot_runs(runs_for_plot, args.plot)
         log(f"wrote {args.plot}")
 
 
 def run_compare(args, log) -> None:
-    a = read_jsonl(args.compare[0], "per-sample rows")
-    b = read_jsonl(args.compare[1], "per-sample rows")
+    for flag in ("out", "plot"):
+        if getattr(args, flag):
+            check_writable(getattr(args, flag), f"--{flag}")
+    a, b = (read_jsonl(path, "per-sample rows") for path in args.compare)
     for path, rows in zip(args.compare, (a, b)):
-        for n, r in enumerate(rows, 1):
+        for n, r in rows:
             missing = [k for k in ("prompt_id", "user", "llm", "judge_failed") if k not in r]
             if missing:
                 fail(f"{path} line {n} is not an eval.py --per-sample row (missing {', '.join(missing)})")
+    a, b = [r for _, r in a], [r for _, r in b]
     result = compare(a, b, eps=args.eps)
     name_a, name_b = Path(args.compare[0]).stem, Path(args.compare[1]).stem
     print(format_comparison(result, name_a, name_b))
-    write_outputs(args, {"compare": result, "a": args.compare[0], "b": args.compare[1]}, None,
+    write_outputs(args, {"compare": result, "a": args.compare[0], "b": args.compare[1]},
                   [(name_a, per_prompt_points(a)), (name_b, per_prompt_points(b))], log)
 
 
-@dataclass
-class Scorable:
-    """What is scored: (record, completion) pairs with what is known of how each was generated."""
-    pairs: list[tuple[dict, str]]
-    samples: list[int]
-    finish: list[str | None]
-    generated: list[int | None]
-    count_tokens: Callable[[str], int] | None
-
-
-def from_completions_file(args, log) -> Scorable:
-    lines = read_jsonl(args.completions, "completions", args.limit)
-    pairs = []
-    for n, obj in enumerate(lines, 1):
-        if not isinstance(obj.get("record"), dict) or not isinstance(obj.get("completion"), str):
-            fail(f"{args.completions} line {n} needs a 'record' object and a 'completion' string")
-        pairs.append((obj["record"], obj["completion"]))
-    count_tokens = None
-    if args.tokenizer:
-        try:
-            tok = load_tokenizer(args.tokenizer)
-        except (OSError, ValueError) as e:
-            fail(f"cannot load tokenizer from {args.tokenizer}: {e}")
-        count_tokens = lambda s: len(tok.encode(s))  # noqa: E731
-    else:
-        log("no --tokenizer: token counts, response/total ratio and answer per 1k tokens are '-'")
-    return Scorable(pairs, [obj.get("sample", 0) for obj in lines], [obj.get("finish_reason") for obj in lines],
-                    [obj.get("generated_tokens") for obj in lines], count_tokens)
-
-
-def from_model(args, d: Dist, log) -> Scorable | None:
-    """Generate on every rank; rank 0 gets everything in (record, sample) order, the others None."""
-    if not Path(args.data).is_file():
-        fail(f"no records file at {args.data}{missing_data_hint(args.data)}")
-    try:
-        records = read_records(args.data)[:args.limit]
-    except UsageError as e:
-        fail(str(e))
-    if not Path(args.model).is_dir():
-        fail(f"no model directory at {args.model}: {missing_model_hint(args.model)}")
-    try:
-        model = load_pretrained(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
-                                device=d.device).eval()
-        tok = load_tokenizer(args.model)
-    except (CheckpointError, OSError, ValueError) as e:
-        fail(f"cannot load {args.model}: {e}")
-    t0 = time.perf_counter()
-    try:
-        mine = generate_mine(model, tok, records, args, d, log)
-    except ValueError as e:  # e.g. a prompt longer than the model's context
-        fail(str(e))
-    everything = sorted(gather_lists(d, mine))
-    teardown(d)
-    if not d.main:
-        return None
-    log(f"generated {len(everything)} completions in {time.perf_counter() - t0:.1f}s")
-    return Scorable([(records[c.index], c.text) for c in everything], [c.sample for c in everything],
-                    [c.finish_reason for c in everything], [c.generated_tokens for c in everything],
-                    lambda s: len(tok.encode(s)))
-
-
-def report(args, todo: Scorable, rows: list[dict], breakdowns: list, log) -> None:
-    metrics = metrics_by_source(rows)
+def report(args, lines: list[dict], sink: SampleLog | None, log) -> None:
+    """Print the tables and write every output; then exit 3 when the judge failed on most of what it was asked."""
+    metrics = metrics_by_source(lines)
     print(format_table(metrics))
-    reasons = Counter(f for f in todo.finish if f is not None)
+    reasons = Counter(line["finish_reason"] for line in lines if line.get("finish_reason") is not None)
     if reasons:
         print("finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
-    failed = sum(r["judge_failed"] for r in rows)
+    failed, judged, errors = judge_failures(lines)
     if failed:
-        print(f"judge failed on {failed}/{len(rows)} completions: left out of answer/U/L/W (see judge_error "
+        print(f"judge failed on {failed}/{len(lines)} completions: left out of answer/U/L/W (see judge_error "
               "in --per-sample)")
-    per_sample = [{**row, "sample": s, "finish_reason": f, "completion": c, "record": rec, "breakdown": breakdown_dict(bd)}
-                  for row, s, f, (rec, c), bd in zip(rows, todo.samples, todo.finish, todo.pairs, breakdowns)]
-    payload = {"config": vars(args), "metrics": metrics, "finish_reasons": dict(reasons), "n_samples": len(rows)}
-    write_outputs(args, payload, per_sample, [(Path(args.completions or args.model).name, per_prompt_points(rows))], log)
+    if sink:
+        sink.finish(lines)
+        log(f"wrote {len(lines)} lines to {args.per_sample}")
+    payload = {"config": vars(args), "metrics": metrics, "finish_reasons": dict(reasons), "n_samples": len(lines),
+               "n_judged": judged, "n_judge_failed": failed}
+    write_outputs(args, payload, [(Path(args.completions or args.model).name, per_prompt_points(lines))], log)
+    if failed * 2 > judged:
+        print(f"eval.py: JUDGE FAILED: judge failed on {failed} of {judged} judged completions ({len(lines)} in all), "
+              f"so these metrics rest on few verdicts; first errors: {' | '.join(errors)}", file=sys.stderr, flush=True)
+        sys.exit(JUDGE_FAILED_EXIT)
+
+
+def interrupted(sink: SampleLog | None, d: Dist):
+    if d.main and sink:
+        print(f"eval.py: interrupted: {sink.written} completions are in {sink.path}; "
+              "run the same command with --resume to score the rest", file=sys.stderr, flush=True)
+    elif d.main:
+        print("eval.py: interrupted: nothing kept (no --per-sample); pass --per-sample FILE to keep what is "
+              "scored, and --resume to continue", file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED_EXIT)
 
 
 def check_flags(args) -> None:
@@ -292,9 +371,40 @@ def check_flags(args) -> None:
         except ImportError:
             fail("--plot needs matplotlib, which is not installed (pip install matplotlib); "
                  "run again without --plot or install it")
-    for name in ("batch_size", "num_samples", "max_new_tokens"):
+    for name in ("limit", "batch_size", "num_samples", "max_new_tokens", "judge_concurrency"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.judge_timeout > 0:
+        fail(f"--judge-timeout must be > 0 seconds, got {args.judge_timeout}")
+    if args.resume and not args.per_sample:
+        fail("--resume needs --per-sample: the file of the run to continue")
+
+
+def evaluate(args, d: Dist, log) -> None:
+    """Check outputs and inputs, open the judge (before any generation: an unreachable judge would waste it),
+    then generate and score, appending to --per-sample as it goes."""
+    sink, done = open_outputs(args, d)
+    try:
+        if args.completions:
+            items = completion_items(args)
+            order = [it.key for it in items]
+            count_tokens = token_counter(args, log)
+        else:
+            records, keys = read_data(args)
+            order = [k for ks in keys for k in ks]
+        if sink:
+            sink.check_keys(set(order))
+        judge = open_judge(args.judge, timeout=args.judge_timeout, max_concurrency=args.judge_concurrency)
+        if args.completions:
+            new = score_items([it for it in items if it.key not in done], args, judge, count_tokens, sink, log)
+        else:
+            new = generate_and_score(args, d, records, keys, done, judge, sink, log)
+            teardown(d)
+    except KeyboardInterrupt:
+        interrupted(sink, d)
+    if d.main:  # a torchrun rank other than 0 is done: rank 0 scores and reports
+        old = sink.done if sink else {}
+        report(args, [new[k] if k in new else old[k] for k in order], sink, log)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,17 +413,10 @@ def main(argv: list[str] | None = None) -> None:
     log = (lambda *a: print(*a, flush=True)) if d.main else (lambda *a: None)
     check_flags(args)
     log("config: " + " ".join(f"{k}={v!r}" for k, v in vars(args).items()) + f" world_size={d.world}")
-    if args.compare:
-        return run_compare(args, log)
-    try:  # before any generation: an unreachable judge would waste it
-        judge = open_judge(args.judge)
-    except UsageError as e:
+    try:
+        return run_compare(args, log) if args.compare else evaluate(args, d, log)
+    except UsageError as e:  # a bad record or an unwritable output, named
         fail(str(e))
-    todo = from_completions_file(args, log) if args.completions else from_model(args, d, log)
-    if todo is None:  # a torchrun rank other than 0: rank 0 scores and reports
-        return
-    rows, breakdowns = score_all(todo.pairs, todo.generated, args, judge, todo.count_tokens, log)
-    report(args, todo, rows, breakdowns, log)
 
 
 if __name__ == "__main__":

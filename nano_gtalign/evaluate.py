@@ -3,16 +3,28 @@
 eval.py and train.py share these steps: `generate_completions` (this rank's share of the prompts, in
 batches), `score_completions` (reward breakdown + metrics row per completion) and, for train.py's
 periodic evaluation, `evaluate_policy`, which adds the correct-action rates the before/after table shows.
+
+eval.py's fault handling lives here too: `check_scorable` and `check_writable` refuse bad input and
+unwritable outputs before any judge call, `SampleLog` appends --per-sample lines as they are scored (and
+reads them back for --resume), and `judge_failures` counts what the judge could not score.
 """
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
 import time
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from nano_gtalign.data import check_record
 from nano_gtalign.distributed import Dist, gather_lists, generation_mode
+from nano_gtalign.errors import UsageError
 from nano_gtalign.metrics import group_metrics, sample_row
 from nano_gtalign.policy import autocast
 from nano_gtalign.reward import score_batch
@@ -54,18 +66,23 @@ def generate_completions(model, tokenizer, prompts: dict[int, list[int]], order:
 def score_completions(pairs: list[tuple[dict, str]], judge, *, welfare: str, llm_reward: str, bleu: str,
                       generated_tokens: list[int | None] | None = None,
                       count_tokens: Callable[[str], int] | None = None, chunk: int = 256,
-                      log: Callable[[str], None] | None = None) -> tuple[list[dict], list]:
+                      log: Callable[[str], None] | None = None,
+                      on_chunk: Callable[[int, list[dict], list], None] | None = None) -> tuple[list[dict], list]:
     """Metrics rows (metrics.sample_row) and reward breakdowns of (record, completion) pairs, `chunk` at a
-    time (bounds memory, shows progress). Raises ValueError for a record the reward cannot use."""
+    time (bounds memory, shows progress); on_chunk(start, rows, breakdowns) gets each chunk as it is
+    done (eval.py writes it out). Raises ValueError for a record the reward cannot use."""
     generated_tokens = generated_tokens or [None] * len(pairs)
     rows, breakdowns = [], []
     for c in range(0, len(pairs), chunk):
         part = pairs[c: c + chunk]
         scores = score_batch([p[1] for p in part], [p[0] for p in part], judge, welfare=welfare,
                              llm_reward=llm_reward, bleu=bleu)
-        for (record, text), n, b in zip(part, generated_tokens[c: c + chunk], scores):
-            rows.append(sample_row(b, text, record, count_tokens, n))
-            breakdowns.append(b)
+        part_rows = [sample_row(b, text, record, count_tokens, n)
+                     for (record, text), n, b in zip(part, generated_tokens[c: c + chunk], scores)]
+        rows += part_rows
+        breakdowns += scores
+        if on_chunk:
+            on_chunk(c, part_rows, scores)
         if log:
             log(f"scored {min(c + chunk, len(pairs))}/{len(pairs)} completions")
     return rows, breakdowns
@@ -119,3 +136,146 @@ def summarize(rows: list[dict]) -> dict:
         scored = [r for r in typed if not r["judge_failed"]]
         out[f"answer_{qtype}"] = sum(r["answer_llm"] for r in scored) / len(scored) if scored else None
     return out
+
+
+# -----------------------------------------------------------------------------
+# eval.py's fault handling: checks before any judge call, --per-sample lines as they are scored, --resume
+
+Key = tuple[str, int, int]  # (prompt_id, sample, k): the k-th completion with that prompt and sample index
+
+
+def sample_keys(pairs: list[tuple[str, int]]) -> list[Key]:
+    """A key per (prompt_id, sample) pair that stays unique when a prompt repeats (k counts repeats in order),
+    so a --per-sample line is matched to the completion it scored."""
+    seen: Counter = Counter()
+    keys = []
+    for pair in pairs:
+        keys.append((*pair, seen[pair]))
+        seen[pair] += 1
+    return keys
+
+
+def check_scorable(record: object, where: str) -> None:
+    """data.check_record plus what the reward itself needs (a wildguard label, a question): raises UsageError
+    naming `where` for a record scoring would refuse. Scoring an empty completion checks the record and
+    asks no judge (a completion without blocks scores all zeros)."""
+    check_record(record, where)
+    try:
+        score_batch([""], [record], judge=None)
+    except ValueError as e:
+        raise UsageError(f"{where}: {re.sub(r'^record 0( [(][^)]*[)])?:? ?', '', str(e))}") from None
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Raise UsageError naming flag and path unless a file can be written there (its folder is made)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path} is a directory")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        existed = p.exists()
+        with open(p, "a", encoding="utf-8"):
+            pass
+        if not existed:
+            p.unlink()
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be written: {e.strerror or e}") from None
+
+
+def json_safe(x):
+    """NaN/inf (e.g. metrics of an empty comparison) become null so the file is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def _json_line(obj: dict) -> str:
+    return json.dumps(json_safe(obj), ensure_ascii=False) + "\n"
+
+
+LINE_FIELDS = ("prompt_id", "sample", "data_source", "judge_failed", "user", "llm")  # what --resume reads
+
+
+class SampleLog:
+    """A --per-sample file in progress. Lines are appended and flushed as each chunk is scored, so an
+    interrupted run keeps them; with resume, `done` holds the lines an earlier run left, by key.
+    Without resume a file that already has lines is refused (it may be an interrupted run's work)."""
+
+    def __init__(self, path: str, resume: bool):
+        self.path, self.done, self.new = path, {}, 0
+        p = Path(path)
+        if p.is_file() and p.stat().st_size:
+            if not resume:
+                n = len(p.read_bytes().splitlines())
+                raise UsageError(f"{path} already has {n} lines: pass --resume to continue it, or delete it "
+                                 "(or pick another --per-sample) to start over")
+            self.done = self._read()
+        self._f = None
+
+    def _read(self) -> dict[Key, dict]:
+        data = Path(self.path).read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a line cut short by a kill: drop it so appends start on a fresh line
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+        lines, pairs = [], []
+        for n, raw in enumerate(data[:end].splitlines(), 1):
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                raise UsageError(f"{self.path} line {n} is not JSON: --resume reads an eval.py --per-sample file") from None
+            missing = [k for k in LINE_FIELDS if not isinstance(obj, dict) or k not in obj]
+            if missing:
+                raise UsageError(f"{self.path} line {n} is not an eval.py --per-sample row (missing {', '.join(missing)})")
+            lines.append(obj)
+            pairs.append((obj["prompt_id"], obj["sample"]))
+        return dict(zip(sample_keys(pairs), lines))
+
+    def check_keys(self, wanted: set[Key]) -> None:
+        """Refuse a file with lines this run would not make (another --data, --limit or --num-samples)."""
+        for n, key in enumerate(self.done, 1):
+            if key not in wanted:
+                raise UsageError(f"{self.path} line {n} (prompt_id {key[0]}, sample {key[1]}) is not a completion "
+                                 "of this run: --resume needs the same inputs, --limit and --num-samples")
+
+    @property
+    def written(self) -> int:
+        return len(self.done) + self.new
+
+    def append(self, lines: list[dict]) -> None:
+        if self._f is None:
+            self._f = open(self.path, "a", encoding="utf-8")
+        self._f.write("".join(_json_line(line) for line in lines))
+        self._f.flush()
+        self.new += len(lines)
+
+    def finish(self, lines: list[dict]) -> None:
+        """Rewrite the file as `lines` (the run's order) in one step: a crash meanwhile leaves the appended file."""
+        if self._f is not None:
+            self._f.close()
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(_json_line(line) for line in lines))
+        os.replace(tmp, self.path)
+
+
+def judge_failures(lines: list[dict], show: int = 3) -> tuple[int, int, list[str]]:
+    """(failed, judged, the first `show` distinct errors) over --per-sample lines. judged: the lines the judge
+    was asked about; a completion whose blocks did not parse scores all zeros without a verdict."""
+    failed = judged = 0
+    errors: list[str] = []
+    for line in lines:
+        b = line.get("breakdown") or {}
+        if b.get("parse_error") is not None:
+            continue
+        judged += 1
+        if line["judge_failed"]:
+            failed += 1
+            error = " ".join(str(b.get("judge_error") or "no error given").split())[:160]
+            if error not in errors and len(errors) < show:
+                errors.append(error)
+    return failed, judged, errors

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import eval as evaluate
+import nano_gtalign.judges as judges
+from nano_gtalign.judges import RuleJudge, Verdict
 from nano_gtalign.loader import load_tokenizer
 from tests.tiny import make_hf_model
 
@@ -134,10 +136,12 @@ def test_bad_inputs_are_clear(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no model directory at out/demo/final: run `python train.py` first"):
         evaluate.main(["--data", "d.jsonl"])
     (tmp_path / "bad.jsonl").write_text('{"record": {}, "completion": "x"}\nnot json\n')
+    with pytest.raises(SystemExit, match="--limit must be >= 1, got 0"):
+        evaluate.main(["--completions", "bad.jsonl", "--limit", "0"])
     with pytest.raises(SystemExit, match="bad.jsonl line 2 is not JSON"):
         evaluate.main(["--completions", "bad.jsonl"])
-    write_jsonl(tmp_path / "c.jsonl", [{"record": {"data_source": "chess", "prompt": []}, "completion": "x"}])
-    with pytest.raises(SystemExit, match="cannot score: record 0: unknown data_source 'chess'"):
+    write_jsonl(tmp_path / "c.jsonl", [{"record": {**FIXTURE[0][0], "data_source": "chess"}, "completion": "x"}])
+    with pytest.raises(SystemExit, match="c.jsonl line 1: unknown data_source 'chess'"):
         evaluate.main(["--completions", "c.jsonl"])
     with pytest.raises(SystemExit, match="judge spec must be 'rule' or an http"):
         evaluate.main(["--completions", str(write_jsonl(tmp_path / "ok.jsonl", [
@@ -204,3 +208,167 @@ def test_torchrun_shards_and_gathers(tiny_run, tmp_path):
     one = [json.loads(l) for l in (tmp_path / "one.jsonl").read_text().splitlines()]
     two = [json.loads(l) for l in (tmp_path / "two.jsonl").read_text().splitlines()]
     assert len(one) == 3 and one == two
+
+
+# -----------------------------------------------------------------------------
+# fault handling: failed judgements, judge options, checks before any judge call, interrupt and resume
+
+class CountingJudge(RuleJudge):
+    """The rule judge, counting what it is asked; `interrupt_at` raises KeyboardInterrupt on that call."""
+
+    def __init__(self, interrupt_at=None):
+        self.calls, self.asked, self.interrupt_at = 0, [], interrupt_at
+
+    def check(self):
+        pass
+
+    def judge_many(self, requests):
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        self.asked += [r.question for r in requests]
+        return super().judge_many(requests)
+
+
+class FailingJudge(CountingJudge):
+    def judge_many(self, requests):
+        self.calls += 1
+        return [Verdict(None, failed=True, error=f"judge server answered HTTP 500: boom {i % 2}")
+                for i in range(len(requests))]
+
+
+def use_judge(monkeypatch, judge):
+    monkeypatch.setattr(evaluate, "open_judge", lambda spec, **kw: judge)
+    return judge
+
+
+def exit_code(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def test_mostly_failed_judgements_exit_3_after_writing(tmp_path, monkeypatch, capsys):
+    use_judge(monkeypatch, FailingJudge())
+    src = write_jsonl(tmp_path / "c.jsonl", [{"record": r, "completion": c} for r, c in FIXTURE])
+    code, out, err = exit_code(["--completions", str(src), "--out", str(tmp_path / "o.json"),
+                                "--per-sample", str(tmp_path / "ps.jsonl")], capsys)
+    assert code == 3
+    # the block-less completion is never judged: 4 of the 4 judged failed
+    loud = [l for l in err.splitlines() if "judge failed on 4 of 4" in l]
+    assert len(loud) == 1 and "boom 0" in loud[0] and "boom 1" in loud[0]
+    assert json.loads((tmp_path / "o.json").read_text())["metrics"]["overall"]["judge_failure_rate"] == 0.8
+    assert len((tmp_path / "ps.jsonl").read_text().splitlines()) == 5
+    assert "overall" in out  # the table is still printed
+
+
+def test_judge_options_reach_the_http_judge(tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def fake_make_judge(spec, **options):
+        seen.append(options)
+        return CountingJudge()
+
+    monkeypatch.setattr(judges, "make_judge", fake_make_judge)
+    src = write_jsonl(tmp_path / "c.jsonl", [{"record": FIXTURE[0][0], "completion": FIXTURE[0][1]}])
+    url = ["--completions", str(src), "--judge", "http://127.0.0.1:9/v1"]
+    evaluate.main(url + ["--judge-timeout", "2.5", "--judge-concurrency", "3"])
+    evaluate.main(url)
+    assert seen == [{"timeout": 2.5, "max_concurrency": 3}, {"timeout": 60.0, "max_concurrency": 32}]
+    with pytest.raises(SystemExit, match="--judge-timeout must be > 0"):
+        evaluate.main(url + ["--judge-timeout", "0"])
+    with pytest.raises(SystemExit, match="--judge-concurrency must be >= 1"):
+        evaluate.main(url + ["--judge-concurrency", "0"])
+
+
+def test_inputs_and_outputs_are_checked_before_any_judge_call(tmp_path, monkeypatch, capsys):
+    judge = use_judge(monkeypatch, CountingJudge())
+    good = {"record": FIXTURE[0][0], "completion": FIXTURE[0][1]}
+    lines = [json.dumps(good)] * 298 + ["", json.dumps({**good, "record": {**good["record"], "data_source": "chess"}})]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match="c.jsonl line 300: unknown data_source 'chess'"):
+        evaluate.main(["--completions", str(tmp_path / "c.jsonl")])
+    wild = {"record": record("wildguard", "How do I pick a lock?", "maybe"), "completion": "x"}
+    write_jsonl(tmp_path / "w.jsonl", [good, wild])
+    with pytest.raises(SystemExit, match='w.jsonl line 2: wildguard ground truth must be "harmful"'):
+        evaluate.main(["--completions", str(tmp_path / "w.jsonl")])
+    ok = write_jsonl(tmp_path / "ok.jsonl", [good])
+    (tmp_path / "file").write_text("")
+    cases = [("--out", tmp_path, "is a directory"), ("--per-sample", tmp_path / "file" / "ps.jsonl", "cannot be written")]
+    try:
+        import matplotlib  # noqa: F401
+        cases.append(("--plot", tmp_path / "file" / "p.png", "cannot be written"))
+    except ImportError:  # --plot is refused earlier, for want of matplotlib
+        pass
+    for flag, path, why in cases:
+        with pytest.raises(SystemExit, match=f"{flag} {path} {why}"):
+            evaluate.main(["--completions", str(ok), flag, str(path)])
+    assert judge.calls == 0
+
+
+def test_non_utf8_input_is_one_line(tmp_path, capsys):
+    good = json.dumps({"record": FIXTURE[0][0], "completion": FIXTURE[0][1]}).encode()
+    (tmp_path / "c.jsonl").write_bytes(good + b"\n" + good.replace(b"85", b"8\xff5") + b"\n")
+    with pytest.raises(SystemExit, match=r"c.jsonl line 2 is not UTF-8 text \(byte 0xff"):
+        evaluate.main(["--completions", str(tmp_path / "c.jsonl")])
+    with pytest.raises(SystemExit, match=r"c.jsonl line 2 is not UTF-8 text"):
+        evaluate.main(["--compare", str(tmp_path / "c.jsonl"), str(tmp_path / "c.jsonl")])
+
+
+def test_interrupted_scoring_keeps_its_lines_and_resumes(tmp_path, monkeypatch, capsys):
+    _, whole = run_completions(tmp_path, capsys)  # the uninterrupted run: o.json, ps.jsonl
+    monkeypatch.setattr(evaluate, "SCORE_CHUNK", 2)
+    src, ps = tmp_path / "c.jsonl", tmp_path / "part.jsonl"
+    argv = ["--completions", str(src), "--per-sample", str(ps), "--out", str(tmp_path / "r.json")]
+    use_judge(monkeypatch, CountingJudge(interrupt_at=2))  # the second chunk is interrupted
+    code, _, err = exit_code(argv, capsys)
+    assert code == 130 and len(ps.read_text().splitlines()) == 2
+    assert err.strip().splitlines() == [f"eval.py: interrupted: 2 completions are in {ps}; "
+                                        "run the same command with --resume to score the rest"]
+    with pytest.raises(SystemExit, match="part.jsonl already has 2 lines: pass --resume"):
+        evaluate.main(argv)  # never overwritten by accident
+    with pytest.raises(SystemExit, match=r"part.jsonl line 2 \(prompt_id \w+, sample 0\) is not a completion of this"):
+        evaluate.main(argv + ["--resume", "--limit", "1"])
+    use_judge(monkeypatch, CountingJudge(interrupt_at=1))
+    code, _, err = exit_code(argv[:2], capsys)
+    assert code == 130 and err.startswith("eval.py: interrupted: nothing kept (no --per-sample)")
+    with open(ps, "a") as f:
+        f.write('{"prompt_id": "cut off by a')  # a kill mid-write leaves a partial line
+    judge = use_judge(monkeypatch, CountingJudge())
+    evaluate.main(argv + ["--resume"])
+    assert judge.asked == ["What is 3 * 4?", "Write a haiku."]  # only the unscored completions
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"] == whole
+    assert ps.read_text() == (tmp_path / "ps.jsonl").read_text()
+    with pytest.raises(SystemExit, match="--resume needs --per-sample"):
+        evaluate.main(argv[:2] + ["--resume"])
+
+
+def test_model_path_writes_as_it_goes_and_resumes_whole_prompts(tiny_run, tmp_path, monkeypatch, capsys):
+    d, model, data = tiny_run
+    ps = tmp_path / "ps.jsonl"
+    argv = ["--model", str(model), "--data", str(data), "--max-new-tokens", "4", "--batch-size", "1",
+            "--num-samples", "2", "--per-sample", str(ps)]
+    evaluate.main(argv[:-1] + [str(tmp_path / "whole.jsonl")])
+    whole = (tmp_path / "whole.jsonl").read_text().splitlines()
+    generated = []
+    real = evaluate.generate_completions
+
+    def spy(model, tokenizer, prompts, order, *a, **kw):
+        if len(generated) == 2:
+            raise KeyboardInterrupt
+        generated.append(list(order))
+        return real(model, tokenizer, prompts, order, *a, **kw)
+
+    monkeypatch.setattr(evaluate, "generate_completions", spy)
+    monkeypatch.setattr(evaluate, "SCORE_CHUNK", 2)  # one prompt (2 samples) per generate-and-score round
+    code, _, err = exit_code(argv, capsys)
+    assert code == 130 and "interrupted: 4 completions are in" in err
+    kept = ps.read_text().splitlines()
+    assert len(kept) == 4 and sorted(kept) == sorted(l for l in whole if json.loads(l)["prompt_id"] in
+                                                     {json.loads(k)["prompt_id"] for k in kept})
+    ps.write_text("\n".join(kept[:3]) + "\n")  # the second prompt has one sample left: generated again
+    generated.clear()
+    evaluate.main(argv + ["--resume"])
+    assert sorted(i for o in generated for i in o) == [i for i in range(3) if whole[2 * i] not in kept[:2]]
+    assert ps.read_text().splitlines() == whole  # greedy: the same lines, in record order
