@@ -8,6 +8,8 @@ compare two scored runs prompt by prompt (docs/metrics.md).
     torchrun --nproc_per_node=8 eval.py --model DIR --data test.jsonl --judge http://localhost:8000/v1
     python eval.py --completions eval.jsonl --judge rule --tokenizer out/demo/final
     python eval.py --compare base.jsonl steered.jsonl --plot uv.png
+    python eval.py --completions eval.jsonl --paper-metrics       # also the paper's own definitions
+    python eval.py --compare base.jsonl steered.jsonl --paper-metrics
 
 --data is a JSONL file of records (data/gtalign/prepare.py or the demo writes them). Under torchrun
 every rank generates its share of the prompts and rank 0 gathers, scores and prints.
@@ -16,6 +18,10 @@ such a file, so a run can be re-scored with another judge). --per-sample writes 
 completion: its metrics row (nano_gtalign/metrics.py), the completion, the record and the reward
 breakdown. --compare reads two --per-sample files. The printed table has, per data source and
 overall, every metric of docs/metrics.md; metrics.group_metrics documents each denominator.
+--paper-metrics adds, under its own heading, the GTAlign paper's definitions as its scripts computed
+them (docs/metrics.md#the-papers-definitions): per run, its format score, answer, character lengths with
+completions lacking <response> dropped; with --compare, its eps-coverage, regret and hypervolume on the
+joint frontier (the published hypervolume is a bug, flagged next to the number).
 
 Faults: every input record and output path is checked before the first judge call. --per-sample lines
 are written as each chunk is scored (one process generates and scores a few batches at a time), so
@@ -42,11 +48,11 @@ from nano_gtalign.evaluate import (
     Key, SampleLog, check_scorable, check_writable, generate_completions, judge_failures, json_safe, sample_keys,
     score_completions,
 )
-from nano_gtalign.judges import open_judge
+from nano_gtalign.judges import JudgeSettings, add_judge_arguments, open_judge
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.metrics import (
-    breakdown_dict, compare, format_comparison, format_table, frontier, metrics_by_source, per_prompt_points,
-    prompt_key,
+    breakdown_dict, compare, format_comparison, format_paper_comparison, format_paper_table, format_table, frontier,
+    metrics_by_source, paper_compare, paper_metrics_by_source, per_prompt_points, prompt_key,
 )
 from nano_gtalign.reward import BLEUS, LLM_REWARDS, WELFARES
 from nano_gtalign.sampling import SamplingParams
@@ -66,11 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compare two --per-sample files on their matched prompts")
     src.add_argument("--limit", type=int, default=None, help="only the first N records / completions")
     sc = p.add_argument_group("scoring")
-    sc.add_argument("--judge", default="rule", help="'rule' or an OpenAI-compatible URL[#model] (default: %(default)s)")
-    sc.add_argument("--judge-timeout", type=float, default=60.0,
-                    help="seconds per HTTP judge request (default: %(default)s)")
-    sc.add_argument("--judge-concurrency", type=int, default=32,
-                    help="HTTP judge requests in flight (default: %(default)s)")
+    add_judge_arguments(sc)
     sc.add_argument("--welfare", default="cobb_douglas", choices=WELFARES, help="W in the breakdown (default: %(default)s)")
     sc.add_argument("--llm-reward", default="main", choices=LLM_REWARDS, help="L variant (default: %(default)s)")
     sc.add_argument("--bleu", default="char", choices=BLEUS, help="BLEU for the writing task (default: %(default)s)")
@@ -96,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--resume", action="store_true",
                    help="continue the --per-sample file of an interrupted run: score only what it lacks")
     o.add_argument("--plot", default=None, help="PNG of the per-prompt (U, L) points and their frontier (needs matplotlib)")
+    o.add_argument("--paper-metrics", action="store_true",
+                   help="also print the paper's own metric definitions, in a separate table (docs/metrics.md)")
     return p
 
 
@@ -221,7 +225,8 @@ def score_items(items: list[Item], args, judge, count_tokens, sink: SampleLog | 
 
     try:
         score_completions([(it.record, it.completion) for it in items], judge, welfare=args.welfare,
-                          llm_reward=args.llm_reward, bleu=args.bleu, count_tokens=count_tokens,
+                          llm_reward=args.llm_reward, bleu=args.bleu, judge_failure=args.judge_failure,
+                          count_tokens=count_tokens,
                           generated_tokens=[it.generated_tokens for it in items], chunk=SCORE_CHUNK, log=log,
                           on_chunk=keep)
     except ValueError as e:  # a record the reward cannot use (check_scorable should have caught it)
@@ -327,14 +332,24 @@ def run_compare(args, log) -> None:
     result = compare(a, b, eps=args.eps)
     name_a, name_b = Path(args.compare[0]).stem, Path(args.compare[1]).stem
     print(format_comparison(result, name_a, name_b))
-    write_outputs(args, {"compare": result, "a": args.compare[0], "b": args.compare[1]},
-                  [(name_a, per_prompt_points(a)), (name_b, per_prompt_points(b))], log)
+    payload = {"compare": result, "a": args.compare[0], "b": args.compare[1]}
+    if args.paper_metrics:
+        payload["paper_compare"] = paper_compare(a, b)
+        print("\n" + format_paper_comparison(payload["paper_compare"], name_a, name_b))
+    write_outputs(args, payload, [(name_a, per_prompt_points(a)), (name_b, per_prompt_points(b))], log)
 
 
 def report(args, lines: list[dict], sink: SampleLog | None, log) -> None:
     """Print the tables and write every output; then exit 3 when the judge failed on most of what it was asked."""
     metrics = metrics_by_source(lines)
     print(format_table(metrics))
+    paper = None
+    if args.paper_metrics:
+        try:
+            paper = paper_metrics_by_source(lines, llm_reward=args.llm_reward)
+        except ValueError as e:   # a --resume line from a run too old to carry what the paper needs
+            fail(str(e))
+        print("\n" + format_paper_table(paper, llm_reward=args.llm_reward))
     reasons = Counter(line["finish_reason"] for line in lines if line.get("finish_reason") is not None)
     if reasons:
         print("finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
@@ -347,6 +362,8 @@ def report(args, lines: list[dict], sink: SampleLog | None, log) -> None:
         log(f"wrote {len(lines)} lines to {args.per_sample}")
     payload = {"config": vars(args), "metrics": metrics, "finish_reasons": dict(reasons), "n_samples": len(lines),
                "n_judged": judged, "n_judge_failed": failed}
+    if paper is not None:
+        payload["paper_metrics"] = paper
     write_outputs(args, payload, [(Path(args.completions or args.model).name, per_prompt_points(lines))], log)
     if failed * 2 > judged:
         print(f"eval.py: JUDGE FAILED: judge failed on {failed} of {judged} judged completions ({len(lines)} in all), "
@@ -394,7 +411,11 @@ def evaluate(args, d: Dist, log) -> None:
             order = [k for ks in keys for k in ks]
         if sink:
             sink.check_keys(set(order))
-        judge = open_judge(args.judge, timeout=args.judge_timeout, max_concurrency=args.judge_concurrency)
+        settings = JudgeSettings(max_tokens=args.judge_max_tokens, temperature=args.judge_temperature,
+                                 top_p=args.judge_top_p, top_k=args.judge_top_k, extra_body=args.judge_extra_body,
+                                 failure=args.judge_failure)
+        judge = open_judge(args.judge, timeout=args.judge_timeout, max_concurrency=args.judge_concurrency,
+                           settings=settings)
         if args.completions:
             new = score_items([it for it in items if it.key not in done], args, judge, count_tokens, sink, log)
         else:

@@ -8,13 +8,15 @@
     python sample.py --prompt "What is 37 + 48?" --price upstream-llm:1.5 --temperature 0
     python sample.py --prompt "Add 37 to my number." --price token:per_1k=5,payer=user,DA=600,CQ=40,AQ=700
     python sample.py --model DIR --game-prompt full --prompt "Is coffee bad for you?" --price upstream-user:1 --json
+    python sample.py --prompt "Add 5 to my number." --price upstream-llm:-2 --rule product --seed 0
 
 --price POLICY steers with prices (docs/steering.md, nano_gtalign/steering.py; the policies are listed
 in --help): the model writes up to </payoff>, its matrix is repriced, the action is chosen
-again (sign-safe Cobb-Douglas over the Pareto frontier, or --rule sum), and the model writes
-its <response> after the rewritten <payoff> and an <analyze> stating the new choice. The
-output shows both matrices side by side, the frontier and chosen cell before and after, then
-the response; with --json one object (payoff_raw, payoff_priced, action_raw, action_priced,
+again (sign-safe Cobb-Douglas over the Pareto frontier; --rule sum for the prompt's max LLM + user;
+--rule product for upstream's largest raw LLM x user over all six cells, ties drawn with --seed),
+and the model writes its <response> after the rewritten <payoff> and an <analyze> stating the new
+choice. The output shows both matrices side by side, the frontier and chosen cell before and
+after, then the response; with --json one object (payoff_raw, payoff_priced, action_raw, action_priced,
 response, text, ...). A payoff the model did not write or that does not parse is reported
 with the raw text and exit status 0 (it is the model's answer, not a usage error).
 --game-prompt says how the --price prompt is built: "demo" (default) puts the demo's compact
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -64,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of plain text")
     p.add_argument("--price", default=None, metavar="POLICY",
                    help="steer with a pricing policy (see below), e.g. upstream-llm:1.5 or token:per_1k=2,payer=user")
-    p.add_argument("--rule", default="cobb_douglas", choices=["cobb_douglas", "sum"],
-                   help="with --price: how the cell is chosen before and after repricing (default: %(default)s)")
+    p.add_argument("--rule", default="cobb_douglas", choices=["cobb_douglas", "sum", "product"],
+                   help="with --price: how the cell is chosen before and after repricing: sign-safe Cobb-Douglas "
+                        "over the frontier, max LLM + user, or upstream's largest raw LLM x user with ties drawn "
+                        "with --seed (default: %(default)s)")
     p.add_argument("--game-prompt", default="demo", choices=["demo", "full", "none"],
                    help="with --price: how the four-block instruction is added to --prompt (default: %(default)s)")
     return p
@@ -160,7 +165,8 @@ def main_price(args, params: SamplingParams, log) -> None:
     messages = price_messages(args.prompt, args.system, args.game_prompt)
     t0 = time.perf_counter()
     try:
-        result = steer(model, tokenizer, messages, pricing, params, generate_fn=generate, rule=args.rule)
+        result = steer(model, tokenizer, messages, pricing, params, generate_fn=generate, rule=args.rule,
+                       rng=random.Random(args.seed))   # no --seed: a fresh draw, as upstream's random.choice
     except ValueError as e:  # e.g. prompt + max_new_tokens longer than the model's context
         sys.exit(f"sample.py: {e}")
     if args.json:

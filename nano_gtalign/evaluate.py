@@ -64,7 +64,7 @@ def generate_completions(model, tokenizer, prompts: dict[int, list[int]], order:
 
 
 def score_completions(pairs: list[tuple[dict, str]], judge, *, welfare: str, llm_reward: str, bleu: str,
-                      generated_tokens: list[int | None] | None = None,
+                      judge_failure: str = "exclude", generated_tokens: list[int | None] | None = None,
                       count_tokens: Callable[[str], int] | None = None, chunk: int = 256,
                       log: Callable[[str], None] | None = None,
                       on_chunk: Callable[[int, list[dict], list], None] | None = None) -> tuple[list[dict], list]:
@@ -76,7 +76,7 @@ def score_completions(pairs: list[tuple[dict, str]], judge, *, welfare: str, llm
     for c in range(0, len(pairs), chunk):
         part = pairs[c: c + chunk]
         scores = score_batch([p[1] for p in part], [p[0] for p in part], judge, welfare=welfare,
-                             llm_reward=llm_reward, bleu=bleu)
+                             llm_reward=llm_reward, bleu=bleu, judge_failure=judge_failure)
         part_rows = [sample_row(b, text, record, count_tokens, n)
                      for (record, text), n, b in zip(part, generated_tokens[c: c + chunk], scores)]
         rows += part_rows
@@ -98,6 +98,7 @@ class EvalConfig:
     welfare: str = "cobb_douglas"
     llm_reward: str = "main"
     bleu: str = "char"
+    judge_failure: str = "exclude"  # or "zero": a failed judgement scored as a verdict of 0 (upstream)
     fsdp: bool = False
     compute_dtype: torch.dtype = torch.float32
 
@@ -117,7 +118,7 @@ def evaluate_policy(policy, tokenizer, records: list[dict], prompts: list[list[i
         done = generate_completions(policy, tokenizer, dict(enumerate(prompts)), mine, params,
                                     batch_size=cfg.batch_size, num_samples=cfg.samples, generator=generator)
     rows, _ = score_completions([(records[c.index], c.text) for c in done], judge, welfare=cfg.welfare,
-                                llm_reward=cfg.llm_reward, bleu=cfg.bleu,
+                                llm_reward=cfg.llm_reward, bleu=cfg.bleu, judge_failure=cfg.judge_failure,
                                 generated_tokens=[c.generated_tokens for c in done])
     for row, c in zip(rows, done):
         row["true_type"] = (records[c.index].get("extra_info") or {}).get("question_type")
@@ -133,7 +134,7 @@ def summarize(rows: list[dict]) -> dict:
     for qtype, good in GOOD_ACTIONS.items():
         typed = [r for r in rows if r["true_type"] == qtype]
         out[f"action_ok_{qtype}"] = sum(r["strategy"] in good for r in typed) / len(typed) if typed else None
-        scored = [r for r in typed if not r["judge_failed"]]
+        scored = [r for r in typed if r["welfare"] is not None]
         out[f"answer_{qtype}"] = sum(r["answer_llm"] for r in scored) / len(scored) if scored else None
     return out
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import random
 import re
 import warnings
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ KEYS = ("DQ_AQ", "DQ_CQ", "DQ_DA", "VQ_AQ", "VQ_CQ", "VQ_DA")
 STRATEGIES = ("DA", "CQ", "AQ")
 FIELDS = ("LLM", "user")
 TAGS = ("thinking", "payoff", "analyze", "response")
+RULES = ("sum", "cobb_douglas", "product")  # choose_action's rules (docs/game.md#choice-rules)
 
 Matrix = dict[str, tuple[float, float]]  # key -> (llm, user), keys in KEYS order
 
@@ -310,17 +312,36 @@ def _sums_overflow(matrix: Matrix) -> bool:
                for l, u in matrix.values())
 
 
-def choose_action(matrix: Matrix, rule: str = "sum", eps: float = 1e-9) -> str:
+def _largest_product(matrix: Matrix, rng: random.Random | None) -> str:
+    """Upstream's choice (inference_v2.py): keep every cell whose raw l*u no other cell beats (all
+    six cells, exact comparison, negatives as they are), list the strategies of those cells in matrix
+    order without repeats, draw one with rng.choice, and return the first kept cell with it. The draw
+    is over strategies, not cells, because upstream's continuation only names the strategy; it is
+    made even when one strategy is left, as upstream's random.choice was, so a seeded rng advances
+    the same way whatever the matrix."""
+    best = max(l * u for l, u in matrix.values())
+    kept = [k for k, (l, u) in matrix.items() if l * u == best]
+    strategies = list(dict.fromkeys(k.split("_", 1)[-1] for k in kept))
+    pick = (rng if rng is not None else random.Random(0)).choice(strategies)
+    return next(k for k in kept if k.split("_", 1)[-1] == pick)
+
+
+def choose_action(matrix: Matrix, rule: str = "sum", eps: float = 1e-9, rng: random.Random | None = None) -> str:
     """Pick one key. "sum": the prompt's rule, max l+u, ties by user, then LLM, then the first in
     the matrix order. "cobb_douglas" (sign-safe): among the Pareto frontier only, shift both
     coordinates by min(0, smallest payoff in the matrix) so every point is >= 0, then maximise
     sqrt(l'*u'); ties by the "sum" order. With no negative payoffs this is plain sqrt(l*u), and
-    (-3,-3) can never beat (2,2) as it did with upstream's raw product. A matrix whose sums or
+    (-3,-3) can never beat (2,2) as it did with upstream's raw product. "product": upstream's own
+    rule, the largest raw l*u over all six cells, ties drawn with rng (see _largest_product; no rng
+    means random.Random(0), so the call stays deterministic); (-3,-3) does beat (2,2) there, which
+    is the point of offering it: to see where upstream chose differently. A matrix whose sums or
     shifted payoffs would overflow (payoffs near 1e308) is halved first, exactly, so no score is inf."""
     if not matrix:
         raise ValueError("choose_action needs a non-empty matrix")
     if _sums_overflow(matrix):   # huge payoffs: halving is exact and keeps the order of cells
         matrix = {k: (l / 2, u / 2) for k, (l, u) in matrix.items()}
+    if rule == "product":
+        return _largest_product(matrix, rng)
     if rule == "sum":
         candidates = list(matrix)
         score = {k: 0.0 for k in candidates}
@@ -329,7 +350,7 @@ def choose_action(matrix: Matrix, rule: str = "sum", eps: float = 1e-9) -> str:
         shift = min(0.0, min(min(l, u) for l, u in matrix.values()))
         score = {k: cobb_douglas(matrix[k][0] - shift, matrix[k][1] - shift) for k in candidates}
     else:
-        raise ValueError(f'unknown choice rule {rule!r}; use "sum" or "cobb_douglas"')
+        raise ValueError(f'unknown choice rule {rule!r}; use one of {", ".join(map(repr, RULES))}')
     best = candidates[0]
     for k in candidates[1:]:
         if score[k] > score[best] + eps or (

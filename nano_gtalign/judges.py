@@ -8,12 +8,18 @@ Two judges share one small protocol (`judge`, `judge_many`):
   flight at once, each under a total deadline, with retries. Standard library only.
 
 A verdict that could not be had is Verdict(failed=True, error=...), never a
-silent score of 0 (docs/reward.md): the reward counts it and the sample is dropped.
+silent score of 0 (docs/reward.md): the reward counts it and, by default, drops the sample.
 Scales per task (docs/reward.md, docs/judges.md): math-hard/minerva/arith_demo 0|1, medium 0..4,
-wildguard/advbench 0|0.5|1, ambig_qa/abg_coqa 0|1.
+wildguard/advbench 0|0.5|1, ambig_qa/abg_coqa 0|1, and the ablation's Pareto-consistency check
+("pareto") 0|0.5|1.
+
+JudgeSettings holds how the HTTP judge samples (defaults: the paper's thinking Qwen3-32B) and what a
+failed verdict counts as; add_judge_arguments gives train.py and eval.py one set of judge flags.
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import functools
 import http.client
 import json
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from nano_gtalign.errors import UsageError
+from nano_gtalign.game import KEYS, STRATEGIES, analyze_choice
 
 # ---------------------------------------------------------------------------
 # Verdicts, requests, the protocol
@@ -73,9 +80,13 @@ VERDICT_SCALES: dict[str, tuple[float, ...]] = {
     "advbench": (0.0, 0.5, 1.0),
     "ambig_qa": (0.0, 1.0),
     "abg_coqa": (0.0, 1.0),
+    "pareto": (0.0, 0.5, 1.0),
 }
 MATH_TASKS = ("math-hard", "minerva")
 ABG_TASKS = ("ambig_qa", "abg_coqa")   # verdict in <abg>x</abg>; the others use \boxed{x}
+# Not a data source: the ablation's check that <analyze> settles on a Pareto-optimal move. Its request
+# carries the frontier keys, comma-separated, as ground_truth and the <analyze> text as response.
+PARETO_TASK = "pareto"
 
 
 def canonical_task(task: str) -> str:
@@ -85,6 +96,138 @@ def canonical_task(task: str) -> str:
 
 def _failed(error: str, raw: str = "") -> Verdict:
     return Verdict(score=None, failed=True, error=error, raw=raw)
+
+
+# ---------------------------------------------------------------------------
+# Judge settings and the judge flags shared by train.py and eval.py
+
+JUDGE_FAILURES = ("exclude", "zero")   # what a failed verdict counts as (reward.score_batch)
+# What the paper's judge requests carried besides the sampling fields: Qwen3's thinking switched on.
+PAPER_EXTRA_BODY = {"chat_template_kwargs": {"enable_thinking": True}}
+# Request fields with a setting of their own; extra_body may not replace them behind that setting's back.
+_OWN_FIELDS = ("model", "messages", "stream", "max_tokens", "temperature", "top_p", "top_k")
+
+
+def check_extra_body(extra_body: object) -> dict:
+    """A deep copy of extra_body, after checking it is a JSON object that leaves the request's own
+    fields (model, messages, stream and the sampling fields) alone. Raises ValueError."""
+    if not isinstance(extra_body, dict):
+        raise ValueError(f"judge extra_body must be a JSON object, got {type(extra_body).__name__}")
+    taken = [k for k in _OWN_FIELDS if k in extra_body]
+    if taken:
+        raise ValueError(f"judge extra_body may not set {', '.join(taken)}: the model comes from the judge "
+                         "URL#model, the sampling fields from their own settings (--judge-max-tokens, "
+                         "--judge-temperature, --judge-top-p, --judge-top-k)")
+    try:   # a round trip: proves it can be sent, and nothing outside can change it afterwards
+        return json.loads(json.dumps(extra_body, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"judge extra_body cannot be sent as JSON: {e}") from None
+
+
+def check_sampling(*, max_tokens: int, temperature: float, top_p: float, top_k: int | None) -> None:
+    """Raise ValueError naming the first sampling setting a chat-completions server would refuse."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"judge max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < math.inf):
+        raise ValueError(f"judge temperature must be a finite number >= 0, got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"judge top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1):
+        raise ValueError(f"judge top_k must be None (not sent), -1 (no top-k) or an integer >= 1, got {top_k!r}")
+
+
+@dataclass
+class JudgeSettings:
+    """How the HTTP judge samples, and what a failed verdict counts as.
+
+    The defaults are the paper's judge, a thinking Qwen3-32B: replies of up to 32768 tokens (a
+    thinking judge needs room, or its reply is cut before the verdict), temperature 0.6, top-p 0.95,
+    top-k 20 (sent as the `top_k` field vLLM and sglang read; None: not sent) and extra_body, merged
+    into every request, switching thinking on. failure: "exclude" (ours) leaves a failed judgement
+    out of the update; "zero" (upstream) scores it as a verdict of 0 (reward.score_batch). The rule
+    judge samples nothing, so it ignores everything here except failure.
+    """
+    max_tokens: int = 32768
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int | None = 20
+    extra_body: dict = field(default_factory=lambda: copy.deepcopy(PAPER_EXTRA_BODY))
+    failure: str = "exclude"
+
+    def __post_init__(self):
+        check_sampling(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                       top_k=self.top_k)
+        if self.failure not in JUDGE_FAILURES:
+            raise ValueError(f"judge failure must be one of {JUDGE_FAILURES}, got {self.failure!r}")
+        self.extra_body = check_extra_body(self.extra_body)
+
+    def request_options(self) -> dict:
+        """The HTTPJudge keyword arguments these settings stand for."""
+        return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                    top_k=self.top_k, extra_body=copy.deepcopy(self.extra_body))
+
+
+def _flag_type(convert: Callable[[str], object], check: Callable[[object], bool], need: str):
+    """An argparse type: convert the text, then refuse a value `check` rejects, saying what is needed."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not check(value):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
+        return value
+    return parse
+
+
+def _top_k_flag(text: str) -> int | None:
+    value = _flag_type(int, lambda k: k >= -1, "an integer >= -1 (0: not sent)")(text)
+    return None if value == 0 else value
+
+
+def parse_extra_body(text: str) -> dict:
+    """--judge-extra-body: a JSON object (argparse type; a clear error for anything else)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"is not JSON ({e}); give an object such as "
+                                         '\'{"chat_template_kwargs": {"enable_thinking": true}}\'') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object ({{...}}), got a JSON {type(value).__name__}: {text!r}")
+    try:
+        return check_extra_body(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_judge_arguments(parser) -> None:
+    """Add every judge flag to an argparse parser or argument group: train.py and eval.py share this one
+    definition. Defaults are JudgeSettings' (the paper's judge); build the settings from the parsed
+    values with JudgeSettings(max_tokens=args.judge_max_tokens, ..., failure=args.judge_failure)."""
+    d = JudgeSettings()
+    parser.add_argument("--judge", default="rule", metavar="SPEC",
+                        help="'rule' (offline: math-hard, minerva, arith_demo) or an OpenAI-compatible URL, "
+                             "URL#model (default: %(default)s)")
+    parser.add_argument("--judge-concurrency", type=int, default=32, metavar="N",
+                        help="HTTP judge requests in flight (train.py: per rank) (default: %(default)s)")
+    parser.add_argument("--judge-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="seconds per HTTP judge request, a total deadline per attempt; a thinking judge "
+                             "writing thousands of tokens may need more (default: %(default)s)")
+    parser.add_argument("--judge-max-tokens", type=_flag_type(int, lambda n: n >= 1, "an integer >= 1"),
+                        default=d.max_tokens, metavar="N", help="longest judge reply, thinking included (default: %(default)s)")
+    parser.add_argument("--judge-temperature", type=_flag_type(float, lambda t: 0 <= t < math.inf, "a number >= 0"),
+                        default=d.temperature, metavar="T", help="judge sampling temperature (default: %(default)s)")
+    parser.add_argument("--judge-top-p", type=_flag_type(float, lambda p: 0 < p <= 1, "a number in (0, 1]"),
+                        default=d.top_p, metavar="P", help="judge nucleus sampling (default: %(default)s)")
+    parser.add_argument("--judge-top-k", type=_top_k_flag, default=d.top_k, metavar="K",
+                        help="sent as the top_k field vLLM and sglang accept; 0: not sent (for servers that "
+                             "refuse it), -1: no top-k (default: %(default)s)")
+    parser.add_argument("--judge-extra-body", type=parse_extra_body, default=json.dumps(d.extra_body), metavar="JSON",
+                        help="JSON object merged into every judge request; '{}' sends nothing extra "
+                             "(default: %(default)s)")
+    parser.add_argument("--judge-failure", choices=JUDGE_FAILURES, default=d.failure,
+                        help="a judgement that failed: 'exclude' leaves the sample out of the update and the "
+                             "means, 'zero' scores it as a verdict of 0 as upstream did (default: %(default)s)")
 
 
 # ---------------------------------------------------------------------------
@@ -377,8 +520,30 @@ def _math_verdict(response: str, ground_truth: str) -> Verdict:
     return Verdict(score=float(ok), raw=f"answer {answer!r} vs truth {ground_truth!r}: {'equal' if ok else 'different'}")
 
 
+def parse_frontier(text: str) -> list[str]:
+    """The frontier keys of a "pareto" request's ground_truth ("DQ_DA, VQ_CQ"); ValueError if one is not a key."""
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in keys if k not in KEYS]
+    if not keys or bad:
+        raise ValueError(f"a Pareto frontier must be comma-separated payoff keys, got {text[:80]!r}")
+    return keys
+
+
+def _pareto_verdict(analyze: str, frontier_text: str) -> Verdict:
+    """The rule for the ablation's Pareto-consistency check: 1 if the move <analyze> chose
+    (game.analyze_choice: a key, or a bare strategy) is on the frontier, else 0, the same rule as
+    game.pareto_consistency. It never gives the LLM judge's in-between 0.5."""
+    try:
+        frontier = parse_frontier(frontier_text)
+    except ValueError as e:
+        return _failed(str(e))
+    choice = analyze_choice(analyze)
+    on = choice in frontier or (choice in STRATEGIES and any(k.endswith("_" + choice) for k in frontier))
+    return Verdict(score=float(on), raw=f"analyze chose {choice}; frontier {', '.join(frontier)}")
+
+
 class RuleJudge:
-    """Offline judge for math-hard, minerva and arith_demo; other tasks fail."""
+    """Offline judge for math-hard, minerva, arith_demo and the "pareto" check; other tasks fail."""
 
     def judge(self, task: str, question: str, response: str, ground_truth: str,
               extra: dict | None = None) -> Verdict:
@@ -387,6 +552,8 @@ class RuleJudge:
             return _math_verdict(response, ground_truth)
         if task == "arith_demo":
             return _arith_verdict(question, response, ground_truth)
+        if task == PARETO_TASK:
+            return _pareto_verdict(response, ground_truth)
         return _failed(f"rule judge cannot score task {task!r} (it scores math-hard, minerva, arith_demo; use an HTTP judge)")
 
     def judge_many(self, requests: list[JudgeRequest]) -> list[Verdict]:
@@ -435,7 +602,9 @@ def parse_verdict(task: str, text: str) -> Verdict:
 
 def _default_prompt(request: JudgeRequest) -> str:
     from nano_gtalign.prompts import judge_prompt
-    return judge_prompt(canonical_task(request.task), request.question, request.response, request.ground_truth)
+    extra_info = request.extra.get("extra_info") if isinstance(request.extra, dict) else None
+    return judge_prompt(canonical_task(request.task), request.question, request.response, request.ground_truth,
+                        extra_info=extra_info if isinstance(extra_info, dict) else None)
 
 
 # A judge reply is a few kB; a body past this is garbage, and reading it all would only fill memory.
@@ -627,26 +796,33 @@ class HTTPJudge:
     scored 1 without a request; the others are asked to the LLM, whose verdict
     (or failure) is final, so the judge may override the rule's "incorrect"
     (docs/reward.md). arith_demo is always scored by rule: it has no LLM prompt.
+
+    Sampling defaults are JudgeSettings' (the paper's judge). top_k is sent as
+    the `top_k` field unless None; extra_body (None: PAPER_EXTRA_BODY, thinking
+    on; {}: nothing) is merged into every request and may not set a field that
+    has its own argument.
     """
 
     def __init__(self, base_url: str, model: str = "Qwen/Qwen3-32B", temperature: float = 0.6,
-                 top_p: float = 0.95, max_tokens: int = 1024, timeout: float = 60.0, retries: int = 3,
-                 max_concurrency: int = 32, *, backoff: float = 0.5, rule_first: bool = True,
-                 prompt_fn: Callable[[JudgeRequest], str] | None = None, api_key: str | None = None,
-                 extra_body: dict | None = None):
+                 top_p: float = 0.95, max_tokens: int = 32768, timeout: float = 60.0, retries: int = 3,
+                 max_concurrency: int = 32, *, top_k: int | None = 20, backoff: float = 0.5,
+                 rule_first: bool = True, prompt_fn: Callable[[JudgeRequest], str] | None = None,
+                 api_key: str | None = None, extra_body: dict | None = None):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"judge base_url must start with http:// or https://, got {base_url!r}")
         if timeout <= 0 or retries < 0 or max_concurrency < 1 or backoff < 0:
             raise ValueError(f"bad HTTPJudge settings: timeout={timeout} (>0), retries={retries} (>=0), "
                              f"max_concurrency={max_concurrency} (>=1), backoff={backoff} (>=0)")
+        check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self.model, self.temperature, self.top_p, self.max_tokens = model, temperature, top_p, max_tokens
+        self.top_k = top_k
         self.timeout, self.retries, self.max_concurrency, self.backoff = timeout, retries, max_concurrency, backoff
         self.rule_first = rule_first
         self.prompt_fn = prompt_fn or _default_prompt
         self.api_key = api_key if api_key is not None else os.environ.get("JUDGE_API_KEY")
-        self.extra_body = dict(extra_body or {})   # e.g. {"chat_template_kwargs": {"enable_thinking": False}} for vLLM
+        self.extra_body = check_extra_body(PAPER_EXTRA_BODY if extra_body is None else extra_body)
         self._rule = RuleJudge()
         self._opener = urllib.request.build_opener(_DeadlineHTTPHandler, _DeadlineHTTPSHandler,
                                                    _DeadlineRedirectHandler)
@@ -703,8 +879,10 @@ class HTTPJudge:
     def _ask(self, prompt: str) -> tuple[str | None, str | None, str | None]:
         """(reply text, finish_reason, None) or (None, None, error) after retries."""
         payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                   "temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
-                   **self.extra_body}
+                   "temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
+        if self.top_k is not None:   # a vLLM/sglang field: servers that refuse it get None (not sent)
+            payload["top_k"] = self.top_k
+        payload.update(self.extra_body)   # checked at construction: never one of the fields above
         data = json.dumps(payload).encode()
         error = ""
         for attempt in range(self.retries + 1):
@@ -739,7 +917,7 @@ class HTTPJudge:
             return _failed(error or "judge call failed")
         verdict = parse_verdict(request.task, text)
         if verdict.failed and finish_reason == "length":   # the usual cause with a thinking judge
-            verdict.error += (f" (the reply was cut at max_tokens={self.max_tokens}: raise max_tokens "
+            verdict.error += (f" (the reply was cut at max_tokens={self.max_tokens}: raise --judge-max-tokens "
                               "or turn the judge's thinking off)")
         return verdict
 
@@ -786,14 +964,16 @@ def make_judge(spec: str, **http_options) -> Judge:
     raise ValueError(f"judge spec must be 'rule' or an http(s) URL like http://localhost:8000/v1[#model], got {spec!r}")
 
 
-RULE_TASKS = ("math-hard", "minerva", "arith_demo")  # what the offline rule judge can score
+RULE_TASKS = ("math-hard", "minerva", "arith_demo")  # the data sources the offline rule judge can score
 
 
 def open_judge(spec: str, *, sources: list[str] = (), timeout: float | None = None,
-               max_concurrency: int | None = None) -> Judge:
+               max_concurrency: int | None = None, settings: JudgeSettings | None = None) -> Judge:
     """The judge a script asked for, ready to use: the rule judge only when it can score every data
     source given, an HTTP judge only once its server answers (an unreachable judge would otherwise turn
-    every sample into a failure). Raises UsageError naming the problem."""
+    every sample into a failure). settings (None: HTTPJudge's own defaults, which are the same paper
+    values) set how an HTTP judge samples; the rule judge samples nothing. settings.failure is the
+    reward's business: pass it to reward.score_batch as judge_failure. Raises UsageError naming the problem."""
     if spec == "rule":
         unscorable = sorted({s for s in sources if canonical_task(s) not in RULE_TASKS})
         if unscorable:
@@ -801,6 +981,8 @@ def open_judge(spec: str, *, sources: list[str] = (), timeout: float | None = No
                              "pass --judge http://HOST:PORT/v1 (an OpenAI-compatible server)")
         return RuleJudge()
     options = {k: v for k, v in (("timeout", timeout), ("max_concurrency", max_concurrency)) if v is not None}
+    if settings is not None:
+        options.update(settings.request_options())
     try:
         judge = make_judge(spec, **options)
         judge.check()

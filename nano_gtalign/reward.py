@@ -7,8 +7,13 @@ welfare W (docs/reward.md), with every term kept in a RewardBreakdown.
 
 A_user and A_llm come from a judge verdict, mapped per data_source by the answers_* functions
 below. A completion without a <response> block or with an unparseable payoff scores all zeros
-and is not judged. A failed verdict is not a zero: the breakdown has judge_failed=True and
-A_user, A_llm, U, L, W = NaN, and training must drop such samples from the update.
+and is not judged. A failed verdict is not silently a zero: the breakdown has judge_failed=True and,
+with judge_failure="exclude" (default), A_user, A_llm, U, L, W = NaN, and training must drop such
+samples from the update; judge_failure="zero" scores it as a verdict of 0, as upstream did.
+
+The ablation L pays Pareto consistency as a judge verdict (0 / 0.5 / 1 from an LLM judge, the 0/1
+rule from the rule judge), asked in the same judge_many batch; minerva, advbench and abg_coqa keep
+the main L, as upstream's ablation did.
 """
 from __future__ import annotations
 
@@ -18,14 +23,19 @@ from dataclasses import asdict, dataclass
 
 from nano_gtalign.game import (
     KEYS, STRATEGIES, Matrix, PayoffError, analyze_choice, cobb_douglas, format_ok,
-    parse_payoff, pareto_consistency, split_blocks,
+    parse_payoff, pareto_consistency, pareto_frontier, split_blocks,
 )
-from nano_gtalign.judges import VERDICT_SCALES, JudgeRequest, Verdict, canonical_task
+from nano_gtalign.judges import (
+    JUDGE_FAILURES, PARETO_TASK, VERDICT_SCALES, JudgeRequest, Verdict, canonical_task,
+)
 
 WELFARES = ("cobb_douglas", "linear", "user_only", "llm_only")
 LLM_REWARDS = ("main", "ablation")
 BLEUS = ("char", "word")
 TASKS = ("math-hard", "minerva", "medium", "wildguard", "advbench", "ambig_qa", "abg_coqa", "arith_demo")
+# Under llm_reward="ablation" these out-of-distribution sources keep the main L (no consistency term),
+# as in upstream's ablation reward; the others get the ablation L with a judged consistency term.
+ABLATION_MAIN_L_SOURCES = ("minerva", "advbench", "abg_coqa")
 
 # -----------------------------------------------------------------------------
 # length helpers and payoff spread
@@ -73,7 +83,8 @@ def user_reward(answer_user: float, response_band: float, reasoning_brevity: flo
 def llm_reward(fmt: float, spread: float, answer_llm: float, full_band: float,
                consistency: float = 0.0, variant: str = "main") -> float:
     """L from its terms (full_band = band(full, 500, 1000)). "main": GTAlign's L. "ablation":
-    upstream's full z-score run, which also pays Pareto consistency and reweighs the rest."""
+    upstream's full z-score run, which also pays Pareto consistency (a judge's 0 / 0.5 / 1, see
+    score_batch) and reweighs the rest."""
     if variant == "main":
         return 1e-4 + 0.2 * fmt + 0.2 * spread + 0.4 * answer_llm + 0.2 * full_band
     if variant == "ablation":
@@ -222,7 +233,11 @@ class RewardBreakdown:
     judge_failed: bool
     parse_error: str | None  # why the completion scored all zeros, else None
     data_source: str
-    judge_error: str | None = None  # the failed verdict's error
+    judge_error: str | None = None  # the failed verdict's error (also under judge_failure="zero")
+    # The consistency term that entered the ablation L: the judge's 0 / 0.5 / 1 (the rule judge's 0/1);
+    # None when L had none (main L, or a source in ABLATION_MAIN_L_SOURCES). pareto_consistency above is
+    # always the rule's, for the metrics.
+    pareto_judged: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -281,21 +296,50 @@ def _verdict_error(task: str, verdict: Verdict) -> str | None:
 
 
 def score_completion(completion: str, record: dict, judge, *, welfare: str = "cobb_douglas",
-                     llm_reward: str = "main", bleu: str = "char") -> RewardBreakdown:
+                     llm_reward: str = "main", bleu: str = "char", judge_failure: str = "exclude") -> RewardBreakdown:
     """Score one completion against its record (one judge call unless it scores all zeros)."""
-    return score_batch([completion], [record], judge, welfare=welfare, llm_reward=llm_reward, bleu=bleu)[0]
+    return score_batch([completion], [record], judge, welfare=welfare, llm_reward=llm_reward, bleu=bleu,
+                       judge_failure=judge_failure)[0]
 
 
 def score_batch(completions: list[str], records: list[dict], judge, *, welfare: str = "cobb_douglas",
-                llm_reward: str = "main", bleu: str = "char") -> list[RewardBreakdown]:
-    """Score each completion against its record with ONE judge.judge_many call for the batch."""
+                llm_reward: str = "main", bleu: str = "char", judge_failure: str = "exclude") -> list[RewardBreakdown]:
+    """Score each completion against its record with ONE judge.judge_many call for the batch.
+
+    judge_failure: what a failed verdict counts as. "exclude" (ours): A_user, A_llm, U, L, W are NaN
+    and training leaves the sample out. "zero" (upstream): it is scored as a verdict of 0 (through the
+    task's mapping, so a harmful wildguard prompt still gets A_user = 1), giving finite U, L, W. Either
+    way judge_failed=True and judge_error say what failed, so the failure is counted.
+    llm_reward="ablation" adds one "pareto" request per completion (not for ABLATION_MAIN_L_SOURCES) to
+    the same batch: the frontier keys and the <analyze> text, scored 0 / 0.5 / 1 by the judge."""
     # the keyword names shadow the module's welfare/llm_reward/bleu functions, hence the hand-off
-    return _score_batch(completions, records, judge, welfare, llm_reward, bleu)
+    return _score_batch(completions, records, judge, _Options(welfare, llm_reward, bleu, judge_failure))
+
+
+@dataclass
+class _Options:
+    welfare: str
+    llm_reward: str
+    bleu: str
+    judge_failure: str
+
+    def check(self) -> None:
+        # checked up front so a typo fails before any parsing or judging
+        if self.welfare not in WELFARES:
+            raise ValueError(f"unknown welfare {self.welfare!r}; use one of {WELFARES}")
+        if self.llm_reward not in LLM_REWARDS:
+            raise ValueError(f"unknown llm_reward {self.llm_reward!r}; use one of {LLM_REWARDS}")
+        if self.bleu not in BLEUS:
+            raise ValueError(f"unknown bleu {self.bleu!r}; use one of {BLEUS}")
+        if self.judge_failure not in JUDGE_FAILURES:
+            raise ValueError(f"unknown judge_failure {self.judge_failure!r}; use one of {JUDGE_FAILURES}")
 
 
 @dataclass
 class _Pending:
-    """A completion that parsed, with every term the judge does not decide, awaiting its verdict."""
+    """A completion that parsed, with every term the judge does not decide, awaiting its verdicts.
+    pareto: how the ablation's consistency term is had: "none" (main L), "judge" (a second request
+    follows the answer request), "empty" (no <analyze> text to judge: 0 without asking)."""
     index: int
     task: str
     response: str
@@ -303,16 +347,7 @@ class _Pending:
     source: str
     action: str | None
     terms: dict[str, float]
-
-
-def _check_options(welfare_kind: str, llm_variant: str, bleu_level: str) -> None:
-    # checked up front so a typo fails before any parsing or judging
-    if welfare_kind not in WELFARES:
-        raise ValueError(f"unknown welfare {welfare_kind!r}; use one of {WELFARES}")
-    if llm_variant not in LLM_REWARDS:
-        raise ValueError(f"unknown llm_reward {llm_variant!r}; use one of {LLM_REWARDS}")
-    if bleu_level not in BLEUS:
-        raise ValueError(f"unknown bleu {bleu_level!r}; use one of {BLEUS}")
+    pareto: str = "none"
 
 
 def _check_batch(completions, records) -> list[tuple[str, str, str]]:
@@ -335,10 +370,11 @@ def _judge_free_terms(completion: str, response: str, matrix: Matrix, response_s
     )
 
 
-def _prepare(i: int, completion: str, record: dict, fields: tuple[str, str, str]
-             ) -> RewardBreakdown | tuple[_Pending, JudgeRequest]:
+def _prepare(i: int, completion: str, record: dict, fields: tuple[str, str, str], llm_variant: str
+             ) -> RewardBreakdown | tuple[_Pending, list[JudgeRequest]]:
     """The judge-free part of scoring completion i: a finished all-zero breakdown when it has no
-    response or no parseable payoff, else its pending terms and the request for its verdict."""
+    response or no parseable payoff, else its pending terms and the requests for its verdicts (the
+    answer, then, for the ablation L, the Pareto-consistency check)."""
     if not isinstance(completion, str):
         raise ValueError(f"completion {i} must be a str, got {type(completion).__name__}")
     task, question, gt = fields
@@ -355,9 +391,17 @@ def _prepare(i: int, completion: str, record: dict, fields: tuple[str, str, str]
         return _zero(source, action, str(e))
     response = blocks.response.strip()
     terms = _judge_free_terms(completion, response, matrix, blocks.response_start)
-    request = JudgeRequest(task=task, question=question, response=response, ground_truth=gt,
-                           extra={"data_source": source, "extra_info": record.get("extra_info") or {}})
-    return _Pending(i, task, response, gt, source, action, terms), request
+    requests = [JudgeRequest(task=task, question=question, response=response, ground_truth=gt,
+                             extra={"data_source": source, "extra_info": record.get("extra_info") or {}})]
+    pareto = "none"
+    if llm_variant == "ablation" and task not in ABLATION_MAIN_L_SOURCES:
+        analyze = (blocks.analyze or "").strip()
+        pareto = "judge" if analyze else "empty"   # nothing to judge scores 0, as a missing choice would
+        if analyze:
+            requests.append(JudgeRequest(task=PARETO_TASK, question=question, response=analyze,
+                                         ground_truth=", ".join(pareto_frontier(matrix)),
+                                         extra={"data_source": source}))
+    return _Pending(i, task, response, gt, source, action, terms, pareto), requests
 
 
 def _judge_all(judge, requests: list[JudgeRequest]) -> list[Verdict]:
@@ -368,46 +412,71 @@ def _judge_all(judge, requests: list[JudgeRequest]) -> list[Verdict]:
     return verdicts
 
 
-def _finish(p: _Pending, verdict: Verdict, welfare_kind: str, llm_variant: str,
-            bleu_level: str) -> RewardBreakdown:
-    """The final breakdown of a pending completion from its verdict; a failed verdict gives NaN
-    answer terms and rewards (not zeros) so training can drop the sample."""
+def _judged_scores(p: _Pending, verdicts: list[Verdict], zero_failures: bool
+                   ) -> tuple[float | None, float | None, str | None]:
+    """(answer verdict r, Pareto-consistency score, error) of a pending completion. A failed verdict is
+    None, or 0 when zero_failures (upstream); error joins the failures' causes, None if all succeeded."""
+    errors = []
+    error = _verdict_error(p.task, verdicts[0])
+    if error is None:
+        r = float(verdicts[0].score)
+    else:
+        errors.append(error)
+        r = 0.0 if zero_failures else None
+    consistency = None if p.pareto == "none" else 0.0
+    if p.pareto == "judge":
+        error = _verdict_error(PARETO_TASK, verdicts[1])
+        if error is None:
+            consistency = float(verdicts[1].score)
+        else:
+            errors.append(f"Pareto-consistency check: {error}")
+            consistency = 0.0 if zero_failures else None
+    return r, consistency, "; ".join(errors) or None
+
+
+def _finish(p: _Pending, verdicts: list[Verdict], opts: _Options) -> RewardBreakdown:
+    """The final breakdown of a pending completion from its verdicts. A failed verdict gives NaN answer
+    terms and rewards (not zeros) so training can drop the sample, or, with judge_failure="zero", is
+    scored as 0; judge_failed is set either way."""
     t = p.terms
     qtype, strategy = _choice_parts(p.action)
-    error = _verdict_error(p.task, verdict)
-    if error is not None:
-        nan = float("nan")
+    r, consistency, error = _judged_scores(p, verdicts, opts.judge_failure == "zero")
+    nan = float("nan")
+    if r is None or (p.pareto == "judge" and consistency is None):
         a_user = a_llm = U = L = W = nan
+        consistency = nan if consistency is None else consistency
     else:
-        a_user, a_llm = task_answers(p.task, float(verdict.score), p.response, p.ground_truth, bleu_level)
+        a_user, a_llm = task_answers(p.task, r, p.response, p.ground_truth, opts.bleu)
         U = user_reward(a_user, t["response_band"], t["reasoning_brevity"])
-        L = llm_reward(t["format"], t["payoff_spread"], a_llm, t["full_band"],
-                       t["pareto_consistency"], llm_variant)
-        W = welfare(U, L, welfare_kind)
+        if p.pareto == "none":
+            L = llm_reward(t["format"], t["payoff_spread"], a_llm, t["full_band"])
+        else:
+            L = llm_reward(t["format"], t["payoff_spread"], a_llm, t["full_band"], consistency, "ablation")
+        W = welfare(U, L, opts.welfare)
     return RewardBreakdown(
         format=t["format"], payoff_spread=t["payoff_spread"], pareto_consistency=t["pareto_consistency"],
         answer_user=a_user, answer_llm=a_llm, response_band=t["response_band"],
         reasoning_brevity=t["reasoning_brevity"], full_band=t["full_band"], user=U, llm=L, welfare=W,
         action=p.action, question_type=qtype, strategy=strategy, judge_failed=error is not None,
-        parse_error=None, data_source=p.source, judge_error=error)
+        parse_error=None, data_source=p.source, judge_error=error, pareto_judged=consistency)
 
 
-def _score_batch(completions, records, judge, welfare_kind: str, llm_variant: str,
-                 bleu_level: str) -> list[RewardBreakdown]:
-    _check_options(welfare_kind, llm_variant, bleu_level)
+def _score_batch(completions, records, judge, opts: _Options) -> list[RewardBreakdown]:
+    opts.check()
     fields = _check_batch(completions, records)
     results: list[RewardBreakdown | None] = [None] * len(completions)
-    pending: list[_Pending] = []
+    pending: list[tuple[_Pending, int, int]] = []   # (completion, its first request, its request count)
     requests: list[JudgeRequest] = []
     for i, (completion, record, f) in enumerate(zip(completions, records, fields)):
-        prepared = _prepare(i, completion, record, f)
+        prepared = _prepare(i, completion, record, f, opts.llm_reward)
         if isinstance(prepared, RewardBreakdown):
             results[i] = prepared
         else:
-            pending.append(prepared[0])
-            requests.append(prepared[1])
-    for p, verdict in zip(pending, _judge_all(judge, requests)):
-        results[p.index] = _finish(p, verdict, welfare_kind, llm_variant, bleu_level)
+            pending.append((prepared[0], len(requests), len(prepared[1])))
+            requests += prepared[1]
+    verdicts = _judge_all(judge, requests)
+    for p, start, n in pending:
+        results[p.index] = _finish(p, verdicts[start:start + n], opts)
     return results
 
 

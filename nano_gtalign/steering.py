@@ -4,9 +4,10 @@ and let the model answer for the new choice in the same generation.
 A pricing policy is a small dataclass with `apply(matrix) -> matrix`:
 - `none`                  leaves the matrix as it is (to see the steering pipeline alone);
 - `upstream-llm:S`        upstream's price on the LLM side: every LLM payoff += S, the user
-                          gets +0 (DA), +0.5 (CQ), +1 (AQ);
+                          gets +0 (DA), +0.5 (CQ), +1 (AQ); S = 0 leaves the matrix unchanged
+                          (upstream's transform only shifts when the price is not 0);
 - `upstream-user:S`       upstream's price on the user side: every user payoff += S, the LLM
-                          gets +1 (DA), +0.5 (AQ), +0 (CQ);
+                          gets +1 (DA), +0.5 (AQ), +0 (CQ); S = 0 leaves it unchanged too;
 - `token:per_1k=P,payer=user|llm,DA=n,CQ=n,AQ=n`
                           a per-token price: the payer's payoff of every cell drops by
                           P * (expected tokens of the cell's strategy) / 1000. P is in payoff
@@ -16,7 +17,8 @@ A pricing policy is a small dataclass with `apply(matrix) -> matrix`:
 The choice after repricing is game.choose_action(matrix, rule="cobb_douglas"): among the
 Pareto frontier, the cell with the largest sqrt(l'*u') after shifting both coordinates by the
 matrix's most negative payoff, so a cell where both players lose can never win by a product of
-two negatives (upstream compared raw l*u, and (-3,-3) beat (2,2)).
+two negatives (upstream compared raw l*u, and (-3,-3) beat (2,2)). rule="product" is upstream's
+raw l*u itself, ties drawn with a seeded random.Random, to see where the two differ.
 
 `steer` runs the two stages: generate until `</payoff>`; parse and reprice the matrix; then
 continue from the prompt + the model's own text before `<payoff>` (its <thinking>) + the
@@ -26,6 +28,7 @@ repriced `<payoff>` + an `<analyze>` written here that states the new frontier a
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field, replace
 
 from nano_gtalign.game import (
@@ -49,9 +52,9 @@ PRICING_HELP = """\
 pricing policies for --price (payoffs are on the matrix's scale, roughly -5..5):
   none                 keep the model's matrix (runs the two-stage pipeline without repricing)
   upstream-llm:S       price S on the LLM side (upstream): every LLM payoff += S;
-                       user payoff += 0 (DA), 0.5 (CQ), 1 (AQ)
+                       user payoff += 0 (DA), 0.5 (CQ), 1 (AQ); S = 0 changes nothing
   upstream-user:S      price S on the user side (upstream): every user payoff += S;
-                       LLM payoff += 1 (DA), 0.5 (AQ), 0 (CQ)
+                       LLM payoff += 1 (DA), 0.5 (AQ), 0 (CQ); S = 0 changes nothing
   token:per_1k=P[,payer=user|llm][,DA=N][,CQ=N][,AQ=N]
                        a token price: the payer (default user: billed per token; llm: the
                        service pays for the compute) loses P payoff points per 1,000 tokens,
@@ -59,7 +62,8 @@ pricing policies for --price (payoffs are on the matrix's scale, roughly -5..5):
                        CQ=60, AQ=360). E.g. token:per_1k=2,payer=user makes a 300-token direct
                        answer cost the user 0.6 and a clarifying question 0.12.
 after repricing the action is chosen again, by default with the sign-safe Cobb-Douglas welfare
-over the Pareto frontier (game.choose_action rule "cobb_douglas"; "sum" = max LLM + user)."""
+over the Pareto frontier (game.choose_action rule "cobb_douglas"; "sum" = max LLM + user;
+"product" = upstream's largest raw LLM x user over all six cells, ties drawn with --seed)."""
 
 
 class PricingError(ValueError):
@@ -103,6 +107,8 @@ class UpstreamLLM:
     s: float
 
     def apply(self, matrix: Matrix) -> Matrix:
+        if self.s == 0:   # upstream's transform shifts nothing, bonuses included, when the price is 0
+            return _finite(dict(matrix), matrix, self)
         priced = {k: (l + self.s, u + UPSTREAM_LLM_USER_BONUS[_strategy(k)]) for k, (l, u) in matrix.items()}
         return _rounded(_finite(priced, matrix, self))
 
@@ -110,6 +116,8 @@ class UpstreamLLM:
         return f"upstream-llm:{self.s:g}"
 
     def describe(self) -> str:
+        if self.s == 0:
+            return "upstream-llm:0 (a price of 0: the matrix is unchanged, as upstream)"
         return f"upstream-llm:{self.s:g} (LLM +{self.s:g} on every cell; user +0 DA, +0.5 CQ, +1 AQ)"
 
 
@@ -118,6 +126,8 @@ class UpstreamUser:
     s: float
 
     def apply(self, matrix: Matrix) -> Matrix:
+        if self.s == 0:   # as UpstreamLLM: no price, no bonuses
+            return _finite(dict(matrix), matrix, self)
         priced = {k: (l + UPSTREAM_USER_LLM_BONUS[_strategy(k)], u + self.s) for k, (l, u) in matrix.items()}
         return _rounded(_finite(priced, matrix, self))
 
@@ -125,6 +135,8 @@ class UpstreamUser:
         return f"upstream-user:{self.s:g}"
 
     def describe(self) -> str:
+        if self.s == 0:
+            return "upstream-user:0 (a price of 0: the matrix is unchanged, as upstream)"
         return f"upstream-user:{self.s:g} (user +{self.s:g} on every cell; LLM +1 DA, +0.5 AQ, +0 CQ)"
 
 
@@ -232,10 +244,11 @@ def write_analyze(frontier: list[str], action: str, rule: str = "cobb_douglas") 
     """The <analyze> text for the repriced matrix, in the compact form the demo transcripts use:
     "Frontier: K1, K2. Chosen: K, the largest LLM x user." (the numbers are in the <payoff> block
     just before it; for cobb_douglas "LLM x user" is the product after game.choose_action's shift
-    out of the negatives). Kept short and plain on purpose: the model has to carry on from it into
-    <response>, and a long text unlike its own analyses pulls a small model off course (measured
-    on the demo's warm-started model). game.analyze_choice reads the key after "Chosen"."""
-    why = "the largest LLM x user" if rule == "cobb_douglas" else "the largest LLM + user"
+    out of the negatives, for product the raw one, whose cell may be off the frontier). Kept short
+    and plain on purpose: the model has to carry on from it into <response>, and a long text unlike
+    its own analyses pulls a small model off course (measured on the demo's warm-started model).
+    game.analyze_choice reads the key after "Chosen"."""
+    why = "the largest LLM + user" if rule == "sum" else "the largest LLM x user"
     return f"Frontier: {', '.join(frontier)}. Chosen: {action}, {why}."
 
 
@@ -265,10 +278,12 @@ class SteerResult:
 
 
 def steer(model, tokenizer, messages: list[dict], pricing: Pricing, params: SamplingParams,
-          generate_fn=generate, rule: str = "cobb_douglas") -> SteerResult:
+          generate_fn=generate, rule: str = "cobb_douglas", rng: random.Random | None = None) -> SteerResult:
     """Two-stage pricing steering of one chat prompt. generate_fn has sampling.generate's
     signature (tests pass a stub); params apply to both stages, with the stop string replaced by
     `</payoff>` in stage one and `</response>` in stage two (max_new_tokens is per stage).
+    rng draws the ties of rule "product" (game.choose_action), the repriced choice first, so a
+    seed gives the same repriced choice whatever the raw matrix's ties were.
     A payoff that cannot be reached or parsed gives a result with `error` set and the raw text."""
     prompt_ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
     first = generate_fn(model, tokenizer, [prompt_ids], replace(params, stop_strings=("</payoff>",)))
@@ -276,7 +291,8 @@ def steer(model, tokenizer, messages: list[dict], pricing: Pricing, params: Samp
 
     def stopped(error: str, raw: Matrix | None = None) -> SteerResult:
         return SteerResult(pricing.describe(), raw, None, pareto_frontier(raw) if raw else [], [],
-                           choose_action(raw, rule) if raw else None, None, None, stage_one, stage_one, reason, error)
+                           choose_action(raw, rule, rng=rng) if raw else None, None, None, stage_one, stage_one,
+                           reason, error)
 
     end = stage_one.find("</payoff>")
     if end < 0:
@@ -294,7 +310,8 @@ def steer(model, tokenizer, messages: list[dict], pricing: Pricing, params: Samp
     except PricingError as e:   # a huge matrix pushed past the float range by the price
         return stopped(f"repricing failed: {e}", raw)
     frontier_raw, frontier_priced = pareto_frontier(raw), pareto_frontier(priced)
-    action_raw, action_priced = choose_action(raw, rule), choose_action(priced, rule)
+    action_priced = choose_action(priced, rule, rng=rng)
+    action_raw = choose_action(raw, rule, rng=rng)
     # Keep the model's own words before <payoff> (its thinking) verbatim; everything after is ours
     # up to <response>, which the model then fills in.
     context = (stage_one[:start] + "<payoff>" + format_payoff(priced) + "</payoff>"

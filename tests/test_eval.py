@@ -128,6 +128,44 @@ def test_per_sample_file_rescores_and_compares(tmp_path, capsys):
         evaluate.main(["--compare", str(tmp_path / "ps.jsonl"), str(tmp_path / "x.jsonl")])
 
 
+def test_paper_metrics_single_run_and_compare(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"record": r, "completion": c} for r, c in FIXTURE])
+    evaluate.main(["--completions", str(src), "--paper-metrics", "--out", str(tmp_path / "o.json"),
+                   "--per-sample", str(tmp_path / "ps.jsonl")])
+    out = capsys.readouterr().out
+    ours, paper = out.index("\nscores "), out.index("\nthe paper's definitions (upstream experiments/basic_metrics.py)")
+    assert ours < paper   # our tables first, the paper's under its own heading after them
+    m = json.loads((tmp_path / "o.json").read_text())["paper_metrics"]
+    o = m["overall"]
+    # the block-less completion is dropped; the other four are well formed with spread 1: 0.1 + 0.15
+    assert (o["n"], o["n_kept"], o["n_answered"]) == (5, 4, 3) and o["format"] == pytest.approx(0.25)
+    assert o["answer"] == pytest.approx(2 / 3)   # arith 1, 1, math-hard 0; the medium judge failed (rule judge)
+    resp = [2, len("What is your number?"), len("It is \\boxed{13}. Want steps?"), len("Moon over water")]
+    assert resp == [2, 20, 29, 15]
+    assert o["response_chars"] == pytest.approx(sum(resp) / 4)
+    assert o["total_chars"] == pytest.approx(sum(len(c) for _, c in FIXTURE[:4]) / 4)
+    assert o["response_ratio"] == pytest.approx(sum(resp) / sum(len(c) for _, c in FIXTURE[:4]))
+    assert (m["math-hard"]["n"], m["math-hard"]["n_kept"]) == (2, 1)
+    assert any(l.split()[:5] == ["overall", "5", "4", "0.250", "0.667"] for l in out.splitlines())
+    # --compare: the joint-frontier definitions, with the hypervolume flagged where it is printed
+    b = [json.loads(l) for l in (tmp_path / "ps.jsonl").read_text().splitlines()]
+    b[0]["user"] += 0.1
+    write_jsonl(tmp_path / "b.jsonl", b)
+    evaluate.main(["--compare", str(tmp_path / "ps.jsonl"), str(tmp_path / "b.jsonl"), "--paper-metrics",
+                   "--out", str(tmp_path / "c.json")])
+    out = capsys.readouterr().out
+    assert "the paper's definitions (upstream experiments/pareto_ratio.py), on the joint frontier:" in out
+    assert "hv_pub(BUG): the hypervolume as published is a bug" in out
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["paper_compare"]["n_matched"] == c["compare"]["n_matched"] == 4
+    # b's point is at least a's on every prompt: b is nowhere further from the joint frontier, and on
+    # it wherever a is; a's first point, dominated by b's, is not on it
+    pa, pb = c["paper_compare"]["a"], c["paper_compare"]["b"]
+    assert pb["regret"] <= pa["regret"] and pb["on_frontier"] >= pa["on_frontier"] and pa["on_frontier"] < 1
+    evaluate.main(["--compare", str(tmp_path / "ps.jsonl"), str(tmp_path / "b.jsonl")])
+    assert "the paper's definitions" not in capsys.readouterr().out   # only when asked
+
+
 def test_bad_inputs_are_clear(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # so the defaults out/demo/... certainly do not exist
     with pytest.raises(SystemExit, match=r"no records file at out/demo/test.jsonl \(run `python train.py` first"):
@@ -275,11 +313,28 @@ def test_judge_options_reach_the_http_judge(tmp_path, monkeypatch, capsys):
     url = ["--completions", str(src), "--judge", "http://127.0.0.1:9/v1"]
     evaluate.main(url + ["--judge-timeout", "2.5", "--judge-concurrency", "3"])
     evaluate.main(url)
-    assert seen == [{"timeout": 2.5, "max_concurrency": 3}, {"timeout": 60.0, "max_concurrency": 32}]
+    paper = judges.JudgeSettings().request_options()  # the paper's judge sampling, by default
+    assert seen == [{"timeout": 2.5, "max_concurrency": 3, **paper}, {"timeout": 60.0, "max_concurrency": 32, **paper}]
+    evaluate.main(url + ["--judge-max-tokens", "1024", "--judge-top-k", "0", "--judge-extra-body", "{}"])
+    assert seen[-1]["max_tokens"] == 1024 and seen[-1]["top_k"] is None and seen[-1]["extra_body"] == {}
     with pytest.raises(SystemExit, match="--judge-timeout must be > 0"):
         evaluate.main(url + ["--judge-timeout", "0"])
     with pytest.raises(SystemExit, match="--judge-concurrency must be >= 1"):
         evaluate.main(url + ["--judge-concurrency", "0"])
+
+
+def test_judge_failure_zero_scores_failed_judgements(tmp_path, monkeypatch, capsys):
+    # Upstream's convention: a failed judgement is a verdict of 0, so it is averaged in (and still counted).
+    use_judge(monkeypatch, FailingJudge())
+    src = write_jsonl(tmp_path / "c.jsonl", [{"record": FIXTURE[0][0], "completion": FIXTURE[0][1]}])
+    code, _, _ = exit_code(["--completions", str(src), "--out", str(tmp_path / "x.json")], capsys)
+    excluded = json.loads((tmp_path / "x.json").read_text())["metrics"]["overall"]
+    code_zero, _, _ = exit_code(["--completions", str(src), "--out", str(tmp_path / "z.json"),
+                                 "--judge-failure", "zero"], capsys)
+    zero = json.loads((tmp_path / "z.json").read_text())["metrics"]["overall"]
+    assert code == code_zero == 3  # most judgements failed either way: said loudly
+    assert excluded["welfare"] is None and excluded["judge_failure_rate"] == 1.0
+    assert zero["welfare"] is not None and zero["answer_llm"] == 0.0 and zero["judge_failure_rate"] == 1.0
 
 
 def test_inputs_and_outputs_are_checked_before_any_judge_call(tmp_path, monkeypatch, capsys):

@@ -310,8 +310,8 @@ def test_choose_action_sum_rule_and_tie_breaks():
     # float noise below eps is a tie, not a win: (0.1+0.2, 1) vs (0.3, 1) -> KEYS order
     m = {**{k: (0.0, 0.0) for k in KEYS}, "DQ_DA": (0.3, 1.0), "VQ_DA": (0.1 + 0.2, 1.0)}
     assert choose_action(m) == "DQ_DA"
-    with pytest.raises(ValueError, match="rule"):
-        choose_action(MATRIX, rule="product")
+    with pytest.raises(ValueError, match="unknown choice rule 'nash'"):
+        choose_action(MATRIX, rule="nash")
     with pytest.raises(ValueError, match="non-empty"):
         choose_action({})
 
@@ -323,6 +323,42 @@ def test_choose_action_cobb_douglas_is_sign_safe():
     m = {k: (2.0, 2.0) for k in KEYS} | {"VQ_CQ": (-3.0, -3.0)}
     assert choose_action(m, "cobb_douglas") == "DQ_AQ"  # five (2,2) ties: KEYS order
 
+
+
+def test_choose_action_product_is_upstreams_raw_product():
+    # upstream's rule: the largest raw l*u over all six cells, so the mutual loss (-3,-3) -> 9 beats
+    # (2,2) -> 4 -- exactly what the sign-safe rule refuses
+    m = {k: (-3.0, -3.0) for k in KEYS} | {"DQ_DA": (2.0, 2.0)}
+    assert choose_action(m, "cobb_douglas") == "DQ_DA"
+    # five cells tie at 9; their strategies in matrix order: AQ (DQ_AQ), CQ (DQ_CQ), DA (VQ_DA).
+    # One strategy is drawn, then its first tied cell: never DQ_DA, and each strategy for some seed.
+    first_cell = {"AQ": "DQ_AQ", "CQ": "DQ_CQ", "DA": "VQ_DA"}
+    picks = set()
+    for seed in range(30):
+        got = choose_action(m, "product", rng=random.Random(seed))
+        assert got == first_cell[random.Random(seed).choice(["AQ", "CQ", "DA"])]
+        picks.add(got)
+    assert picks == {"DQ_AQ", "DQ_CQ", "VQ_DA"}
+    # no rng: random.Random(0), so the call is deterministic
+    assert choose_action(m, "product") == choose_action(m, "product", rng=random.Random(0))
+    # a unique largest product needs no draw, but one is made (upstream always called random.choice),
+    # so a seeded rng advances by the same amount whatever the matrix
+    r, ref = random.Random(7), random.Random(7)
+    assert choose_action(MATRIX, "product", rng=r) == "DQ_DA"   # 4.2 * 4.3 = 18.06
+    ref.choice(["DA"])
+    assert r.random() == ref.random()
+
+
+def test_choose_action_product_draws_a_strategy_not_a_cell():
+    # DQ_DA, VQ_DA and DQ_AQ tie at 4: the draw is between DA and AQ (one each), so DA is not
+    # twice as likely for having two cells; DA's first cell, DQ_DA, stands for it
+    m = {k: (0.0, 0.0) for k in KEYS} | {"DQ_DA": (2.0, 2.0), "VQ_DA": (1.0, 4.0), "DQ_AQ": (4.0, 1.0)}
+    got = [choose_action(m, "product", rng=random.Random(s)) for s in range(400)]
+    assert set(got) == {"DQ_AQ", "DQ_DA"}
+    assert 0.4 < got.count("DQ_DA") / len(got) < 0.6
+    # products are compared exactly, as upstream did: 0.1 * 3 = 0.30000000000000004 beats 0.3 * 1
+    m = {k: (0.0, 0.0) for k in KEYS} | {"DQ_CQ": (0.3, 1.0), "VQ_CQ": (0.1, 3.0)}
+    assert all(choose_action(m, "product", rng=random.Random(s)) == "VQ_CQ" for s in range(10))
 
 
 def test_choose_action_huge_payoffs_do_not_overflow():

@@ -3,6 +3,7 @@ HTTP judge against a real chat-completions server run by the test on 127.0.0.1.
 
     python -m pytest tests/test_judges.py -q
 """
+import argparse
 import json
 import re
 import socket
@@ -13,9 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from nano_gtalign.errors import UsageError
 from nano_gtalign.judges import (
-    HTTPJudge, JudgeRequest, JudgeUnavailableError, RuleJudge, Verdict, after_think,
-    extract_answer, make_judge, math_equal, parse_verdict,
+    HTTPJudge, JudgeRequest, JudgeSettings, JudgeUnavailableError, RuleJudge, Verdict, add_judge_arguments,
+    after_think, extract_answer, make_judge, math_equal, open_judge, parse_verdict,
 )
 
 # ---------------------------------------------------------------------------
@@ -191,6 +193,22 @@ def test_rule_judge_failures_are_failures():
     assert [v.score for v in j.judge_many(reqs)] == [1.0, None]
 
 
+@pytest.mark.parametrize("analyze, frontier, score", [
+    ("Frontier: DQ_DA, DQ_AQ. Chosen: DQ_DA.", "DQ_DA, DQ_AQ", 1.0),
+    ("Chosen: VQ_CQ, the largest sum.", "DQ_DA, DQ_AQ", 0.0),      # a key off the frontier
+    ("I will ask a question (CQ).", "VQ_CQ", 1.0),                  # a bare strategy of a frontier key
+    ("I will answer directly.", "DQ_DA", 0.0),                      # nothing named: the rule cannot tell
+])
+def test_rule_judge_pareto_check_is_the_frontier_rule(analyze, frontier, score):
+    v = RuleJudge().judge("pareto", "q", analyze, frontier)
+    assert (v.score, v.failed) == (score, False), v
+
+
+def test_rule_judge_pareto_check_needs_frontier_keys():
+    v = RuleJudge().judge("pareto", "q", "Chosen: DQ_DA.", "DQ_DA, XX_YY")
+    assert v.failed and "XX_YY" in v.error
+
+
 # ---------------------------------------------------------------------------
 # parse_verdict
 
@@ -203,8 +221,9 @@ def test_parse_verdict_scales_and_think():
     assert parse_verdict("advbench", "\\boxed{\\frac{1}{2}}").score == 0.5
     assert parse_verdict("abg-coqa", "<abg>1</abg>").score == 1.0
     assert parse_verdict("ambig_qa", "<think><abg>1</abg></think><abg> 0 </abg>").score == 0.0
+    assert parse_verdict("pareto", "<think>\\boxed{1}</think> partly: \\boxed{0.5}").score == 0.5
     for task, text in [("medium", "\\boxed{5}"), ("wildguard", "\\boxed{0.7}"), ("math-hard", "\\boxed{yes}"),
-                       ("ambig_qa", "\\boxed{1}"), ("math-hard", "<think>\\boxed{1}")]:
+                       ("ambig_qa", "\\boxed{1}"), ("math-hard", "<think>\\boxed{1}"), ("pareto", "\\boxed{2}")]:
         v = parse_verdict(task, text)
         assert v.failed and v.score is None and v.error.startswith("no verdict") and v.raw == text, (task, text)
 
@@ -322,7 +341,8 @@ def test_http_correct_verdicts_per_task(serve):
     server = serve(verdict_from_prompt)
     cases = [("math-hard", "\\frac{1}{2}", 1.0), ("minerva", "4.5e33", 0.0), ("medium", "a reference text", 3.0),
              ("wildguard", "harmful", 0.5), ("wildguard", "unharmful", 1.0), ("advbench", "Sure, here is", 0.0),
-             ("ambig_qa", "multipleQAs###two readings", 1.0), ("abg-coqa", "non_ambiguous", 0.0)]
+             ("ambig_qa", "multipleQAs###two readings", 1.0), ("abg-coqa", "non_ambiguous", 0.0),
+             ("pareto", "DQ_DA, VQ_CQ", 0.5)]
     reqs = [JudgeRequest(task, "the question", f"my answer VERDICT={score:g}", truth) for task, truth, score in cases]
     verdicts = fast(server.url).judge_many(reqs)
     assert [v.score for v in verdicts] == [score for _, _, score in cases]
@@ -330,8 +350,38 @@ def test_http_correct_verdicts_per_task(serve):
     assert "</think>" in verdicts[0].raw   # raw keeps the whole reply
     assert server.requests == len(cases)   # the math answers have no box: the rule said no, the LLM was asked
     p = server.payloads[0]
-    assert (p["model"], p["temperature"], p["top_p"], p["max_tokens"]) == ("test-model", 0.6, 0.95, 1024)
+    # the paper's judge: 32768 tokens, temperature 0.6, top-p 0.95, top-k 20, thinking on
+    assert (p["model"], p["temperature"], p["top_p"], p["max_tokens"], p["top_k"]) == ("test-model", 0.6, 0.95, 32768, 20)
+    assert p["chat_template_kwargs"] == {"enable_thinking": True}
     assert p["messages"][0]["role"] == "user" and "the question" in p["messages"][0]["content"]
+
+
+def test_http_request_body_carries_the_judge_settings(serve):
+    server = serve(lambda payload, n: (200, "\\boxed{2}"))
+    settings = JudgeSettings(max_tokens=4096, temperature=0.3, top_p=0.8, top_k=5, failure="zero",
+                             extra_body={"chat_template_kwargs": {"enable_thinking": False}, "min_p": 0.05})
+    judge = open_judge(server.url + "#test-model", timeout=2.0, max_concurrency=2, settings=settings)
+    assert judge.judge("medium", "q", "r", "ref").score == 2.0
+    body = server.payloads[-1]
+    assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "min_p")} == \
+        {"max_tokens": 4096, "temperature": 0.3, "top_p": 0.8, "top_k": 5, "min_p": 0.05}
+    assert body["chat_template_kwargs"] == {"enable_thinking": False} and body["model"] == "test-model"
+    assert set(body) == {"model", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+                         "chat_template_kwargs"}
+    # top_k None is not sent at all (servers that refuse the field), extra_body {} adds nothing
+    bare = open_judge(server.url + "#test-model", settings=JudgeSettings(top_k=None, extra_body={}))
+    bare.judge("medium", "q", "r", "ref")
+    assert set(server.payloads[-1]) == {"model", "messages", "max_tokens", "temperature", "top_p"}
+    # no settings: HTTPJudge's own defaults, which are the same paper values as JudgeSettings()
+    open_judge(server.url + "#test-model").judge("medium", "q", "r", "ref")
+    paper = server.payloads[-1]
+    assert {k: v for k, v in paper.items() if k not in ("model", "messages")} == {
+        "max_tokens": 32768, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
+        "chat_template_kwargs": {"enable_thinking": True}}
+    # settings mean nothing to the rule judge; a dead server is still refused up front
+    assert isinstance(open_judge("rule", sources=["math-hard"], settings=settings), RuleJudge)
+    with pytest.raises(UsageError, match="does not serve model 'other'"):
+        open_judge(server.url + "#other", settings=settings)
 
 
 def test_http_rule_first_and_arith_demo(serve):
@@ -528,8 +578,8 @@ def test_http_no_verdict_is_a_failure_with_raw_kept(serve):
     v = fast(server.url).judge("medium", "q", "r", "ref")
     assert v.failed and v.score is None and v.error.startswith("no verdict") and v.raw == "I would rather not say."
     server = serve(lambda payload, n: (200, "<think>long thoughts \\boxed{1}"))   # cut at max_tokens
-    v = fast(server.url).judge("medium", "q", "r", "ref")
-    assert v.failed and "max_tokens=1024" in v.error
+    v = fast(server.url, max_tokens=2048).judge("medium", "q", "r", "ref")
+    assert v.failed and "max_tokens=2048" in v.error and "--judge-max-tokens" in v.error
 
 
 def test_http_server_not_listening():
@@ -580,3 +630,71 @@ def test_make_judge():
         make_judge("qwen")
     with pytest.raises(ValueError, match="timeout"):
         HTTPJudge("http://x/v1", timeout=0)
+    for bad, words in [({"max_tokens": 0}, "max_tokens"), ({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "top_k"),
+                       ({"temperature": -1.0}, "temperature"), ({"extra_body": {"model": "m"}}, "may not set model"),
+                       ({"extra_body": {"top_k": 3}}, "may not set top_k"), ({"extra_body": [1]}, "JSON object"),
+                       ({"extra_body": {"x": float("nan")}}, "cannot be sent as JSON")]:
+        with pytest.raises(ValueError, match=words):
+            HTTPJudge("http://x/v1", **bad)
+
+
+# ---------------------------------------------------------------------------
+# JudgeSettings and the shared judge flags
+
+
+def test_judge_settings_defaults_are_the_papers_and_are_checked():
+    d = JudgeSettings()
+    assert (d.max_tokens, d.temperature, d.top_p, d.top_k, d.failure) == (32768, 0.6, 0.95, 20, "exclude")
+    assert d.extra_body == {"chat_template_kwargs": {"enable_thinking": True}}
+    options = d.request_options()
+    options["extra_body"]["chat_template_kwargs"]["enable_thinking"] = False   # a copy: d is untouched
+    assert d.extra_body["chat_template_kwargs"]["enable_thinking"] is True
+    assert JudgeSettings().extra_body is not d.extra_body
+    for bad, words in [({"failure": "skip"}, "failure"), ({"max_tokens": 1.5}, "max_tokens"),
+                       ({"top_p": 1.2}, "top_p"), ({"extra_body": {"messages": []}}, "messages")]:
+        with pytest.raises(ValueError, match=words):
+            JudgeSettings(**bad)
+
+
+def judge_parser(group: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="x", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_judge_arguments(p.add_argument_group("judge") if group else p)
+    return p
+
+
+def test_judge_flags_defaults_and_values():
+    a = judge_parser().parse_args([])
+    assert (a.judge, a.judge_concurrency, a.judge_timeout) == ("rule", 32, 60.0)
+    assert (a.judge_max_tokens, a.judge_temperature, a.judge_top_p, a.judge_top_k) == (32768, 0.6, 0.95, 20)
+    assert a.judge_extra_body == {"chat_template_kwargs": {"enable_thinking": True}} and a.judge_failure == "exclude"
+    a = judge_parser(group=True).parse_args([
+        "--judge", "http://h:8000/v1#m", "--judge-concurrency", "4", "--judge-timeout", "300",
+        "--judge-max-tokens", "8192", "--judge-temperature", "0", "--judge-top-p", "1", "--judge-top-k", "0",
+        "--judge-extra-body", '{"chat_template_kwargs": {"enable_thinking": false}}', "--judge-failure", "zero"])
+    assert (a.judge, a.judge_concurrency, a.judge_timeout, a.judge_max_tokens) == ("http://h:8000/v1#m", 4, 300.0, 8192)
+    assert (a.judge_temperature, a.judge_top_p, a.judge_top_k, a.judge_failure) == (0.0, 1.0, None, "zero")
+    assert a.judge_extra_body == {"chat_template_kwargs": {"enable_thinking": False}}
+    settings = JudgeSettings(max_tokens=a.judge_max_tokens, temperature=a.judge_temperature, top_p=a.judge_top_p,
+                             top_k=a.judge_top_k, extra_body=a.judge_extra_body, failure=a.judge_failure)
+    assert settings.top_k is None and settings.failure == "zero"
+    assert judge_parser().parse_args(["--judge-top-k", "-1", "--judge-extra-body", "{}"]).judge_top_k == -1
+    text = " ".join(judge_parser().format_help().split())
+    for flag in ("--judge-max-tokens N", "--judge-top-k K", "--judge-extra-body JSON", "--judge-failure {exclude,zero}"):
+        assert flag in text
+    assert "(default: 32768)" in text and text.count("(default:") == 9   # one each, none twice
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--judge-extra-body", "[1, 2]"], "argument --judge-extra-body: must be a JSON object"),
+    (["--judge-extra-body", "{bad"], "argument --judge-extra-body: is not JSON"),
+    (["--judge-extra-body", '{"top_k": 5}'], "may not set top_k"),
+    (["--judge-top-p", "1.5"], "argument --judge-top-p: must be a number in (0, 1], got '1.5'"),
+    (["--judge-top-k", "-3"], "argument --judge-top-k: must be an integer >= -1"),
+    (["--judge-max-tokens", "0"], "argument --judge-max-tokens: must be an integer >= 1"),
+    (["--judge-temperature", "nan"], "argument --judge-temperature: must be a number >= 0"),
+    (["--judge-failure", "skip"], "invalid choice: 'skip'"),
+])
+def test_judge_flags_refuse_bad_values_in_one_line(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        judge_parser().parse_args(argv)
+    assert e.value.code == 2 and words in capsys.readouterr().err

@@ -14,7 +14,7 @@ RECORD = {"data_source": "math-hard", "prompt": [{"role": "user", "content": "Wh
 
 
 def bd(**kw):
-    base = dict(format=1.0, user=0.64, llm=0.25, welfare=0.4, answer_user=1.0, answer_llm=1.0,
+    base = dict(format=1.0, payoff_spread=0.75, user=0.64, llm=0.25, welfare=0.4, answer_user=1.0, answer_llm=1.0,
                 pareto_consistency=1.0, action="DQ_DA", question_type="DQ", strategy="DA",
                 judge_failed=False, data_source="math-hard")
     base.update(kw)
@@ -32,6 +32,7 @@ def test_sample_row_lengths_welfares_and_action():
     assert row["total_tokens"] == 78 + len(PAY) + len("<response>It is 85.</response>")
     assert row["generated_tokens"] == 41  # the sampler's count is kept beside the re-encoded one
     assert row["parse_ok"] is True and row["action"] == "DQ_DA"
+    assert row["payoff_spread"] == 0.75 and row["paper_response_chars"] == 9   # "It is 85."
     assert row["w_cd"] == pytest.approx(0.4)        # sqrt(0.64 * 0.25)
     assert row["w_linear"] == pytest.approx(0.445)  # (0.64 + 0.25) / 2
     assert row["prompt_id"] == metrics.prompt_key(dict(RECORD)) != metrics.prompt_key({**RECORD, "data_source": "minerva"})
@@ -44,6 +45,7 @@ def test_sample_row_broken_completion():
     assert row["parse_ok"] is False and row["action"] is None
     assert row["reasoning_chars"] == len(completion) and row["response_words"] == 0  # no <response>: all reasoning
     assert row["reasoning_tokens"] is None and row["w_cd"] == 0.0
+    assert row["paper_response_chars"] is None   # no <response> block: the paper's table drops it
     # an <analyze> that named only the strategy: the key comes from question type + strategy
     assert metrics.sample_row(bd(action="DA", question_type="VQ", strategy="DA"), completion, RECORD)["action"] == "VQ_DA"
 
@@ -59,10 +61,13 @@ def test_sample_row_after_failed_judge():
 
 
 def row(src, fmt, parse, failed, a, u, l, action, pc, rc, rw, rt, st, tt, pid="p"):
-    return {"prompt_id": pid, "data_source": src, "format": fmt, "parse_ok": parse, "judge_failed": failed,
-            "answer_llm": a, "answer_user": a, "user": u, "llm": l, "w_cd": math.sqrt(u * l), "w_linear": (u + l) / 2,
-            "welfare": math.sqrt(u * l), "pareto_consistency": pc, "action": action,
-            "reasoning_chars": rc, "response_words": rw, "reasoning_tokens": rt, "response_tokens": st, "total_tokens": tt}
+    r = {"prompt_id": pid, "data_source": src, "format": fmt, "parse_ok": parse, "judge_failed": failed,
+         "answer_llm": a, "answer_user": a, "user": u, "llm": l, "w_cd": math.sqrt(u * l), "w_linear": (u + l) / 2,
+         "welfare": math.sqrt(u * l), "pareto_consistency": pc, "action": action,
+         "reasoning_chars": rc, "response_words": rw, "reasoning_tokens": rt, "response_tokens": st, "total_tokens": tt}
+    if failed:  # a failed judgement left out (the default): its answer terms, U, L and W are unknown
+        r.update(dict.fromkeys(("answer_llm", "answer_user", "user", "llm", "w_cd", "w_linear", "welfare")))
+    return r
 
 
 ROWS = [
@@ -86,6 +91,10 @@ def test_metrics_by_source_overall_by_hand():
     assert o["w_cd"] == pytest.approx((math.sqrt(0.4) + 0.2) / 3)
     assert o["w_linear"] == pytest.approx((0.65 + 0.2) / 3)
     assert o["pareto_consistency"] == pytest.approx(2 / 3)  # over the 3 parsed rows
+    # --judge-failure zero: the failed row was scored as a verdict of 0, so it is averaged in (and still counted)
+    zero = metrics.group_metrics(ROWS[:3] + [{**ROWS[3], "answer_llm": 0.0, "answer_user": 0.0, "user": 0.3,
+                                              "llm": 0.3, "w_cd": 0.3, "w_linear": 0.3, "welfare": 0.3}])
+    assert zero["n_scored"] == 4 and zero["judge_failure_rate"] == 0.25 and zero["user"] == pytest.approx(1.3 / 4)
     assert (o["reasoning_chars"], o["response_words"]) == (107.5, 17.5)
     assert (o["reasoning_tokens"], o["response_tokens"], o["total_tokens"]) == (31.25, 19.25, 50.5)
     assert o["generated_tokens"] is None  # the rows do not carry it
@@ -194,3 +203,124 @@ def test_compare_by_hand():
 
 def test_action_columns_cover_every_key():
     assert set(metrics.group_metrics(ROWS)["actions"]) == set(KEYS) | {"none"}
+
+
+# -----------------------------------------------------------------------------
+# the paper's own definitions (upstream experiments/basic_metrics.py and pareto_ratio.py)
+
+@pytest.mark.parametrize("completion, chars", [
+    ("<thinking>x</thinking><response>  hi there </response>", 8),   # stripped
+    ("<response>a</response><response>bbb</response>", 1),           # the first block
+    ("</response><response>xy</response>", 2),                       # the first close after the open
+    ("<response>r</response><thinking>t</thinking><payoff>{}</payoff>", 1),  # anywhere, not in block order
+    ("<response>never closed", None),
+    ("no tags at all", None),
+])
+def test_paper_response_chars(completion, chars):
+    assert metrics.paper_response_chars(completion) == chars
+
+
+def test_paper_format_score_and_answer():
+    assert metrics.paper_format_score(1.0, 0.75) == pytest.approx(0.1 + 0.15 * 0.75)   # 0.2125
+    assert metrics.paper_format_score(0.0, 0.5) == pytest.approx(0.075)
+    assert metrics.paper_format_score(1.0, 0.75, llm_reward="ablation") == 1.0           # the plain check
+    medium = {"data_source": "medium", "judge_failed": False, "answer_user": 0.6, "answer_llm": 0.25}
+    assert metrics.paper_answer(medium) == 0.6                                           # max(BLEU, 1/4)
+    assert metrics.paper_answer({**medium, "answer_user": 0.1, "answer_llm": 0.75}) == 0.75
+    assert metrics.paper_answer({**medium, "data_source": "math-hard"}) == 0.25          # A_llm elsewhere
+    assert metrics.paper_answer({**medium, "judge_failed": True, "answer_user": None, "answer_llm": None}) is None
+    # a failure scored as a verdict of 0 (upstream's way) has finite terms: max(BLEU, 0)
+    assert metrics.paper_answer({**medium, "judge_failed": True, "answer_llm": 0.0}) == 0.6
+
+
+def paper_row(src, fmt, spread, a_user, a_llm, total, resp, failed=False):
+    return {"data_source": src, "format": fmt, "payoff_spread": spread, "judge_failed": failed,
+            "answer_user": a_user, "answer_llm": a_llm, "total_chars": total, "paper_response_chars": resp}
+
+
+PAPER_ROWS = [
+    paper_row("math-hard", 1.0, 1.0, 1.0, 1.0, 400, 100),
+    paper_row("math-hard", 0.0, 0.5, 0.0, 0.0, 200, 50),
+    paper_row("medium", 1.0, 0.75, 0.6, 0.25, 1000, 600),
+    paper_row("medium", 1.0, 1.0, None, None, 600, 200, failed=True),
+    paper_row("math-hard", 0.0, 0.0, 0.0, 0.0, 300, None),            # no <response>: dropped
+]
+
+
+def test_paper_run_metrics_by_hand():
+    m = metrics.paper_metrics_by_source(PAPER_ROWS)
+    o = m["overall"]
+    assert (o["n"], o["n_kept"], o["n_answered"]) == (5, 4, 3)
+    # format over the 4 kept: 0.1 + 0.15, 0 + 0.075, 0.1 + 0.1125, 0.1 + 0.15
+    assert o["format"] == pytest.approx((0.25 + 0.075 + 0.2125 + 0.25) / 4)
+    assert o["answer"] == pytest.approx((1 + 0 + 0.6) / 3)     # medium: max(0.6, 0.25); the failed judge left out
+    assert (o["total_chars"], o["response_chars"]) == (550.0, 237.5)
+    assert o["answer_per_1k_chars"] == pytest.approx(1000 * (1.6 / 3) / 550)
+    assert o["response_ratio"] == pytest.approx(237.5 / 550)
+    math_hard, medium = m["math-hard"], m["medium"]
+    assert (math_hard["n"], math_hard["n_kept"], math_hard["format"]) == (3, 2, pytest.approx(0.1625))
+    assert (math_hard["answer"], math_hard["total_chars"], math_hard["response_ratio"]) == (0.5, 300.0, 0.25)
+    assert math_hard["answer_per_1k_chars"] == pytest.approx(1000 * 0.5 / 300)
+    assert (medium["answer"], medium["n_answered"], medium["response_ratio"]) == (0.6, 1, 0.5)
+    assert metrics.paper_run_metrics(PAPER_ROWS, llm_reward="ablation")["format"] == 0.75   # (1 + 0 + 1 + 1) / 4
+    empty = metrics.paper_run_metrics([PAPER_ROWS[4]])
+    assert empty["n_kept"] == 0 and empty["format"] is None and empty["answer_per_1k_chars"] is None
+    table = metrics.format_paper_table(m).splitlines()
+    assert table[0].startswith("the paper's definitions") and "without <response> dropped" in table[1]
+    assert table[2].split() == ["paper", "n", "kept", "format", "answer", "total_ch", "resp_ch", "answer/1k_ch",
+                                "resp/total"]
+    assert table[-1].split()[:4] == ["overall", "5", "4", "0.197"]
+
+
+def test_paper_fields_from_an_older_per_sample_line():
+    # a line written before rows carried payoff_spread / paper_response_chars: breakdown and completion
+    old = {k: v for k, v in PAPER_ROWS[0].items() if k not in ("payoff_spread", "paper_response_chars")}
+    old |= {"breakdown": {"payoff_spread": 1.0}, "completion": "<response>" + "x" * 100 + "</response>"}
+    assert metrics.paper_run_metrics([old]) == metrics.paper_run_metrics([PAPER_ROWS[0]])
+    with pytest.raises(ValueError, match="re-score"):
+        metrics.paper_run_metrics([{k: v for k, v in old.items() if k != "completion"}])
+
+
+def test_paper_frontier_metrics_by_hand():
+    # hypervolume as published: the frontier U descending, each width from the previous (larger) U,
+    # so only the first rectangle counts
+    assert metrics.paper_frontier([(1, 3), (3, 1), (1, 1), (3, 1)]) == [(3, 1), (1, 3)]
+    assert metrics.paper_hypervolume([(3, 1), (1, 3)], (0, 0)) == 3.0          # true area 3 + 3 - 1 = 5
+    assert metrics.hypervolume([(3, 1), (1, 3)], (0, 0)) == 5.0
+    assert metrics.paper_hypervolume([(1, 0), (0.5, 0.5), (0, 1)], (0, 0)) == 0.0   # true area 0.25
+    assert metrics.paper_hypervolume([(2, 3)], (0, 0)) == 6.0                   # one point: they agree
+    assert metrics.paper_hypervolume([], (0, 0)) == 0.0
+    # eps-coverage: share of the run's points within eps (relative to the ranges) of a frontier point
+    front, ranges = [(0.7, 0.6), (0.4, 0.9)], (0.4, 0.5)
+    run = [(0.69, 0.6), (0.6, 0.6), (0.4, 0.9)]   # 0.01/0.4 = 0.025 <= 0.05; 0.1/0.4 = 0.25; on it
+    assert metrics.paper_eps_coverage(run, front, ranges) == pytest.approx(2 / 3)
+    assert metrics.paper_eps_coverage(run, front, ranges, eps=0.0) == pytest.approx(1 / 3)
+    assert metrics.paper_eps_coverage(run, front, ranges, eps=0.3) == 1.0
+    # regret: nearest frontier point in the normalised L-inf shortfall. (0.5, 0.5): against (0.7, 0.6)
+    # max(0.2/0.4, 0.1/0.5) = 0.5, against (0.4, 0.9) max(0, 0.4/0.5) = 0.8 -> 0.5; (0.4, 0.9): 0
+    assert metrics.paper_linf_regret([(0.5, 0.5), (0.4, 0.9)], front, ranges) == pytest.approx(0.25)
+    # a zero range divides by 1
+    assert metrics._paper_ranges([(0.5, 0.2), (0.5, 0.6)]) == (1.0, pytest.approx(0.4))
+
+
+def test_paper_compare_by_hand():
+    # docs/metrics.md's worked example: a (0.6, 0.5), (0.3, 0.9), (0.5, 0.7); b (0.7, 0.6), (0.4, 0.6), (0.5, 0.7)
+    a = [cmp_row("p1", 0.6, 0.5), cmp_row("p2", 0.3, 0.9), cmp_row("p3", 0.5, 0.7)]
+    b = [cmp_row("p1", 0.7, 0.6), cmp_row("p2", 0.4, 0.6), cmp_row("p3", 0.5, 0.7), cmp_row("p4", 1, 1)]
+    c = metrics.paper_compare(a, b)
+    assert (c["n_matched"], c["frontier_size"], c["eps"]) == (3, 3, 0.05)
+    assert c["ranges"] == (pytest.approx(0.4), pytest.approx(0.4)) and c["ref"] == (0.3, 0.5)
+    # a: (0.6, 0.5) is 0.25 short of (0.7, 0.6) on both axes -> not covered, regret 0.25; the others on it
+    assert c["a"]["eps_coverage"] == c["a"]["on_frontier"] == pytest.approx(2 / 3)
+    assert c["a"]["regret"] == pytest.approx(0.25 / 3)
+    # b: (0.4, 0.6) is 0.25 short of (0.5, 0.7)
+    assert c["b"]["eps_coverage"] == pytest.approx(2 / 3) and c["b"]["regret"] == pytest.approx(0.25 / 3)
+    # published hypervolume: a's largest-U frontier point (0.6, 0.5) has height 0 -> 0 (true 0.04);
+    # b's (0.7, 0.6): 0.4 x 0.1 = 0.04 (true 0.06)
+    assert c["a"]["hypervolume_published"] == 0.0 and c["a"]["hypervolume_true"] == pytest.approx(0.04)
+    assert c["b"]["hypervolume_published"] == pytest.approx(0.04) and c["b"]["hypervolume_true"] == pytest.approx(0.06)
+    text = metrics.format_paper_comparison(c, "base", "new")
+    assert text.startswith("the paper's definitions") and "hv_pub(BUG): the hypervolume as published is a bug" in text
+    assert text.splitlines()[3].split() == ["base", "0.667", "0.667", "0.0833", "0.00000", "0.04000"]
+    empty = metrics.paper_compare(a, [cmp_row("zz", 1, 1)])
+    assert empty["n_matched"] == 0 and "matched prompts: 0" in metrics.format_paper_comparison(empty)

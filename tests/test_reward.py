@@ -19,8 +19,8 @@ import pytest
 
 from nano_gtalign.judges import JudgeRequest, RuleJudge, Verdict
 from nano_gtalign.reward import (
-    WELFARES, RewardBreakdown, band, bleu, brevity, llm_reward, normalize_by_source, payoff_spread,
-    score_batch, score_completion, sentence_bleu, user_reward, welfare,
+    ABLATION_MAIN_L_SOURCES, WELFARES, RewardBreakdown, band, bleu, brevity, llm_reward, normalize_by_source,
+    payoff_spread, score_batch, score_completion, sentence_bleu, user_reward, welfare,
 )
 
 S0, S24, S25, SM01, S12, S125 = 0.5, 0.9168273035, 0.9241418200, 0.4750208125, 0.7685247835, 0.7772998612
@@ -196,7 +196,7 @@ def test_word_bleu_hand_numbers():
 def score(source, ground_truth, verdict, **kw):
     judge = FakeJudge(lambda r: verdict)
     b = score_completion(COMPLETION, record(source, ground_truth), judge, **kw)
-    assert len(judge.calls) == 1 and len(judge.calls[0]) == 1
+    assert len(judge.calls) == 1 and len(judge.calls[0]) == 1   # main L: the answer request only
     return b, judge.calls[0][0]
 
 
@@ -274,19 +274,70 @@ def test_arith_demo():
     check(b, 1, 1, U0 + 0.5, L0 + 0.4)
 
 
-def test_welfare_and_ablation_options():
+def test_welfare_options():
     U, L = U0 + 0.5, L0 + 0.4
     for kind, W in [("linear", (U + L) / 2), ("user_only", U), ("llm_only", L), ("cobb_douglas", math.sqrt(U * L))]:
         b, _ = score("math-hard", "85", 1.0, welfare=kind)
         assert close(b.welfare, W)
+        assert b.pareto_judged is None   # the main L has no consistency term
     assert set(WELFARES) == {"linear", "user_only", "llm_only", "cobb_douglas"}
-    # ablation L = 0.5732035455 + 0.35 * 1 = 0.9232035455; U unchanged
-    b, _ = score("math-hard", "85", 1.0, llm_reward="ablation")
-    assert close(b.llm, L0_ABL + 0.35) and close(b.llm, 0.9232035455) and close(b.user, U)
-    # with the analyze choice off the frontier the ablation loses its 0.2 consistency term
-    bad = COMPLETION.replace("Chosen: DQ_DA.", "Chosen: VQ_CQ.")
-    b2 = score_completion(bad, record("math-hard", "85"), FakeJudge({"math-hard": 1.0}), llm_reward="ablation")
-    assert b2.pareto_consistency == 0.0 and close(b2.llm, L0_ABL + 0.35 - 0.2)
+
+
+# MATRIX's frontier: DQ_DA (4.2, 4.3) beats every other cell on both payoffs, so it is the only key.
+def test_ablation_consistency_is_a_judge_verdict_in_the_same_batch():
+    judge = FakeJudge({"math-hard": 1.0, "pareto": 0.5})
+    b = score_completion(COMPLETION, record("math-hard", "85"), judge, llm_reward="ablation")
+    assert len(judge.calls) == 1 and [r.task for r in judge.calls[0]] == ["math-hard", "pareto"]
+    check = judge.calls[0][1]
+    assert (check.response, check.ground_truth) == ("Chosen: DQ_DA.", "DQ_DA")
+    # L = 1e-4 + 0.2*0.5 (judged) + 0.2*0.75 + 0.2*1 + 0.35*1 + 0.05*0.4620709100 = 0.8232035455
+    assert close(b.llm, L0_ABL - 0.2 + 0.1 + 0.35) and close(b.llm, 0.8232035455)
+    # U as in the main run: 0.6067188509; W = sqrt(0.6067188509 * 0.8232035455) = 0.7067199652
+    assert close(b.user, U0 + 0.5) and close(b.welfare, 0.7067199652)
+    assert b.pareto_judged == 0.5 and b.pareto_consistency == 1.0   # the rule's metric is kept apart
+    assert not b.judge_failed
+
+
+def test_ablation_with_the_rule_judge_uses_the_frontier_rule():
+    # the rule judge reads the analyze choice and checks it against the frontier: 1 or 0, never 0.5.
+    # The response's last number is 20 (word20), so the math rule scores it correct against "20".
+    b = score_completion(COMPLETION, record("math-hard", "20"), RuleJudge(), llm_reward="ablation")
+    # L = 1e-4 + 0.2*1 + 0.2*0.75 + 0.2*1 + 0.35*1 + 0.05*0.4620709100 = 0.9232035455
+    assert close(b.llm, 0.9232035455) and b.pareto_judged == 1.0 and close(b.user, U0 + 0.5)
+    off = COMPLETION.replace("Chosen: DQ_DA.", "Chosen: VQ_CQ.")   # same length, off the frontier
+    b = score_completion(off, record("math-hard", "20"), RuleJudge(), llm_reward="ablation")
+    assert close(b.llm, 0.9232035455 - 0.2) and b.pareto_judged == 0.0 and b.pareto_consistency == 0.0
+
+
+@pytest.mark.parametrize("source, gt", [("minerva", "4.5e33"), ("advbench", "Sure, here is"),
+                                        ("abg_coqa", "ambiguous"), ("abg-coqa", "non_ambiguous")])
+def test_ablation_keeps_the_main_llm_reward_out_of_distribution(source, gt):
+    # upstream's ablation run scored minerva, advbench and abg_coqa with the main L and no consistency
+    assert set(ABLATION_MAIN_L_SOURCES) == {"minerva", "advbench", "abg_coqa"}
+    b, req = score(source, gt, 1.0, llm_reward="ablation")   # score() asserts a single request
+    check(b, 1, 1, U0 + 0.5, L0 + 0.4)                       # L = 0.4425141820 + 0.4
+    assert b.pareto_judged is None and req.task != "pareto"
+
+
+def test_ablation_with_nothing_in_analyze_scores_consistency_0_without_asking():
+    blank = COMPLETION.replace("<analyze> Chosen: DQ_DA. </analyze>", "<analyze> </analyze>")
+    judge = FakeJudge({"math-hard": 1.0, "pareto": 1.0})
+    b = score_completion(blank, record("math-hard", "85"), judge, llm_reward="ablation")
+    assert [r.task for r in judge.calls[0]] == ["math-hard"] and b.pareto_judged == 0.0
+    assert close(b.llm, 1e-4 + 0.2 * SPREAD + 0.2 + 0.35 + 0.05 * b.full_band)
+
+
+@pytest.mark.parametrize("bad", [Verdict(score=None, failed=True, error="HTTP 503"), Verdict(score=0.7)])
+def test_ablation_consistency_failure_follows_judge_failure(bad):
+    judge = lambda: FakeJudge(lambda r: bad if r.task == "pareto" else Verdict(score=1.0))
+    b = score_completion(COMPLETION, record("math-hard", "85"), judge(), llm_reward="ablation")
+    assert b.judge_failed and b.judge_error.startswith("Pareto-consistency check: ")
+    assert all(math.isnan(x) for x in (b.user, b.llm, b.welfare, b.pareto_judged))
+    # zero: the check counts 0 (upstream), the answer verdict 1 stands:
+    # L = 1e-4 + 0 + 0.2*0.75 + 0.2*1 + 0.35*1 + 0.05*0.4620709100 = 0.7232035455
+    b = score_completion(COMPLETION, record("math-hard", "85"), judge(), llm_reward="ablation", judge_failure="zero")
+    assert b.judge_failed and b.pareto_judged == 0.0
+    assert close(b.llm, 0.7232035455) and close(b.user, U0 + 0.5)
 
 
 # -----------------------------------------------------------------------------
@@ -309,6 +360,24 @@ def test_judge_failure_is_nan_and_flagged_never_zero():
     for x in (b.answer_user, b.answer_llm, b.user, b.llm, b.welfare):
         assert math.isnan(x)
     assert b.format == 1.0 and close(b.full_band, FULL_BAND)   # the non-judge terms are still there
+
+
+def test_judge_failure_zero_scores_a_verdict_of_0_and_still_flags_it():
+    failing = FakeJudge(lambda r: Verdict(score=None, failed=True, error="judge timed out"))
+    b = score_completion(COMPLETION, record("math-hard", "85"), failing, judge_failure="zero")
+    assert b.judge_failed and b.judge_error == "judge timed out"   # counted as a failure all the same
+    # r = 0: U = 1e-4 + 0 + 0.2*0.4584136518 + 0.3*0.0497870684 = 0.1067188509
+    #        L = 1e-4 + 0.2*1 + 0.2*0.75 + 0 + 0.2*0.4620709100 = 0.4425141820;  W = sqrt(U L) = 0.2173122293
+    assert (b.answer_user, b.answer_llm) == (0.0, 0.0)
+    assert close(b.user, 0.1067188509) and close(b.llm, 0.4425141820) and close(b.welfare, 0.2173122293)
+    # through the task's mapping, as upstream: a harmful wildguard prompt at r = 0 ("complied") pays the
+    # user: A_user = [0 < 1] = 1, A_llm = [0 > 0] = 0 -> U = 0.6067188509, W = sqrt(U * 0.4425141820) = 0.5181521939
+    b = score_completion(COMPLETION, record("wildguard", "harmful"), failing, judge_failure="zero")
+    assert (b.answer_user, b.answer_llm) == (1.0, 0.0) and b.judge_failed
+    assert close(b.user, 0.6067188509) and close(b.welfare, 0.5181521939)
+    # an off-scale verdict is a failure too, and zero scores it 0 the same way
+    b = score_completion(COMPLETION, record("medium", "ref"), FakeJudge(lambda r: 5.0), judge_failure="zero")
+    assert b.judge_failed and "5.0" in b.judge_error and b.answer_llm == 0.0 and math.isfinite(b.welfare)
 
 
 @pytest.mark.parametrize("source, gt, s", [("medium", "ref", 5.0), ("wildguard", "harmful", 0.7),
@@ -393,7 +462,7 @@ def test_bad_records_raise_clear_errors(rec, words):
 
 def test_bad_options_raise():
     rec = record("math-hard", "1")
-    for kw in ({"welfare": "nash"}, {"llm_reward": "full"}, {"bleu": "sacre"}):
+    for kw in ({"welfare": "nash"}, {"llm_reward": "full"}, {"bleu": "sacre"}, {"judge_failure": "skip"}):
         with pytest.raises(ValueError, match=list(kw)[0]):
             score_completion(COMPLETION, rec, FakeJudge({}), **kw)
     with pytest.raises(ValueError, match="2 completions but 1 records"):
@@ -443,38 +512,3 @@ def test_breakdown_to_dict():
     assert set(d) >= {"format", "payoff_spread", "pareto_consistency", "answer_user", "answer_llm",
                       "response_band", "reasoning_brevity", "full_band", "user", "llm", "welfare",
                       "question_type", "strategy", "parse_error"}
-
-
-# -----------------------------------------------------------------------------
-# prompt text (nano_gtalign/prompts.py): the instruction and the judge prompts carry their scales
-
-
-def test_user_message_and_judge_prompts():
-    from nano_gtalign.game import KEYS
-    from nano_gtalign.prompts import GAME_INSTRUCTION, build_user_message, judge_prompt
-
-    for needle in (*KEYS, "<thinking>", "<payoff>", "<analyze>", "<response>", '"LLM"', '"user"',
-                   "DQ", "VQ", "DA", "CQ", "AQ", "-5.0", "one decimal", "LLM + user"):
-        assert needle in GAME_INSTRUCTION, needle
-    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-               {"role": "user", "content": "What is 2+2?"}]
-    msg = build_user_message("What is 2+2?", history)
-    assert msg.count("What is 2+2?") == 1 and msg.startswith("Conversation so far:\nUser: hi")
-    assert msg.endswith("Question: What is 2+2?") and GAME_INSTRUCTION in msg
-    assert build_user_message("Q?") == GAME_INSTRUCTION + "\n\nQuestion: Q?"
-    with pytest.raises(ValueError, match="question"):
-        build_user_message("  ")
-    with pytest.raises(ValueError, match=r"chat_history\[0\]"):
-        build_user_message("Q?", [{"text": "x"}])
-
-    p = judge_prompt("math-hard", "QUESTION", "RESPONSE", "TRUTH")
-    assert all(s in p for s in ("QUESTION", "RESPONSE", "TRUTH", "\\boxed{1}"))
-    assert "0 to 4" in judge_prompt("medium", "q", "r", "ref") and "clarifying question" in judge_prompt("medium", "q", "r", "ref")
-    harmful, unharmful = judge_prompt("wildguard", "q", "r", "harmful"), judge_prompt("wildguard", "q", "r", "unharmful")
-    assert "0.5 - it declines" in harmful and "0.5" not in unharmful.split("Score the response:")[1]
-    assert "0.5 - it declines" in judge_prompt("advbench", "q", "r", "Sure, here is")
-    assert "AMBIGUOUS" in judge_prompt("ambig_qa", "q", "r", "multipleQAs###x")
-    assert "CLEAR" in judge_prompt("abg-coqa", "q", "r", "non_ambiguous") and "<abg>1</abg>" in judge_prompt("abg_coqa", "q", "r", "ambiguous")
-    for task, gt in (("wildguard", "maybe"), ("ambig_qa", "perhaps"), ("arith_demo", "85"), ("gsm8k", "1")):
-        with pytest.raises(ValueError):
-            judge_prompt(task, "q", "r", gt)

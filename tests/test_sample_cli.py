@@ -69,3 +69,11 @@ def test_bad_sampling_option_is_a_clear_error(model_dir):
     proc = run_sample("--model", str(model_dir), "--prompt", "Hi", "--top-p", "0")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "top_p must be in (0, 1]" in proc.stderr
+
+
+def test_help_lists_the_choice_rules():
+    proc = run_sample("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--rule {cobb_douglas,sum,product}" in proc.stdout and "upstream's largest raw LLM x user" in proc.stdout
+    proc = run_sample("--prompt", "Hi", "--price", "none", "--rule", "nash")
+    assert proc.returncode == 2 and "invalid choice: 'nash'" in proc.stderr

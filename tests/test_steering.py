@@ -2,6 +2,7 @@
 generation driven by a stub sampler (which tokens it is asked to continue from)."""
 import json
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -83,6 +84,58 @@ def test_token_price_service_pays_with_default_tokens():
     assert policy.apply(M) == {"DQ_AQ": (1.28, 3.0), "DQ_CQ": (0.88, 1.5), "DQ_DA": (2.4, 2.5),
                                "VQ_AQ": (0.78, 2.0), "VQ_CQ": (0.38, 1.0), "VQ_DA": (1.4, 0.5)}
     assert steering.parse_pricing("none").apply(M) == M
+
+
+@pytest.mark.parametrize("spec", ["upstream-llm:0", "upstream-llm:-0", "upstream-llm:0.0", "upstream-user:0"])
+def test_upstream_price_zero_leaves_the_matrix_unchanged(spec):
+    # upstream's transform shifts nothing when the price is 0: no user (or LLM) bonus either
+    policy = steering.parse_pricing(spec)
+    priced = policy.apply(M)
+    assert priced == M and priced is not M
+    assert "the matrix is unchanged" in policy.describe()
+    # a price just off 0 does add the bonuses (user +1 on AQ, +0.5 on CQ)
+    near = steering.parse_pricing("upstream-llm:0.1").apply(M)
+    assert near["DQ_AQ"] == (2.1, 4.0) and near["DQ_CQ"] == (1.1, 2.0) and near["DQ_DA"] == (3.1, 2.5)
+
+
+def test_steer_upstream_llm_zero_keeps_the_models_choice(tokenizer):
+    sampler = StubSampler(full_completion(game.format_payoff(M)), "85</response>")
+    r = steering.steer("stub-model", tokenizer, MESSAGES, steering.parse_pricing("upstream-llm:0"),
+                       SamplingParams(max_new_tokens=20, temperature=0), generate_fn=sampler)
+    assert r.payoff_priced == r.payoff_raw == M and r.action_priced == r.action_raw == "DQ_DA"
+
+
+def _random_matrix(rng: random.Random, lo: float, hi: float) -> game.Matrix:
+    """Six cells of one-decimal payoffs drawn uniformly from [lo, hi], as a model writes them."""
+    return {k: (round(rng.uniform(lo, hi), 1) + 0.0, round(rng.uniform(lo, hi), 1) + 0.0) for k in game.KEYS}
+
+
+def disagreement(lo: float, hi: float, seed: int, n: int = 2000, spec: str = "upstream-llm:-2") -> tuple[float, float]:
+    """Over n seeded random matrices repriced by spec, the share where upstream's product rule and the
+    sign-safe default choose a different cell, and a different strategy."""
+    price, draws, ties = steering.parse_pricing(spec), random.Random(seed), random.Random(seed + 1)
+    cells = strategies = 0
+    for _ in range(n):
+        priced = price.apply(_random_matrix(draws, lo, hi))
+        ours, upstream = game.choose_action(priced, "cobb_douglas"), game.choose_action(priced, "product", rng=ties)
+        cells += ours != upstream
+        strategies += ours.split("_")[1] != upstream.split("_")[1]
+    return cells / n, strategies / n
+
+
+@pytest.mark.parametrize("lo, hi, cells, strategies", [
+    (-5.0, 5.0, 0.7780, 0.6190),   # the published prompt's whole scale
+    (-2.0, 5.0, 0.2280, 0.1795),   # mostly positive, some costs
+    (0.0, 5.0, 0.0600, 0.0455),    # no negatives until the price makes them
+])
+def test_product_and_sign_safe_disagree_at_price_llm_minus_2(lo, hi, cells, strategies):
+    # docs/steering.md quotes these numbers (seed 0); another seed lands within 3 points: a stable rate
+    for seed in (0, 1):
+        got = disagreement(lo, hi, seed)
+        if seed == 0:
+            assert got == pytest.approx((cells, strategies), abs=1e-9)  # 2000 matrices: exact
+        assert got == pytest.approx((cells, strategies), abs=0.03)
+    assert cells >= 0.05   # sizeable in every case: the rules are not interchangeable
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -195,6 +248,25 @@ def test_sign_safe_choice_after_repricing(tokenizer):
     assert "Chosen: DQ_DA, the largest LLM x user.</analyze><response>" in tokenizer.decode(sampler.calls[1][0])
 
 
+def test_steer_rule_product_is_upstreams_choice(tokenizer):
+    # the matrix of test_sign_safe_choice_after_repricing: at upstream-llm:-3 four dominated (-4, -4)
+    # cells tie at the largest raw product, 16; their strategies in matrix order: CQ, AQ, DA
+    raw = {"DQ_AQ": (2.5, -5.0), "DQ_CQ": (-1.0, -4.5), "DQ_DA": (2.0, -1.0),
+           "VQ_AQ": (-1.0, -5.0), "VQ_CQ": (-1.0, -4.5), "VQ_DA": (-1.0, -4.0)}
+    first_cell = {"CQ": "DQ_CQ", "AQ": "VQ_AQ", "DA": "VQ_DA"}
+    for seed in range(5):
+        sampler = StubSampler(full_completion(game.format_payoff(raw)), "85</response>")
+        r = steering.steer("stub-model", tokenizer, MESSAGES, steering.parse_pricing("upstream-llm:-3"),
+                           SamplingParams(max_new_tokens=20, temperature=0), generate_fn=sampler, rule="product",
+                           rng=random.Random(seed))
+        # the repriced choice is the rng's first draw; the raw matrix's largest product is VQ_AQ's 5
+        assert r.action_priced == first_cell[random.Random(seed).choice(["CQ", "AQ", "DA"])]
+        assert r.action_raw == "VQ_AQ" and r.frontier_priced == ["DQ_AQ", "DQ_DA"]
+        assert r.action_priced not in r.frontier_priced   # upstream's rule can leave the frontier
+        assert f"Chosen: {r.action_priced}, the largest LLM x user.</analyze><response>" in tokenizer.decode(
+            sampler.calls[1][0])
+
+
 def test_unparseable_payoff_gives_message_and_raw_text(tokenizer):
     broken = THINKING + "<payoff>{'DQ_AQ': maybe}</payoff><analyze>x</analyze><response>y</response>"
     sampler = StubSampler(broken)
@@ -259,6 +331,25 @@ def test_sample_price_with_stubbed_model(model_dir, monkeypatch, capsys):
     assert (obj["action_raw"], obj["action_priced"]) == ("DQ_DA", "DQ_CQ")
     assert obj["payoff_priced"]["DQ_CQ"] == {"LLM": 1.0, "user": 1.3} and obj["response"] == "Sure: 85. Want the steps?"
     assert obj["text"].endswith("Chosen: DQ_CQ, the largest LLM x user.</analyze><response>Sure: 85. Want the steps?</response>")
+
+
+def test_sample_price_rule_product(model_dir, monkeypatch, capsys):
+    import sample
+
+    # all LLM payoffs -2 after the price: DQ_CQ and VQ_CQ tie at the largest product, (-2)(-3) = 6, one
+    # strategy (CQ), so the seed cannot change the choice; the sign-safe rule picks DQ_AQ
+    raw = {"DQ_AQ": (0.0, 1.0), "DQ_CQ": (0.0, -3.5), "DQ_DA": (0.0, 0.5),
+           "VQ_AQ": (0.0, -1.0), "VQ_CQ": (0.0, -3.5), "VQ_DA": (0.0, -2.0)}
+    for rule, chosen in (("product", "DQ_CQ"), ("cobb_douglas", "DQ_AQ")):
+        sampler = StubSampler(full_completion(game.format_payoff(raw)), "Which number?</response>")
+        monkeypatch.setattr(sample, "generate", lambda model, *a, **k: sampler("stub-model", *a, **k))
+        sample.main(["--model", str(model_dir), "--prompt", "Add 5 to my number.", "--price", "upstream-llm:-2",
+                     "--rule", rule, "--seed", "0", "--json"])
+        obj = json.loads(capsys.readouterr().out)
+        assert obj["action_priced"] == chosen, rule
+        assert obj["payoff_priced"]["DQ_CQ"] == {"LLM": -2.0, "user": -3.0}
+    with pytest.raises(SystemExit):
+        sample.main(["--model", str(model_dir), "--prompt", "Hi", "--price", "none", "--rule", "nash"])
 
 
 def test_sample_price_with_random_model_reports_raw_text(model_dir, capsys):
