@@ -10,22 +10,30 @@ compare two scored runs prompt by prompt (docs/metrics.md).
     python eval.py --compare base.jsonl steered.jsonl --plot uv.png
     python eval.py --completions eval.jsonl --paper-metrics       # also the paper's own definitions
     python eval.py --compare base.jsonl steered.jsonl --paper-metrics
+    python eval.py --model DIR --data out/gtalign/test.jsonl --limit 200 --skip-unscorable   # rule judge, math only
 
 --data is a JSONL file of records (data/gtalign/prepare.py or the demo writes them). Under torchrun
 every rank generates its share of the prompts and rank 0 gathers, scores and prints.
 --completions takes one JSON object a line with "record" and "completion" (a --per-sample file is
 such a file, so a run can be re-scored with another judge). --per-sample writes one line per
 completion: its metrics row (nano_gtalign/metrics.py), the completion, the record and the reward
-breakdown. --compare reads two --per-sample files. The printed table has, per data source and
-overall, every metric of docs/metrics.md; metrics.group_metrics documents each denominator.
+breakdown. --compare reads two --per-sample files and compares them overall and per data source. The
+printed table has, per data source and overall, every metric of docs/metrics.md; metrics.group_metrics
+documents each denominator.
+--limit N draws N prompts seeded (--limit-seed) and in proportion per data source, every source
+represented when N allows (data.stratified_subset): a mixed file's first N records are often one source.
+The rule judge scores math and the demo only: eval.py refuses any other data source up front, or, with
+--skip-unscorable, leaves those records out and labels the overall rows with the sources they cover.
 --paper-metrics adds, under its own heading, the GTAlign paper's definitions as its scripts computed
 them (docs/metrics.md#the-papers-definitions): per run, its format score, answer, character lengths with
 completions lacking <response> dropped; with --compare, its eps-coverage, regret and hypervolume on the
 joint frontier (the published hypervolume is a bug, flagged next to the number).
 
-Faults: every input record and output path is checked before the first judge call. --per-sample lines
-are written as each chunk is scored (one process generates and scores a few batches at a time), so
-Ctrl-C (exit 130) keeps them and --resume scores only the rest. When the judge failed on more than half
+Faults: every input record and output path is checked before the first judge call. --per-sample holds
+each generated completion before it is scored (a "pending" line) and each scored line as its chunk is
+scored (one process generates and scores a few batches at a time), so Ctrl-C (exit 130) or a scoring that
+fails loses no generation: --resume scores only the rest, without generating the pending ones again, and
+--completions can score the file as it is. When the judge failed on more than half
 of the completions it was asked about, eval.py says so on stderr, writes its outputs and exits 3.
 """
 from __future__ import annotations
@@ -41,14 +49,14 @@ from pathlib import Path
 import torch
 
 from data.demo import DEMO_MODEL, DEMO_TEST_DATA, missing_data_hint, missing_model_hint
-from nano_gtalign.data import read_records
+from nano_gtalign.data import read_records, stratified_subset
 from nano_gtalign.distributed import Dist, all_gather, exit_after_torchrun, gather_lists, setup_distributed, teardown
 from nano_gtalign.errors import UsageError
 from nano_gtalign.evaluate import (
-    Key, SampleLog, check_scorable, check_writable, generate_completions, judge_failures, json_safe, sample_keys,
-    score_completions,
+    Key, SampleLog, check_scorable, check_writable, compare_by_source, format_comparison_by_source,
+    generate_completions, judge_failures, json_safe, sample_keys, score_completions,
 )
-from nano_gtalign.judges import JudgeSettings, add_judge_arguments, open_judge
+from nano_gtalign.judges import RULE_TASKS, JudgeSettings, add_judge_arguments, canonical_task, open_judge
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.metrics import (
     breakdown_dict, compare, format_comparison, format_paper_comparison, format_paper_table, format_table, frontier,
@@ -70,9 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--completions", default=None, help="score this JSONL of {record, completion} lines, no model")
     src.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"), default=None,
                      help="compare two --per-sample files on their matched prompts")
-    src.add_argument("--limit", type=int, default=None, help="only the first N records / completions")
+    src.add_argument("--limit", type=int, default=None,
+                     help="only N prompts, drawn seeded and in proportion per data_source (default: all)")
+    src.add_argument("--limit-seed", type=int, default=0, help="seed of the --limit draw (default: %(default)s)")
     sc = p.add_argument_group("scoring")
     add_judge_arguments(sc)
+    sc.add_argument("--skip-unscorable", action="store_true",
+                    help="with the rule judge: leave out the data sources it cannot score (it scores math and the "
+                         "demo) instead of refusing them; the overall rows say which sources they cover")
     sc.add_argument("--welfare", default="cobb_douglas", choices=WELFARES, help="W in the breakdown (default: %(default)s)")
     sc.add_argument("--llm-reward", default="main", choices=LLM_REWARDS, help="L variant (default: %(default)s)")
     sc.add_argument("--bleu", default="char", choices=BLEUS, help="BLEU for the writing task (default: %(default)s)")
@@ -107,7 +120,7 @@ def fail(msg: str):
     sys.exit(f"eval.py: {msg}")
 
 
-def read_jsonl(path: str, what: str, limit: int | None = None) -> list[tuple[int, dict]]:
+def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
     """(line number, object) for each line of a JSONL file; a bad line is an error naming file and line."""
     p = Path(path)
     if not p.is_file():
@@ -128,8 +141,6 @@ def read_jsonl(path: str, what: str, limit: int | None = None) -> list[tuple[int
             if not isinstance(obj, dict):
                 fail(f"{path} line {n} must be a JSON object, got {type(obj).__name__}")
             out.append((n, obj))
-            if limit is not None and len(out) >= limit:
-                break
     if not out:
         fail(f"{path} has no {what}")
     return out
@@ -151,7 +162,8 @@ class Item:
 
 def open_outputs(args, d: Dist) -> tuple[SampleLog | None, set[Key]]:
     """Rank 0 checks that --out/--per-sample/--plot can be written and opens --per-sample (reading what an
-    interrupted run left there, with --resume); every rank learns which completions are already scored."""
+    interrupted run left there, with --resume); every rank learns which completions the file already holds,
+    scored or pending (generated, not yet scored)."""
     sink = None
     if d.main:
         for flag in ("out", "per_sample", "plot"):
@@ -159,13 +171,16 @@ def open_outputs(args, d: Dist) -> tuple[SampleLog | None, set[Key]]:
                 check_writable(getattr(args, flag), "--" + flag.replace("_", "-"))
         if args.per_sample:
             sink = SampleLog(args.per_sample, args.resume)
-    return sink, all_gather(d, set(sink.done) if sink else set())[0]
+    return sink, all_gather(d, set(sink.done) | set(sink.pending) if sink else set())[0]
 
 
-def completion_items(args) -> list[Item]:
-    """The --completions file's lines, each record checked (file and line named) before anything is scored."""
-    found = []
-    for n, obj in read_jsonl(args.completions, "completions", args.limit):
+def completion_items(args, log) -> tuple[list[Item], dict[str, int]]:
+    """The --completions file's lines, each record checked (file and line named) before anything is scored,
+    less the unscorable sources left out by --skip-unscorable (counted in the dict) and those --limit does not
+    draw. A pending line (a --per-sample file's completion that was never scored) counts unless the file also
+    holds its scored line."""
+    found, pending = [], []
+    for n, obj in read_jsonl(args.completions, "completions"):
         where = f"{args.completions} line {n}"
         rec, text, sample = obj.get("record"), obj.get("completion"), obj.get("sample", 0)
         if not isinstance(rec, dict) or not isinstance(text, str):
@@ -174,21 +189,67 @@ def completion_items(args) -> list[Item]:
             fail(f"{where}: 'sample' must be an integer >= 0, got {sample!r}")
         check_scorable(rec, where)
         found.append((rec, text, sample, obj.get("finish_reason"), obj.get("generated_tokens")))
-    keys = sample_keys([(prompt_key(rec), sample) for rec, _, sample, _, _ in found])
-    return [Item(k, *f) for k, f in zip(keys, found)]
+        pending.append(obj.get("pending") is True)
+    keys = {}  # pending and scored lines are keyed apart: a completion may have one of each
+    for flag in (False, True):
+        at = [i for i, p in enumerate(pending) if p == flag]
+        keys.update(zip(at, sample_keys([(prompt_key(found[i][0]), found[i][2]) for i in at])))
+    scored = {keys[i] for i, p in enumerate(pending) if not p}
+    items = [Item(keys[i], *f) for i, f in enumerate(found) if not (pending[i] and keys[i] in scored)]
+    items, skipped = skip_unscorable(items, lambda it: it.record["data_source"], args, log, "completion")
+    if args.limit is not None:
+        first = {}  # each prompt's record, to draw whole prompts with all their samples
+        for it in items:
+            first.setdefault(it.key[0], it.record)
+        drawn = limit_records(list(first.values()), args, log)
+        chosen = {prompt_key(r) for r in drawn}
+        items = [it for it in items if it.key[0] in chosen]
+    return items, skipped
 
 
-def read_data(args) -> tuple[list[dict], list[list[Key]]]:
-    """--data's records (read_records names file and line), each also checked for what scoring needs, and
-    the key of each record's num_samples completions."""
+def read_data(args, log) -> tuple[list[dict], list[list[Key]], dict[str, int]]:
+    """--data's records (read_records names file and line), each also checked for what scoring needs, less
+    those --skip-unscorable leaves out (counted in the dict) and those --limit does not draw; and the key of
+    each record's num_samples completions."""
     if not Path(args.data).is_file():
         fail(f"no records file at {args.data}{missing_data_hint(args.data)}")
-    records = read_records(args.data)[:args.limit]
+    records = read_records(args.data)
     for i, rec in enumerate(records):
         check_scorable(rec, f"{args.data} record {i + 1}")
+    records, skipped = skip_unscorable(records, lambda r: r["data_source"], args, log, "record")
+    if args.limit is not None:
+        records = limit_records(records, args, log)
     n = args.num_samples
     flat = sample_keys([(prompt_key(rec), s) for rec in records for s in range(n)])
-    return records, [flat[i * n: (i + 1) * n] for i in range(len(records))]
+    return records, [flat[i * n: (i + 1) * n] for i in range(len(records))], skipped
+
+
+def skip_unscorable(items: list, source_of, args, log, what: str) -> tuple[list, dict[str, int]]:
+    """With the rule judge and --skip-unscorable: the items of the sources it can score, and how many of each
+    other source were left out (said in one line). Otherwise the items as they are (open_judge refuses an
+    unscorable source later, still before any generation)."""
+    if args.judge != "rule" or not args.skip_unscorable:
+        return items, {}
+    skipped = Counter(source_of(x) for x in items if canonical_task(source_of(x)) not in RULE_TASKS)
+    if not skipped:
+        return items, {}
+    kept = [x for x in items if canonical_task(source_of(x)) in RULE_TASKS]
+    if not kept:
+        fail(f"--skip-unscorable left nothing: the rule judge cannot score {', '.join(sorted(skipped))}; "
+             "pass --judge http://HOST:PORT/v1 (an OpenAI-compatible server)")
+    left_out = ", ".join(f"{src} ({n} {what}{'s' * (n != 1)})" for src, n in sorted(skipped.items()))
+    log(f"--skip-unscorable: left out {left_out}: the rule judge cannot score {'it' if len(skipped) == 1 else 'them'}")
+    return kept, dict(sorted(skipped.items()))
+
+
+def limit_records(records: list[dict], args, log) -> list[dict]:
+    """--limit's seeded draw, in proportion per data source (data.stratified_subset), said in one line."""
+    drawn = stratified_subset(records, args.limit, args.limit_seed)
+    if len(drawn) < len(records):
+        per_source = ", ".join(f"{s} {n}" for s, n in sorted(Counter(r["data_source"] for r in drawn).items()))
+        log(f"--limit {args.limit}: {len(drawn)} of {len(records)} records, drawn per data_source "
+            f"(--limit-seed {args.limit_seed}): {per_source}")
+    return drawn
 
 
 def token_counter(args, log):
@@ -245,24 +306,26 @@ def load_model(args, d: Dist):
         fail(f"cannot load {args.model}: {e}")
 
 
-def generate_and_score(args, d: Dist, records: list[dict], keys: list[list[Key]], done: set[Key], judge,
+def generate_and_score(args, d: Dist, records: list[dict], keys: list[list[Key]], have: set[Key], judge,
                        sink: SampleLog | None, log) -> dict[Key, dict]:
-    """Generate for every prompt with a completion not yet scored, and score those completions on rank 0.
-    One process works a few batches at a time and writes each round's lines before generating more; under
-    torchrun every rank generates its share of everything first (a gather per round would keep the other
-    ranks waiting on rank 0's judge)."""
-    todo = [i for i in range(len(records)) if any(k not in done for k in keys[i])]
+    """Score the completions --per-sample holds unscored (`have` are the keys it holds, scored or not), then
+    generate for every prompt with a completion it lacks, and score those on rank 0. Each round's completions
+    are written to --per-sample as pending lines before they are scored, so a scoring that fails loses no
+    generation. One process works a few batches at a time and writes each round's lines before generating
+    more; under torchrun every rank generates its share of everything first (a gather per round would keep
+    the other ranks waiting on rank 0's judge)."""
+    new = score_pending(args, records, keys, judge, sink, log) if d.main and sink and sink.pending else {}
+    todo = [i for i in range(len(records)) if any(k not in have for k in keys[i])]
     if len(todo) < len(records):
-        log(f"--resume: {len(records) - len(todo)} of {len(records)} prompts are already scored in {args.per_sample}")
+        log(f"--resume: {len(records) - len(todo)} of {len(records)} prompts are already in {args.per_sample}")
     if not todo:
-        return {}
+        return new
     model, tok = load_model(args, d)
     ids = {i: tok.encode_chat(records[i]["prompt"], add_generation_prompt=True) for i in todo}
     params = SamplingParams(max_new_tokens=args.max_new_tokens or default_max_new_tokens(model, ids),
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + d.rank)
     todo.sort(key=lambda i: len(ids[i]))  # batches of similar lengths carry little padding
     per_round = len(todo) if d.on else max(1, SCORE_CHUNK // (args.num_samples * args.batch_size)) * args.batch_size
-    new: dict[Key, dict] = {}
     t0 = time.perf_counter()
     for r in range(0, len(todo), per_round):
         try:
@@ -275,9 +338,31 @@ def generate_and_score(args, d: Dist, records: list[dict], keys: list[list[Key]]
         log(f"generated {min(r + per_round, len(todo))}/{len(todo)} prompts ({time.perf_counter() - t0:.1f}s)")
         if d.main:
             items = [Item(keys[c.index][c.sample], records[c.index], c.text, c.sample, c.finish_reason,
-                          c.generated_tokens) for c in everything if keys[c.index][c.sample] not in done]
+                          c.generated_tokens) for c in everything if keys[c.index][c.sample] not in have]
+            if sink:
+                sink.append_pending([pending_line(it) for it in items])
             new.update(score_items(items, args, judge, lambda s: len(tok.encode(s)), sink, log))
     return new
+
+
+def pending_line(it: Item) -> dict:
+    """A generated completion's --per-sample line before it is scored: enough to score it later."""
+    return {"prompt_id": it.key[0], "sample": it.sample, "data_source": it.record["data_source"],
+            "finish_reason": it.finish_reason, "generated_tokens": it.generated_tokens, "completion": it.completion,
+            "record": it.record}
+
+
+def score_pending(args, records: list[dict], keys: list[list[Key]], judge, sink: SampleLog, log) -> dict[Key, dict]:
+    """--resume: score the completions an earlier run generated but did not score, without generating them."""
+    where = {k: i for i, ks in enumerate(keys) for k in ks}
+    items = [Item(k, records[where[k]], line["completion"], line["sample"], line.get("finish_reason"),
+                  line.get("generated_tokens")) for k, line in sink.pending.items()]
+    log(f"--resume: scoring the {len(items)} completions {args.per_sample} holds unscored (not generated again)")
+    try:
+        tok = load_tokenizer(args.model)
+    except (CheckpointError, OSError, ValueError) as e:
+        fail(f"cannot load {args.model}: {e}")
+    return score_items(items, args, judge, lambda s: len(tok.encode(s)), sink, log)
 
 
 # -----------------------------------------------------------------------------
@@ -325,24 +410,31 @@ def run_compare(args, log) -> None:
     a, b = (read_jsonl(path, "per-sample rows") for path in args.compare)
     for path, rows in zip(args.compare, (a, b)):
         for n, r in rows:
-            missing = [k for k in ("prompt_id", "user", "llm", "judge_failed") if k not in r]
+            missing = [k for k in ("prompt_id", "data_source", "user", "llm", "judge_failed") if k not in r]
             if missing:
                 fail(f"{path} line {n} is not an eval.py --per-sample row (missing {', '.join(missing)})")
     a, b = [r for _, r in a], [r for _, r in b]
     result = compare(a, b, eps=args.eps)
     name_a, name_b = Path(args.compare[0]).stem, Path(args.compare[1]).stem
+    by_source = compare_by_source(a, b, eps=args.eps)
     print(format_comparison(result, name_a, name_b))
-    payload = {"compare": result, "a": args.compare[0], "b": args.compare[1]}
+    print("\n" + format_comparison_by_source(by_source, name_a, name_b))
+    payload = {"compare": result, "compare_by_source": by_source, "a": args.compare[0], "b": args.compare[1]}
     if args.paper_metrics:
         payload["paper_compare"] = paper_compare(a, b)
         print("\n" + format_paper_comparison(payload["paper_compare"], name_a, name_b))
     write_outputs(args, payload, [(name_a, per_prompt_points(a)), (name_b, per_prompt_points(b))], log)
 
 
-def report(args, lines: list[dict], sink: SampleLog | None, log) -> None:
-    """Print the tables and write every output; then exit 3 when the judge failed on most of what it was asked."""
+def report(args, lines: list[dict], sink: SampleLog | None, log, skipped: dict[str, int]) -> None:
+    """Print the tables and write every output; then exit 3 when the judge failed on most of what it was asked.
+    skipped: the sources --skip-unscorable left out; the overall rows then name the sources they cover."""
     metrics = metrics_by_source(lines)
-    print(format_table(metrics))
+    shown = metrics
+    if skipped:
+        sources = [s for s in metrics if s != "overall"]
+        shown = {**{s: metrics[s] for s in sources}, f"overall ({', '.join(sources)})": metrics["overall"]}
+    print(format_table(shown))
     paper = None
     if args.paper_metrics:
         try:
@@ -361,7 +453,7 @@ def report(args, lines: list[dict], sink: SampleLog | None, log) -> None:
         sink.finish(lines)
         log(f"wrote {len(lines)} lines to {args.per_sample}")
     payload = {"config": vars(args), "metrics": metrics, "finish_reasons": dict(reasons), "n_samples": len(lines),
-               "n_judged": judged, "n_judge_failed": failed}
+               "n_judged": judged, "n_judge_failed": failed, "skipped_sources": skipped}
     if paper is not None:
         payload["paper_metrics"] = paper
     write_outputs(args, payload, [(Path(args.completions or args.model).name, per_prompt_points(lines))], log)
@@ -373,7 +465,8 @@ def report(args, lines: list[dict], sink: SampleLog | None, log) -> None:
 
 def interrupted(sink: SampleLog | None, d: Dist):
     if d.main and sink:
-        print(f"eval.py: interrupted: {sink.written} completions are in {sink.path}; "
+        unscored = " (and the generated ones not yet scored)" if sink.has_pending else ""
+        print(f"eval.py: interrupted: {sink.written} completions are in {sink.path}{unscored}; "
               "run the same command with --resume to score the rest", file=sys.stderr, flush=True)
     elif d.main:
         print("eval.py: interrupted: nothing kept (no --per-sample); pass --per-sample FILE to keep what is "
@@ -400,32 +493,58 @@ def check_flags(args) -> None:
 def evaluate(args, d: Dist, log) -> None:
     """Check outputs and inputs, open the judge (before any generation: an unreachable judge would waste it),
     then generate and score, appending to --per-sample as it goes."""
-    sink, done = open_outputs(args, d)
+    sink, have = open_outputs(args, d)
     try:
         if args.completions:
-            items = completion_items(args)
-            order = [it.key for it in items]
+            items, skipped = completion_items(args, log)
+            order, sources = [it.key for it in items], [it.record["data_source"] for it in items]
             count_tokens = token_counter(args, log)
         else:
-            records, keys = read_data(args)
-            order = [k for ks in keys for k in ks]
+            records, keys, skipped = read_data(args, log)
+            order, sources = [k for ks in keys for k in ks], [r["data_source"] for r in records]
         if sink:
             sink.check_keys(set(order))
-        settings = JudgeSettings(max_tokens=args.judge_max_tokens, temperature=args.judge_temperature,
-                                 top_p=args.judge_top_p, top_k=args.judge_top_k, extra_body=args.judge_extra_body,
-                                 failure=args.judge_failure)
-        judge = open_judge(args.judge, timeout=args.judge_timeout, max_concurrency=args.judge_concurrency,
-                           settings=settings)
+        judge = open_run_judge(args, sources)
         if args.completions:
-            new = score_items([it for it in items if it.key not in done], args, judge, count_tokens, sink, log)
+            scored = set(sink.done) if sink else set()
+            new = score_items([it for it in items if it.key not in scored], args, judge, count_tokens, sink, log)
         else:
-            new = generate_and_score(args, d, records, keys, done, judge, sink, log)
+            new = generate_and_score(args, d, records, keys, have, judge, sink, log)
             teardown(d)
     except KeyboardInterrupt:
         interrupted(sink, d)
     if d.main:  # a torchrun rank other than 0 is done: rank 0 scores and reports
         old = sink.done if sink else {}
-        report(args, [new[k] if k in new else old[k] for k in order], sink, log)
+        report(args, [new[k] if k in new else old[k] for k in order], sink, log, skipped)
+
+
+def open_run_judge(args, sources: list[str]):
+    """The judge, refused up front (before any generation) when it cannot score one of `sources`."""
+    settings = JudgeSettings(max_tokens=args.judge_max_tokens, temperature=args.judge_temperature,
+                             top_p=args.judge_top_p, top_k=args.judge_top_k, extra_body=args.judge_extra_body,
+                             failure=args.judge_failure)
+    try:
+        return open_judge(args.judge, sources=sources, timeout=args.judge_timeout,
+                          max_concurrency=args.judge_concurrency, settings=settings)
+    except UsageError as e:
+        scorable = sorted({s for s in sources if canonical_task(s) in RULE_TASKS})
+        if args.judge != "rule" or not scorable:
+            raise
+        fail(f"{e}, or --skip-unscorable to score only {', '.join(scorable)}")
+
+
+COMPARE_FLAGS = ("compare", "eps", "paper_metrics", "out", "plot")   # all that --compare reads
+GENERATION_FLAGS = ("model", "data", "batch_size", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p",
+                    "seed", "device", "dtype")
+
+
+def config_line(args, world: int) -> str:
+    """The flags this run reads: --compare neither a model nor a judge, --completions no generation flags."""
+    if args.compare:
+        return "config: " + " ".join(f"{k}={getattr(args, k)!r}" for k in COMPARE_FLAGS)
+    skip = {"compare", "eps", *(GENERATION_FLAGS if args.completions else ("completions", "tokenizer"))}
+    return ("config: " + " ".join(f"{k}={v!r}" for k, v in vars(args).items() if k not in skip)
+            + f" world_size={world}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -433,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
     d = setup_distributed(args.device or "auto") if not (args.compare or args.completions) else Dist()
     log = (lambda *a: print(*a, flush=True)) if d.main else (lambda *a: None)
     check_flags(args)
-    log("config: " + " ".join(f"{k}={v!r}" for k, v in vars(args).items()) + f" world_size={d.world}")
+    log(config_line(args, d.world))
     try:
         return run_compare(args, log) if args.compare else evaluate(args, d, log)
     except UsageError as e:  # a bad record or an unwritable output, named

@@ -6,10 +6,15 @@ so both refuse the same bad input with the same message (file and line).
 
 The training order is a fixed function of (seed, epoch) (`epoch_order`): a resumed run only needs the
 cursor (epoch, position), and every rank computes the same order without communicating.
+
+`stratified_subset` draws a seeded subset proportional per data_source (eval.py --limit, train.py
+--eval-size), so a small evaluation of a mixed file is not the first source alone. `encode_prompts_report`
+and `drop_report` say per data_source how many prompts a token limit drops and how long they were.
 """
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,18 +106,118 @@ def read_splits(data: list[str], eval_data: list[str] | None, holdout: int, seed
     return [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held]
 
 
+def stratified_subset(records: list[dict], n: int, seed: int) -> list[dict]:
+    """n records drawn per data_source in proportion to its size, every source represented when n allows,
+    returned in the file's order. A fixed function of (records, n, seed).
+
+    Each source first gets one record, then the other n - k are shared in proportion to the sources'
+    remaining sizes, by largest remainder (ties by name); with fewer than k = number of sources, the n
+    largest get one each. Within a source the records come from one seeded permutation of the whole list,
+    so they are a random sample, not the source's first ones."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if n >= len(records):
+        return list(records)
+    sizes: dict[str, int] = defaultdict(int)
+    for r in records:
+        sizes[r["data_source"]] += 1
+    quota = _stratum_quotas(dict(sizes), n)
+    taken: dict[str, int] = defaultdict(int)
+    chosen = []
+    for i in np.random.default_rng([seed, 2]).permutation(len(records)).tolist():
+        source = records[i]["data_source"]
+        if taken[source] < quota[source]:
+            taken[source] += 1
+            chosen.append(i)
+    return [records[i] for i in sorted(chosen)]
+
+
+def _stratum_quotas(sizes: dict[str, int], n: int) -> dict[str, int]:
+    """How many of each source's records stratified_subset takes (n < the total size)."""
+    by_size = sorted(sizes, key=lambda s: (-sizes[s], s))
+    if n <= len(sizes):  # not every source can be represented: the largest ones are
+        return {s: int(i < n) for i, s in enumerate(by_size)}
+    rest, spare = n - len(sizes), sum(sizes.values()) - len(sizes)
+    share = {s: rest * (sizes[s] - 1) / spare for s in sizes}
+    quota = {s: 1 + int(share[s]) for s in sizes}
+    # rest < spare, so a source whose share rounds up still has a record left to give
+    for s in sorted(sizes, key=lambda s: (-(share[s] - int(share[s])), s))[:n - sum(quota.values())]:
+        quota[s] += 1
+    return quota
+
+
 def encode_prompts(records: list[dict], tokenizer, max_tokens: int) -> tuple[list[dict], list[list[int]], int]:
     """Each record's own chat messages through the chat template; records over max_tokens are dropped.
     Returns (kept records, their token ids, how many were dropped)."""
-    kept, ids, dropped = [], [], 0
-    for r in records:
-        x = tokenizer.encode_chat(r["prompt"])
-        if len(x) > max_tokens:
-            dropped += 1
-            continue
-        kept.append(r)
-        ids.append(x)
-    return kept, ids, dropped
+    kept, ids, report = encode_prompts_report(records, tokenizer, max_tokens)
+    return kept, ids, sum(d.dropped for d in report.values())
+
+
+def encode_prompts_report(records: list[dict], tokenizer, max_tokens: int
+                          ) -> tuple[list[dict], list[list[int]], dict[str, "SourceDrops"]]:
+    """encode_prompts with the per-source drop_report instead of a count (each prompt encoded once)."""
+    ids = [tokenizer.encode_chat(r["prompt"]) for r in records]
+    report = drop_report(records, [len(x) for x in ids], max_tokens)
+    kept = [(r, x) for r, x in zip(records, ids) if len(x) <= max_tokens]
+    return [r for r, _ in kept], [x for _, x in kept], report
+
+
+@dataclass
+class SourceDrops:
+    """One data_source's prompts under a token limit."""
+    kept: int = 0
+    dropped: int = 0
+    longest: int = 0   # tokens of its longest prompt, kept or dropped
+
+    @property
+    def total(self) -> int:
+        return self.kept + self.dropped
+
+
+def drop_report(records: list[dict], lengths: list[int], max_tokens: int) -> dict[str, SourceDrops]:
+    """Per data_source (sorted): how many prompts fit in max_tokens, how many do not, and the longest."""
+    if len(lengths) != len(records):
+        raise ValueError(f"{len(lengths)} lengths for {len(records)} records")
+    report: dict[str, SourceDrops] = defaultdict(SourceDrops)
+    for r, n in zip(records, lengths):
+        d = report[r["data_source"]]
+        d.longest = max(d.longest, n)
+        if n > max_tokens:
+            d.dropped += 1
+        else:
+            d.kept += 1
+    return dict(sorted(report.items()))
+
+
+def format_drop_report(report: dict[str, SourceDrops], max_tokens: int, what: str) -> str:
+    """One line: the prompts the limit dropped, in all and per source with its longest prompt."""
+    dropped, total = sum(d.dropped for d in report.values()), sum(d.total for d in report.values())
+    per_source = ", ".join(f"{s} {d.dropped} of {d.total} (longest {d.longest})" for s, d in report.items())
+    return f"{what} prompts dropped over {max_tokens} tokens: {dropped} of {total}; {per_source}"
+
+
+def drop_warnings(report: dict[str, SourceDrops], max_tokens: int, most: float = 0.5) -> list[str]:
+    """A line for each source that loses more than `most` of its prompts to the limit: its results would
+    rest on its few shortest prompts, or it would vanish from the run."""
+    return [f"{s} loses {d.dropped} of its {d.total} prompts ({100 * d.dropped / d.total:.0f}%) to the "
+            f"{max_tokens}-token prompt limit; its longest prompt is {d.longest} tokens"
+            for s, d in report.items() if d.dropped > most * d.total]
+
+
+def require_prompts(report: dict[str, SourceDrops], needed: int, what: str, max_tokens: int, hint: str = "") -> None:
+    """Raise a one-line UsageError when fewer than `needed` prompts were kept, saying when the limit of
+    max_tokens is why (and how long the dropped prompts were) rather than only that too few are left."""
+    kept = sum(d.kept for d in report.values())
+    if kept >= needed:
+        return
+    longer = [(s, d) for s, d in report.items() if d.dropped]
+    if not longer:
+        raise UsageError(f"{what}: {kept} prompts, {needed} needed" + (f"; {hint}" if hint else ""))
+    total = sum(d.total for d in report.values())
+    fit = f"only {kept} of {total} prompts fit" if kept else "no prompts fit"
+    lengths = ", ".join(f"{s} up to {d.longest}" + (" tokens" if i == 0 else "") for i, (s, d) in enumerate(longer))
+    raise UsageError(f"{what}: {fit} in {max_tokens} tokens, {needed} needed (the rest are longer: {lengths})"
+                     + (f"; {hint}" if hint else ""))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

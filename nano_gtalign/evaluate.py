@@ -5,8 +5,9 @@ batches), `score_completions` (reward breakdown + metrics row per completion) an
 periodic evaluation, `evaluate_policy`, which adds the correct-action rates the before/after table shows.
 
 eval.py's fault handling lives here too: `check_scorable` and `check_writable` refuse bad input and
-unwritable outputs before any judge call, `SampleLog` appends --per-sample lines as they are scored (and
-reads them back for --resume), and `judge_failures` counts what the judge could not score.
+unwritable outputs before any judge call, `SampleLog` appends --per-sample lines as completions are generated
+and as they are scored (and reads them back for --resume), and `judge_failures` counts what the judge could
+not score. `compare_by_source` is eval.py --compare's per-source view.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 from nano_gtalign.data import check_record
 from nano_gtalign.distributed import Dist, gather_lists, generation_mode
 from nano_gtalign.errors import UsageError
-from nano_gtalign.metrics import group_metrics, sample_row
+from nano_gtalign.metrics import compare, group_metrics, sample_row
 from nano_gtalign.policy import autocast
 from nano_gtalign.reward import score_batch
 from nano_gtalign.sampling import SamplingParams, generate
@@ -199,60 +200,88 @@ def _json_line(obj: dict) -> str:
 
 
 LINE_FIELDS = ("prompt_id", "sample", "data_source", "judge_failed", "user", "llm")  # what --resume reads
+PENDING_FIELDS = ("prompt_id", "sample", "record", "completion")  # a pending line: generated, not yet scored
+
+
+def keyed(lines: list[dict]) -> dict[Key, dict]:
+    """--per-sample lines by key (sample_keys over their prompt_id and sample, in file order)."""
+    return dict(zip(sample_keys([(line["prompt_id"], line["sample"]) for line in lines]), lines))
 
 
 class SampleLog:
-    """A --per-sample file in progress. Lines are appended and flushed as each chunk is scored, so an
-    interrupted run keeps them; with resume, `done` holds the lines an earlier run left, by key.
-    Without resume a file that already has lines is refused (it may be an interrupted run's work)."""
+    """A --per-sample file in progress. Each generated completion is appended first as a *pending* line
+    (`"pending": true`, the record and the completion, no scores), then as its scored line once its chunk is
+    scored; both are flushed at once. So an interrupted run or a scoring that fails loses no generation: eval.py
+    --completions scores such a file, and --resume scores its pending lines without generating them again.
+    With resume, `done` holds the scored lines an earlier run left and `pending` the completions it left
+    unscored, by key. Without resume a file that already has lines is refused (it may be an interrupted run's
+    work). finish() rewrites the file with the scored lines only."""
 
     def __init__(self, path: str, resume: bool):
-        self.path, self.done, self.new = path, {}, 0
+        self.path, self.done, self.pending, self.new, self.new_pending = path, {}, {}, 0, 0
+        self._line_of: dict[Key, int] = {}
         p = Path(path)
         if p.is_file() and p.stat().st_size:
             if not resume:
                 n = len(p.read_bytes().splitlines())
                 raise UsageError(f"{path} already has {n} lines: pass --resume to continue it, or delete it "
                                  "(or pick another --per-sample) to start over")
-            self.done = self._read()
+            self._read()
         self._f = None
 
-    def _read(self) -> dict[Key, dict]:
+    def _read(self) -> None:
         data = Path(self.path).read_bytes()
         end = data.rfind(b"\n") + 1
         if end < len(data):  # a line cut short by a kill: drop it so appends start on a fresh line
             with open(self.path, "r+b") as f:
                 f.truncate(end)
-        lines, pairs = [], []
+        scored, waiting = [], []
         for n, raw in enumerate(data[:end].splitlines(), 1):
             try:
                 obj = json.loads(raw)
             except ValueError:
                 raise UsageError(f"{self.path} line {n} is not JSON: --resume reads an eval.py --per-sample file") from None
-            missing = [k for k in LINE_FIELDS if not isinstance(obj, dict) or k not in obj]
+            is_pending = isinstance(obj, dict) and obj.get("pending") is True
+            missing = [k for k in (PENDING_FIELDS if is_pending else LINE_FIELDS)
+                       if not isinstance(obj, dict) or k not in obj]
             if missing:
                 raise UsageError(f"{self.path} line {n} is not an eval.py --per-sample row (missing {', '.join(missing)})")
-            lines.append(obj)
-            pairs.append((obj["prompt_id"], obj["sample"]))
-        return dict(zip(sample_keys(pairs), lines))
+            (waiting if is_pending else scored).append((n, obj))
+        for lines in (waiting, scored):  # a scored line's number wins over its pending line's
+            self._line_of.update(zip(keyed([obj for _, obj in lines]), (n for n, _ in lines)))
+        self.done = keyed([obj for _, obj in scored])
+        self.pending = {k: v for k, v in keyed([obj for _, obj in waiting]).items() if k not in self.done}
 
     def check_keys(self, wanted: set[Key]) -> None:
         """Refuse a file with lines this run would not make (another --data, --limit or --num-samples)."""
-        for n, key in enumerate(self.done, 1):
+        for key in sorted(self._line_of, key=self._line_of.get):
             if key not in wanted:
-                raise UsageError(f"{self.path} line {n} (prompt_id {key[0]}, sample {key[1]}) is not a completion "
-                                 "of this run: --resume needs the same inputs, --limit and --num-samples")
+                raise UsageError(f"{self.path} line {self._line_of[key]} (prompt_id {key[0]}, sample {key[1]}) is not "
+                                 "a completion of this run: --resume needs the same inputs, --limit and --num-samples")
 
     @property
     def written(self) -> int:
+        """Scored lines in the file."""
         return len(self.done) + self.new
 
+    @property
+    def has_pending(self) -> bool:
+        return bool(self.pending or self.new_pending)
+
     def append(self, lines: list[dict]) -> None:
+        self._write(lines)
+        self.new += len(lines)
+
+    def append_pending(self, lines: list[dict]) -> None:
+        """Generated completions, before they are scored (each line gets "pending": true)."""
+        self._write([{**line, "pending": True} for line in lines])
+        self.new_pending += len(lines)
+
+    def _write(self, lines: list[dict]) -> None:
         if self._f is None:
             self._f = open(self.path, "a", encoding="utf-8")
         self._f.write("".join(_json_line(line) for line in lines))
         self._f.flush()
-        self.new += len(lines)
 
     def finish(self, lines: list[dict]) -> None:
         """Rewrite the file as `lines` (the run's order) in one step: a crash meanwhile leaves the appended file."""
@@ -280,3 +309,40 @@ def judge_failures(lines: list[dict], show: int = 3) -> tuple[int, int, list[str
             if error not in errors and len(errors) < show:
                 errors.append(error)
     return failed, judged, errors
+
+
+def compare_by_source(rows_a: list[dict], rows_b: list[dict], eps: float) -> dict[str, dict]:
+    """metrics.compare within each data source (sorted) and over all: {source: ..., "overall": ...}. Each
+    source's coverage, hypervolume and regret are normalised within that source."""
+    sources = sorted({r["data_source"] for r in rows_a + rows_b})
+    out = {s: compare([r for r in rows_a if r["data_source"] == s], [r for r in rows_b if r["data_source"] == s],
+                      eps=eps) for s in sources}
+    out["overall"] = compare(rows_a, rows_b, eps=eps)
+    return out
+
+
+COMPARE_COLUMNS = (  # (header, value of a compare() result or None, format)
+    ("n", lambda c: c["n_matched"], "{:d}"), ("a>b", lambda c: c["dominance"]["a_dominates_b"], "{:d}"),
+    ("b>a", lambda c: c["dominance"]["b_dominates_a"], "{:d}"), ("equal", lambda c: c["dominance"]["equal"], "{:d}"),
+    ("incomp", lambda c: c["dominance"]["incomparable"], "{:d}"),
+    ("U_a", lambda c: c["mean_a"] and c["mean_a"][0], "{:.4f}"),
+    ("U_b", lambda c: c["mean_b"] and c["mean_b"][0], "{:.4f}"),
+    ("L_a", lambda c: c["mean_a"] and c["mean_a"][1], "{:.4f}"),
+    ("L_b", lambda c: c["mean_b"] and c["mean_b"][1], "{:.4f}"),
+    ("cov_a", lambda c: c["coverage_a"], "{:.3f}"), ("cov_b", lambda c: c["coverage_b"], "{:.3f}"),
+    ("regret_a", lambda c: c["regret_a"], "{:.4f}"), ("regret_b", lambda c: c["regret_b"], "{:.4f}"),
+)
+
+
+def format_comparison_by_source(by_source: dict[str, dict], name_a: str = "a", name_b: str = "b") -> str:
+    """compare_by_source as a table, one row per source and overall; "-" where a source has no matched prompt."""
+    width = max(len("source"), *(len(s) for s in by_source))
+    lines = [f"per source (a = {name_a}, b = {name_b}; a>b: prompts where a dominates b; coverage and regret "
+             "within each source, lower regret is better):",
+             f"{'source':{width}s}  " + " ".join(f"{h:>8s}" for h, _, _ in COMPARE_COLUMNS)]
+    for source, c in by_source.items():
+        values = [get(c) for _, get, _ in COMPARE_COLUMNS]
+        cells = ["-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f.format(v)
+                 for v, (_, _, f) in zip(values, COMPARE_COLUMNS)]
+        lines.append(f"{source:{width}s}  " + " ".join(f"{x:>8s}" for x in cells))
+    return "\n".join(lines)

@@ -3,7 +3,9 @@
 Loading builds the model on the meta device and assigns the tensors read from disk, so the weights exist
 once in memory (a 3B bf16 model needs 6 GB, not 12). Saving writes the same layout back, loadable by
 transformers and vLLM unchanged, with the modes of normal files (0644 under umask 022) so other users can read
-a shared model. Every problem with a checkpoint is a one-line CheckpointError naming the file, an unreadable
+a shared model. A model trained in fp32 from a bf16 checkpoint is exported as the checkpoint was: its dtype
+and its generation_config.json (sampling defaults) are read with `export_defaults` and passed to
+`save_pretrained`. Every problem with a checkpoint is a one-line CheckpointError naming the file, an unreadable
 one included ("permission denied reading FILE").
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors
@@ -107,6 +110,38 @@ def weight_files(path: Path) -> tuple[Path, list[Path]]:
     raise CheckpointError(f"{path / SINGLE}: no weights ({SINGLE} and {INDEX} are both missing)")
 
 
+# safetensors' dtype names -> torch's, for the dtypes a model is stored in
+STORED_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+@dataclass
+class ExportDefaults:
+    """What an export of a model trained from a checkpoint directory keeps of it."""
+    dtype: str | None                    # the stored weights' dtype ('bfloat16', ...); None: not a float dtype
+    generation_config: dict = field(default_factory=dict)  # generation_config.json (sampling defaults), {} if none
+
+
+@_reports_permission
+def export_defaults(path) -> ExportDefaults:
+    """The dtype of a model directory's stored weights and its generation_config.json, for save_pretrained
+    (train.py loads in fp32 to train, so the model no longer knows either)."""
+    path = Path(path)
+    load_config(path)  # a missing directory or bad config.json is named as load_pretrained names it
+    _, files = weight_files(path)
+    _check_readable(files[0])
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            first = next(iter(f.keys()), None)
+            stored = f.get_slice(first).get_dtype() if first is not None else None
+    except SafetensorError as e:
+        raise CheckpointError(f"{files[0]}: corrupt or truncated safetensors file ({_one_line(e)})") from None
+    gen_file = path / "generation_config.json"
+    generation = _read_json(gen_file) if gen_file.is_file() else {}
+    if not isinstance(generation, dict):
+        raise CheckpointError(f"{gen_file}: not a JSON object")
+    return ExportDefaults(STORED_DTYPES.get(stored), generation)
+
+
 def _as_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -171,10 +206,10 @@ def load_tokenizer(path) -> Tokenizer:
         raise CheckpointError(_one_line(e)) from None
 
 
-def _shards(state: dict[str, torch.Tensor], max_shard_size: int) -> list[list[str]]:
+def _shards(state: dict[str, torch.Tensor], max_shard_size: int, itemsize: int) -> list[list[str]]:
     shards, size = [[]], 0
     for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.numel() * itemsize
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -183,41 +218,62 @@ def _shards(state: dict[str, torch.Tensor], max_shard_size: int) -> list[list[st
     return shards
 
 
-def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, max_shard_size: int = 5 * 10**9) -> None:
-    """Write a Hugging Face model directory. Everything goes to a temporary sibling directory that is renamed
-    into place at the end, so a crash never leaves a half-written model that looks complete."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path}: exists and is not a directory")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
+def _write_weights(model: Transformer, out: Path, dtype: torch.dtype, max_shard_size: int) -> None:
+    """model.safetensors, or shards of at most max_shard_size bytes and their index, in `dtype` (each shard
+    cast as it is written, so an fp32 model is never held twice)."""
     # The state dict has no lm_head when tied (one tensor, as transformers expects for tied checkpoints).
     state = model.state_dict()
-    shards = _shards(state, max_shard_size)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards = _shards(state, max_shard_size, itemsize)
     names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                for i in range(len(shards))]
     for file, shard in zip(names, shards):
-        tensors = {name: state[name].detach().to("cpu").contiguous() for name in shard}
-        save_file(tensors, str(tmp / file), metadata={"format": "pt"})  # transformers requires format=pt
+        tensors = {name: state[name].detach().to("cpu", dtype).contiguous() for name in shard}
+        save_file(tensors, str(out / file), metadata={"format": "pt"})  # transformers requires format=pt
     if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
+        total = sum(t.numel() for t in state.values()) * itemsize
         index = {"metadata": {"total_size": total},
                  "weight_map": {name: file for file, shard in zip(names, shards) for name in shard}}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2))
+        (out / INDEX).write_text(json.dumps(index, indent=2))
 
+
+def _generation_config(model: Transformer, tokenizer: Tokenizer | None, keep: dict | None) -> dict:
+    """generation_config.json: `keep` (the input's sampling defaults: temperature, top_p, top_k, repetition
+    penalty, ...) with the special token ids of what is saved. The tokenizer's EOS ids already include the
+    input's generation_config ones (Tokenizer.from_pretrained reads both)."""
     c = model.config
     eos = tokenizer.eos_token_ids if tokenizer is not None else c.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer is not None else c.pad_token_id
     if isinstance(eos, list) and len(eos) == 1:
         eos = eos[0]
-    gen = {"bos_token_id": c.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return {**(keep or {}), "bos_token_id": c.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
+
+
+def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, max_shard_size: int = 5 * 10**9,
+                    dtype=None, generation_config: dict | None = None) -> None:
+    """Write a Hugging Face model directory. Everything goes to a temporary sibling directory that is renamed
+    into place at the end, so a crash never leaves a half-written model that looks complete.
+
+    dtype (a torch dtype or its name; None: the model's own) is the dtype the weights are written in, and
+    config.json's torch_dtype. generation_config (e.g. export_defaults(input).generation_config) is kept in
+    generation_config.json, with the BOS/EOS/pad ids of this model and tokenizer."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    dtype = _as_dtype(dtype) or model.output_weight().dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"cannot save the weights as {str(dtype).removeprefix('torch.')}: not a float dtype")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    _write_weights(model, tmp, dtype, max_shard_size)
+    (tmp / "generation_config.json").write_text(json.dumps(_generation_config(model, tokenizer, generation_config),
+                                                           indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    dtype = str(model.output_weight().dtype).removeprefix("torch.")
-    config = dict(c.to_hf(), torch_dtype=dtype)  # torch_dtype: the key transformers <5 and vLLM read
+    # torch_dtype: the key transformers <5 and vLLM read
+    config = dict(model.config.to_hf(), torch_dtype=str(dtype).removeprefix("torch."))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     mode = default_file_mode()
     for file in tmp.iterdir():  # readable by others like any new file (safetensors leaves 0600)

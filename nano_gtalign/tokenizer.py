@@ -4,6 +4,11 @@ Text <-> ids goes through the `tokenizers` library; EOS/pad come from tokenizer_
 generation_config.json; the chat template is rendered with jinja2 the way transformers'
 `apply_chat_template(..., tokenize=False)` renders it, so prompts match what the model was trained on.
 Decoding never applies `clean_up_tokenization_spaces` (Qwen checkpoints turn it off; it corrupts BPE text).
+
+Saving writes a tokenizer_config.json that makes transformers' AutoTokenizer tokenize exactly as we do
+(`exact_load_config`): transformers 5 builds every qwen2 checkpoint's tokenizer as Qwen2Tokenizer, which
+replaces tokenizer.json's normalizer and pre-tokenizer with Qwen2's own, so a tokenizer that splits text
+otherwise (the demo's, any GPT-2-style one) is pointed at a class that loads tokenizer.json unchanged.
 """
 from __future__ import annotations
 
@@ -24,6 +29,28 @@ CHATML_TEMPLATE = (
 )
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+# What transformers' Qwen2Tokenizer builds around the vocabulary and merges of tokenizer.json, ignoring the rest
+# of the file (transformers 5, models/qwen2/tokenization_qwen2.py): NFC, this split, byte-level, plain BPE.
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+                           r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_BPE_OFF = ("dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback",
+                 "ignore_merges")  # BPE options Qwen2Tokenizer leaves unset
+
+# The module an export's auto_map names (see exact_load_config). Only read with trust_remote_code=True; without
+# it transformers uses tokenizer_class, which loads tokenizer.json the same way.
+EXACT_MODULE = "tokenization_exact"
+EXACT_MODULE_SOURCE = '''"""AutoTokenizer for this directory: tokenizer.json exactly as written (nano-gtalign).
+
+Its normalizer and pre-tokenizer are not Qwen2's, and transformers builds a qwen2 model's tokenizer as
+Qwen2Tokenizer, which would replace them; tokenizer_config.json's auto_map points here instead.
+"""
+from transformers import PreTrainedTokenizerFast
+
+
+class ExactTokenizer(PreTrainedTokenizerFast):
+    """PreTrainedTokenizerFast, under a name auto_map can point to."""
+'''
 
 
 def _token_text(value) -> str | None:
@@ -128,13 +155,46 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
 
     def save_pretrained(self, path) -> None:
-        """tokenizer.json + tokenizer_config.json (with the chat template in use, so serving renders the same)."""
+        """tokenizer.json + tokenizer_config.json (with the chat template in use, so serving renders the same,
+        and the class that makes AutoTokenizer tokenize as we do: exact_load_config)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(path / "tokenizer.json"))
-        config = dict(self.config, chat_template=self.chat_template)
-        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        config = exact_load_config(dict(self.config, chat_template=self.chat_template), self.tok)
+        if "auto_map" in config:
+            (path / f"{EXACT_MODULE}.py").write_text(EXACT_MODULE_SOURCE)
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def splits_like_qwen2(tok: tokenizers.Tokenizer) -> bool:
+    """Whether transformers' Qwen2Tokenizer, rebuilt from tok's vocabulary and merges, tokenizes as tok does:
+    the same normalizer (NFC), pre-tokenizer (Qwen2's split, then byte-level), decoder and BPE options."""
+    spec = json.loads(tok.to_str())
+    pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
+    split = len(steps) == 2 and steps[0] == {"type": "Split", "pattern": {"Regex": QWEN2_PRETOKENIZE_REGEX},
+                                             "behavior": "Isolated", "invert": False}
+    byte_level = len(steps) == 2 and steps[1].get("type") == "ByteLevel" and not steps[1].get("add_prefix_space") \
+        and steps[1].get("use_regex") is False
+    plain_bpe = model.get("type") == "BPE" and not any(model.get(k) for k in QWEN2_BPE_OFF)
+    return (spec.get("normalizer") == {"type": "NFC"} and split and byte_level and plain_bpe
+            and (spec.get("decoder") or {}).get("type") == "ByteLevel")
+
+
+def exact_load_config(config: dict, tok: tokenizers.Tokenizer) -> dict:
+    """tokenizer_config.json for tok, such that transformers' AutoTokenizer tokenizes exactly as we do.
+
+    A tokenizer Qwen2Tokenizer reproduces (a real Qwen one) keeps its own config. Any other is named
+    PreTrainedTokenizerFast, which loads tokenizer.json unchanged, and, because transformers 5 ignores that
+    name for qwen2 checkpoints, also given an auto_map entry: AutoTokenizer then takes the class from
+    tokenizer_class (or, with trust_remote_code=True, from the EXACT_MODULE file written beside it)."""
+    config = dict(config)
+    if splits_like_qwen2(tok):
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        return config
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["auto_map"] = {**config.get("auto_map", {}), "AutoTokenizer": [None, f"{EXACT_MODULE}.ExactTokenizer"]}
+    return config
 
 
 def _lookup(tok: tokenizers.Tokenizer, token: str, where) -> int:

@@ -57,15 +57,18 @@ def write_jsonl(path, objs):
     return path
 
 
-def run_completions(tmp_path, capsys):
+def run_completions(tmp_path, capsys, monkeypatch):
+    """FIXTURE scored by the rule judge past eval.py's up-front check (which refuses medium for the rule judge),
+    so medium's judgement fails as an HTTP judge's can."""
+    use_judge(monkeypatch, CountingJudge())
     src = write_jsonl(tmp_path / "c.jsonl", [{"record": r, "completion": c} for r, c in FIXTURE])
     evaluate.main(["--completions", str(src), "--out", str(tmp_path / "o.json"),
                    "--per-sample", str(tmp_path / "ps.jsonl")])
     return capsys.readouterr().out, json.loads((tmp_path / "o.json").read_text())["metrics"]
 
 
-def test_completions_metrics_by_hand(tmp_path, capsys):
-    out, m = run_completions(tmp_path, capsys)
+def test_completions_metrics_by_hand(tmp_path, capsys, monkeypatch):
+    out, m = run_completions(tmp_path, capsys, monkeypatch)
     r = len(reasoning("DQ_DA"))  # the three reasoning prefixes have the same length
     assert r == len(reasoning("VQ_CQ")) == len(reasoning("DQ_AQ")) == 292
     # whitespace words of each whole completion: 30 in the payoff JSON + those after "Choose"
@@ -83,7 +86,7 @@ def test_completions_metrics_by_hand(tmp_path, capsys):
     # math-hard: the wrong answer and the block-less completion (U = L = 0, not judged)
     assert math_hard["user"] == pytest.approx(U3 / 2) and math_hard["llm"] == pytest.approx(L3 / 2)
     assert (math_hard["format_rate"], math_hard["parse_rate"], math_hard["answer_llm"]) == (0.5, 0.5, 0.0)
-    # medium: the rule judge cannot score it -> failed, not zero
+    # medium: the judge failed on it -> left out, not zero
     assert medium["judge_failure_rate"] == 1.0 and medium["user"] is None and medium["n_scored"] == 0
     assert (overall["n"], overall["n_scored"]) == (5, 4)
     assert (overall["format_rate"], overall["parse_rate"], overall["judge_failure_rate"]) == (0.8, 0.8, 0.2)
@@ -102,8 +105,8 @@ def test_completions_metrics_by_hand(tmp_path, capsys):
     assert any(l.split()[:4] == ["overall", "5", "0.800", "0.800"] for l in lines)
 
 
-def test_per_sample_file_rescores_and_compares(tmp_path, capsys):
-    run_completions(tmp_path, capsys)
+def test_per_sample_file_rescores_and_compares(tmp_path, capsys, monkeypatch):
+    run_completions(tmp_path, capsys, monkeypatch)
     ps = [json.loads(l) for l in (tmp_path / "ps.jsonl").read_text().splitlines()]
     assert len(ps) == 5 and ps[3]["breakdown"]["judge_failed"] and ps[3]["user"] is None
     assert ps[0]["completion"] == FIXTURE[0][1] and ps[0]["record"] == FIXTURE[0][0]
@@ -128,7 +131,8 @@ def test_per_sample_file_rescores_and_compares(tmp_path, capsys):
         evaluate.main(["--compare", str(tmp_path / "ps.jsonl"), str(tmp_path / "x.jsonl")])
 
 
-def test_paper_metrics_single_run_and_compare(tmp_path, capsys):
+def test_paper_metrics_single_run_and_compare(tmp_path, capsys, monkeypatch):
+    use_judge(monkeypatch, CountingJudge())  # past the up-front check: medium's judgement fails
     src = write_jsonl(tmp_path / "c.jsonl", [{"record": r, "completion": c} for r, c in FIXTURE])
     evaluate.main(["--completions", str(src), "--paper-metrics", "--out", str(tmp_path / "o.json"),
                    "--per-sample", str(tmp_path / "ps.jsonl")])
@@ -139,7 +143,7 @@ def test_paper_metrics_single_run_and_compare(tmp_path, capsys):
     o = m["overall"]
     # the block-less completion is dropped; the other four are well formed with spread 1: 0.1 + 0.15
     assert (o["n"], o["n_kept"], o["n_answered"]) == (5, 4, 3) and o["format"] == pytest.approx(0.25)
-    assert o["answer"] == pytest.approx(2 / 3)   # arith 1, 1, math-hard 0; the medium judge failed (rule judge)
+    assert o["answer"] == pytest.approx(2 / 3)   # arith 1, 1, math-hard 0; the medium judge failed
     resp = [2, len("What is your number?"), len("It is \\boxed{13}. Want steps?"), len("Moon over water")]
     assert resp == [2, 20, 29, 15]
     assert o["response_chars"] == pytest.approx(sum(resp) / 4)
@@ -372,7 +376,7 @@ def test_non_utf8_input_is_one_line(tmp_path, capsys):
 
 
 def test_interrupted_scoring_keeps_its_lines_and_resumes(tmp_path, monkeypatch, capsys):
-    _, whole = run_completions(tmp_path, capsys)  # the uninterrupted run: o.json, ps.jsonl
+    _, whole = run_completions(tmp_path, capsys, monkeypatch)  # the uninterrupted run: o.json, ps.jsonl
     monkeypatch.setattr(evaluate, "SCORE_CHUNK", 2)
     src, ps = tmp_path / "c.jsonl", tmp_path / "part.jsonl"
     argv = ["--completions", str(src), "--per-sample", str(ps), "--out", str(tmp_path / "r.json")]
@@ -383,8 +387,8 @@ def test_interrupted_scoring_keeps_its_lines_and_resumes(tmp_path, monkeypatch, 
                                         "run the same command with --resume to score the rest"]
     with pytest.raises(SystemExit, match="part.jsonl already has 2 lines: pass --resume"):
         evaluate.main(argv)  # never overwritten by accident
-    with pytest.raises(SystemExit, match=r"part.jsonl line 2 \(prompt_id \w+, sample 0\) is not a completion of this"):
-        evaluate.main(argv + ["--resume", "--limit", "1"])
+    with pytest.raises(SystemExit, match=r"part.jsonl line \d \(prompt_id \w+, sample 0\) is not a completion of this"):
+        evaluate.main(argv + ["--resume", "--limit", "1"])  # one prompt drawn: the other line is foreign
     use_judge(monkeypatch, CountingJudge(interrupt_at=1))
     code, _, err = exit_code(argv[:2], capsys)
     assert code == 130 and err.startswith("eval.py: interrupted: nothing kept (no --per-sample)")
@@ -419,7 +423,9 @@ def test_model_path_writes_as_it_goes_and_resumes_whole_prompts(tiny_run, tmp_pa
     monkeypatch.setattr(evaluate, "SCORE_CHUNK", 2)  # one prompt (2 samples) per generate-and-score round
     code, _, err = exit_code(argv, capsys)
     assert code == 130 and "interrupted: 4 completions are in" in err
-    kept = ps.read_text().splitlines()
+    lines = ps.read_text().splitlines()
+    kept = [l for l in lines if not json.loads(l).get("pending")]
+    assert len(lines) == 8  # each completion was written once generated, then once scored
     assert len(kept) == 4 and sorted(kept) == sorted(l for l in whole if json.loads(l)["prompt_id"] in
                                                      {json.loads(k)["prompt_id"] for k in kept})
     ps.write_text("\n".join(kept[:3]) + "\n")  # the second prompt has one sample left: generated again
@@ -427,3 +433,121 @@ def test_model_path_writes_as_it_goes_and_resumes_whole_prompts(tiny_run, tmp_pa
     evaluate.main(argv + ["--resume"])
     assert sorted(i for o in generated for i in o) == [i for i in range(3) if whole[2 * i] not in kept[:2]]
     assert ps.read_text().splitlines() == whole  # greedy: the same lines, in record order
+
+
+# -----------------------------------------------------------------------------
+# a run on a real mix: --limit stratified, unscorable sources, --compare per source, completions kept
+
+def test_rule_judge_refuses_unscorable_sources_before_anything(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"record": r, "completion": c} for r, c in FIXTURE])
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--completions", str(src), "--per-sample", str(tmp_path / "ps.jsonl")])
+    assert str(e.value) == ("eval.py: the rule judge cannot score data_source medium; pass --judge "
+                            "http://HOST:PORT/v1 (an OpenAI-compatible server), or --skip-unscorable to score "
+                            "only arith_demo, math-hard")
+    assert not (tmp_path / "ps.jsonl").exists()
+
+
+def test_skip_unscorable_scores_the_rest_and_says_what_overall_covers(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"record": r, "completion": c} for r, c in FIXTURE])
+    evaluate.main(["--completions", str(src), "--skip-unscorable", "--out", str(tmp_path / "o.json")])
+    out = capsys.readouterr().out
+    o = json.loads((tmp_path / "o.json").read_text())
+    assert o["n_samples"] == 4 and set(o["metrics"]) == {"arith_demo", "math-hard", "overall"}
+    assert o["skipped_sources"] == {"medium": 1}
+    assert "--skip-unscorable: left out medium (1 completion): the rule judge cannot score it" in out
+    rows = [l.split()[:3] for l in out.splitlines()]
+    assert ["overall", "(arith_demo,", "math-hard)"] in rows  # the overall rows say what they cover
+    assert o["metrics"]["overall"]["judge_failure_rate"] == 0.0
+    only_medium = write_jsonl(tmp_path / "m.jsonl", [{"record": FIXTURE[3][0], "completion": FIXTURE[3][1]}])
+    with pytest.raises(SystemExit, match="--skip-unscorable left nothing: the rule judge cannot score medium"):
+        evaluate.main(["--completions", str(only_medium), "--skip-unscorable"])
+
+
+def mix_records(n_math=8, n_minerva=3, n_arith=1):
+    return ([record("math-hard", f"What is {i} + {i}?", str(2 * i)) for i in range(n_math)]
+            + [record("minerva", f"What is {i} * 3?", str(3 * i)) for i in range(n_minerva)]
+            + [record("arith_demo", "What is 1 + 1?", "2")][:n_arith])
+
+
+def test_limit_draws_a_stratified_seeded_subset(tiny_run, tmp_path, capsys):
+    from nano_gtalign.data import stratified_subset
+    _, model, _ = tiny_run
+    records = mix_records()
+    data = write_jsonl(tmp_path / "mix.jsonl", records)
+    argv = ["--model", str(model), "--data", str(data), "--limit", "4", "--max-new-tokens", "2"]
+    evaluate.main(argv + ["--per-sample", str(tmp_path / "a.jsonl")])
+    out = capsys.readouterr().out
+    got = [json.loads(l)["record"] for l in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert got == stratified_subset(records, 4, seed=0)
+    assert sorted(r["data_source"] for r in got) == ["arith_demo", "math-hard", "math-hard", "minerva"]
+    assert got != records[:4]  # not the first four (all math-hard)
+    assert "--limit 4: 4 of 12 records, drawn per data_source (--limit-seed 0): arith_demo 1, math-hard 2, minerva 1" in out
+    evaluate.main(argv + ["--per-sample", str(tmp_path / "b.jsonl"), "--limit-seed", "1"])
+    other = [json.loads(l)["record"] for l in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert other == stratified_subset(records, 4, seed=1) != got
+    # --completions: whole prompts are drawn, every sample of a drawn prompt kept
+    lines = [{"record": r, "completion": "x", "sample": s} for r in records for s in range(2)]
+    evaluate.main(["--completions", str(write_jsonl(tmp_path / "c.jsonl", lines)), "--limit", "4",
+                   "--out", str(tmp_path / "o.json")])
+    assert json.loads((tmp_path / "o.json").read_text())["n_samples"] == 8
+
+
+def test_compare_prints_what_applies_and_each_source(tmp_path, capsys, monkeypatch):
+    run_completions(tmp_path, capsys, monkeypatch)
+    ps = [json.loads(l) for l in (tmp_path / "ps.jsonl").read_text().splitlines()]
+    b = [dict(r) for r in ps]
+    b[0]["user"] += 0.1   # arith_demo: b better on one prompt
+    b[2]["llm"] -= 0.1    # math-hard: b worse on one prompt
+    write_jsonl(tmp_path / "b.jsonl", b)
+    capsys.readouterr()
+    evaluate.main(["--compare", str(tmp_path / "ps.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "c.json")])
+    out = capsys.readouterr().out
+    config = out.splitlines()[0]
+    assert config.startswith("config: compare=") and "eps=0.01" in config
+    assert "model=" not in config and "judge=" not in config and "temperature=" not in config
+    c = json.loads((tmp_path / "c.json").read_text())["compare_by_source"]
+    assert set(c) == {"arith_demo", "math-hard", "medium", "overall"}
+    assert c["arith_demo"]["dominance"] == {"a_dominates_b": 0, "b_dominates_a": 1, "equal": 1, "incomparable": 0}
+    assert c["math-hard"]["dominance"] == {"a_dominates_b": 1, "b_dominates_a": 0, "equal": 1, "incomparable": 0}
+    assert c["medium"]["n_matched"] == 0  # its judgement failed in both runs: no point to compare
+    assert c["overall"]["n_matched"] == 4
+    table = {l.split()[0]: l.split()[1:] for l in out[out.index("per source"):].splitlines()[2:]}
+    assert table["arith_demo"][:5] == ["2", "0", "1", "1", "0"]
+    assert table["math-hard"][:5] == ["2", "1", "0", "1", "0"]
+    assert table["medium"][:5] == ["0", "0", "0", "0", "0"] and set(table["medium"][5:]) == {"-"}
+    assert table["overall"][:5] == ["4", "1", "1", "2", "0"]
+
+
+def test_completions_are_kept_before_scoring(tiny_run, tmp_path, monkeypatch, capsys):
+    """A scoring that fails (a judge that raises) loses no generation: --per-sample already holds the
+    completions, which --completions scores, or --resume scores without generating them again."""
+    d, model, data = tiny_run
+    argv = ["--model", str(model), "--data", str(data), "--max-new-tokens", "4", "--num-samples", "2",
+            "--temperature", "0"]
+    evaluate.main(argv + ["--per-sample", str(tmp_path / "whole.jsonl"), "--out", str(tmp_path / "whole.json")])
+    whole = (tmp_path / "whole.jsonl").read_text()
+    real = evaluate.score_completions
+
+    def exploding(*a, **kw):
+        raise RuntimeError("judge exploded")
+
+    monkeypatch.setattr(evaluate, "score_completions", exploding)
+    ps = tmp_path / "ps.jsonl"
+    with pytest.raises(RuntimeError, match="judge exploded"):
+        evaluate.main(argv + ["--per-sample", str(ps)])
+    kept = [json.loads(l) for l in ps.read_text().splitlines()]
+    assert len(kept) == 6 and all(k["pending"] and k["completion"] and k["record"] for k in kept)
+    monkeypatch.setattr(evaluate, "score_completions", real)
+    evaluate.main(["--completions", str(ps), "--tokenizer", str(model), "--out", str(tmp_path / "again.json")])
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["n_samples"] == 6
+    assert again["metrics"]["overall"]["format_rate"] == json.loads((tmp_path / "whole.json").read_text())[
+        "metrics"]["overall"]["format_rate"]
+
+    def no_generation(*a, **kw):
+        raise AssertionError("--resume generated again what the file holds")
+
+    monkeypatch.setattr(evaluate, "generate_completions", no_generation)
+    evaluate.main(argv + ["--per-sample", str(ps), "--resume"])
+    assert ps.read_text() == whole  # scored, in record order, the pending lines gone

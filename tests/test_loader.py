@@ -156,6 +156,123 @@ def test_crash_during_save_leaves_no_complete_looking_model(dirs, tmp_path, monk
     assert torch.equal(logits(load_pretrained(tmp_path / "old")), logits(model))
 
 
+# ---------------------------------------------------------------- exports that round-trip
+
+QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+EXPORT_TEXTS = ["What is 37 + 48? The answer is 85.", "  leading spaces\n\ttab", "ünïcödé 🙂 漢字", "e\u0301 vs é",
+                "123456 apples, I'm   here\n\n  ok", "<|im_start|>user\nhi<|im_end|>\n",
+                '<thinking>ok</thinking><payoff>{"DQ_DA": {"LLM": 3.1, "user": -0.5}}</payoff> user.</analyze>'
+                "<response>The answer is 7.</response>"]
+EXPORT_CHATS = [[{"role": "user", "content": "What is 7 + 9?"}],
+                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 37 to my number."},
+                 {"role": "assistant", "content": "<response>Which number?</response>"},
+                 {"role": "user", "content": "It is 12 (twelve)."}]]
+
+
+def qwen_like_tokenizer(path):
+    """A tokenizer built as Qwen2.5's is: NFC, Qwen2's split regex, byte-level BPE, and a tokenizer_config.json
+    naming Qwen2Tokenizer with an added_tokens_decoder (nothing is downloaded, so this stands in for a real one)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tests.tiny import CORPUS, QWEN_CHAT_TEMPLATE, SPECIAL_TOKENS
+    path.mkdir(parents=True)
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS + EXPORT_TEXTS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(path / "tokenizer.json"))
+    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True} for i, t in enumerate(SPECIAL_TOKENS)}
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "add_prefix_space": False, "added_tokens_decoder": added, "bos_token": None, "chat_template": QWEN_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+        "model_max_length": 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}))
+    return load_tokenizer(path)
+
+
+def export_tokenizer(kind, path):
+    if kind == "tiny":    # GPT-2's byte-level regex, as tests/tiny.py trains it
+        from tests.tiny import make_tokenizer
+        return load_tokenizer(make_tokenizer(path))
+    if kind == "demo":    # the demo's own pre-tokenizer (data/demo/build.py)
+        from data.demo.build import build_tokenizer
+        return build_tokenizer(EXPORT_TEXTS * 20 + ["What is 7 + 9?", "Add 5 to my number."] * 20, vocab_size=400)
+    return qwen_like_tokenizer(path)
+
+
+def tiny_model(vocab_size, model_type):
+    from nano_gtalign.model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=128, tie_word_embeddings=True, model_type=model_type,
+                                   attention_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+                                   eos_token_id=2, pad_token_id=0))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["tiny", "demo", "qwen"])
+def test_exported_tokenizer_loads_the_same_in_transformers(tmp_path, kind, model_type):
+    """AutoTokenizer on an exported model directory tokenizes exactly as we do. transformers 5 builds every
+    qwen2 checkpoint's tokenizer as Qwen2Tokenizer, with Qwen2's own normalizer and pre-tokenizer whatever
+    tokenizer.json says; a tokenizer that splits text otherwise must be loaded from tokenizer.json as is."""
+    tok = export_tokenizer(kind, tmp_path / "src")
+    out = tmp_path / "final"
+    save_pretrained(tiny_model(tok.vocab_size, model_type), tok, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    if kind == "qwen":  # a real Qwen tokenizer keeps its own tokenizer_config.json
+        assert config["tokenizer_class"] == "Qwen2Tokenizer" and "auto_map" not in config
+    for trust in (False, True):  # vLLM and many recipes pass trust_remote_code=True
+        hf = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=trust)
+        texts = EXPORT_TEXTS + [tok.apply_chat_template(c) for c in EXPORT_CHATS]
+        assert [hf.encode(t, add_special_tokens=False) for t in texts] == [tok.encode(t) for t in texts], type(hf)
+        assert [hf.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in EXPORT_CHATS] == \
+            [tok.apply_chat_template(c) for c in EXPORT_CHATS]
+        assert hf.eos_token_id == tok.eos_token_ids[0] and hf.pad_token_id == tok.pad_token_id
+    back = load_tokenizer(out)  # and ours reads its own export back unchanged
+    assert [back.encode(t) for t in EXPORT_TEXTS] == [tok.encode(t) for t in EXPORT_TEXTS]
+
+
+def test_export_in_the_input_dtype_with_its_generation_config(dirs, tmp_path):
+    """train.py trains in fp32; the export goes back to the input's dtype and keeps its sampling defaults."""
+    from nano_gtalign.loader import export_defaults
+    src = copy(dirs["qwen2_bf16"], tmp_path / "src")
+    sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": None, "eos_token_id": [2, 0],
+                                                            "pad_token_id": 0, **sampling}))
+    defaults = export_defaults(src)
+    assert defaults.dtype == "bfloat16" and defaults.generation_config["temperature"] == 0.7
+    model = load_pretrained(src, dtype=torch.float32)  # as train.py loads it
+    out = tmp_path / "final"
+    save_pretrained(model, load_tokenizer(src), out, dtype=defaults.dtype, generation_config=defaults.generation_config)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (dirs["qwen2"] / "model.safetensors").stat().st_size
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert {k: gen[k] for k in sampling} == sampling and gen["eos_token_id"] == [2, 0]
+    hf_gen = transformers.GenerationConfig.from_pretrained(out)
+    assert (hf_gen.temperature, hf_gen.top_p, hf_gen.top_k, hf_gen.repetition_penalty) == (0.7, 0.8, 20, 1.05)
+    assert torch.equal(logits(load_pretrained(out)), logits(load_pretrained(src)))  # bf16 -> fp32 -> bf16: exact
+    assert export_defaults(out) == defaults  # an export of an export keeps them too
+    # the default keeps the model's own dtype; an explicit one wins; a bad one is one line
+    save_pretrained(model, None, tmp_path / "fp32")
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["torch_dtype"] == "float32"
+    save_pretrained(model, None, tmp_path / "fp16", dtype="float16")
+    assert load_pretrained(tmp_path / "fp16").output_weight().dtype == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'fp33'"):
+        save_pretrained(model, None, tmp_path / "bad", dtype="fp33")
+    with pytest.raises(ValueError, match="cannot save the weights as int8: not a float dtype"):
+        save_pretrained(model, None, tmp_path / "bad", dtype="int8")
+    assert not (tmp_path / "bad").exists()
+    assert export_defaults(dirs["qwen2"]).dtype == "float32"
+
+
 # ---------------------------------------------------------------- bad input
 
 def expect_error(path, *fragments):

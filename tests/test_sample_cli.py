@@ -77,3 +77,63 @@ def test_help_lists_the_choice_rules():
     assert "--rule {cobb_douglas,sum,product}" in proc.stdout and "upstream's largest raw LLM x user" in proc.stdout
     proc = run_sample("--prompt", "Hi", "--price", "none", "--rule", "nash")
     assert proc.returncode == 2 and "invalid choice: 'nash'" in proc.stderr
+
+
+# ---------------------------------------------------------------- --record FILE:N
+
+def write_records(path: Path) -> Path:
+    records = [{"prompt": [{"role": "system", "content": f"System {i}."}, {"role": "user", "content": f"What is {i} + 1?"}],
+                "data_source": "math-hard", "reward_model": {"ground_truth": str(i + 1)}} for i in range(3)]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")  # a blank line is not a record
+    return path
+
+
+def test_record_is_sampled_with_its_own_messages(model_dir, tmp_path):
+    data = write_records(tmp_path / "test.jsonl")
+    proc = run_sample("--model", str(model_dir), "--record", f"{data}:2", "--temperature", "0",
+                      "--max-new-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    tok = load_tokenizer(model_dir)
+    messages = [{"role": "system", "content": "System 1."}, {"role": "user", "content": "What is 1 + 1?"}]
+    assert json.loads(proc.stdout)["prompt_token_ids"] == tok.encode_chat(messages)  # N counts from 1
+    assert f"record 2 of {data} (data_source math-hard, 2 messages)" in proc.stderr
+
+
+def test_bad_record_is_one_line(model_dir, tmp_path):
+    data = write_records(tmp_path / "test.jsonl")
+    cases = [(f"{data}:4", f"--record {data}:4: the file has 3 records (N counts from 1)"),
+             (f"{data}:0", f"--record {data}:0: the file has 3 records (N counts from 1)"),
+             (f"{data}:two", f"--record {data}:two: N must be a whole number (FILE:N, N counts from 1)"),
+             (str(data), f"--record {data}: give FILE:N, e.g. {data}:1"),
+             (f"{tmp_path / 'nope.jsonl'}:1", f"{tmp_path / 'nope.jsonl'}: no such file")]
+    for spec, message in cases:
+        proc = run_sample("--model", str(model_dir), "--record", spec)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == f"sample.py: {message}"
+    for extra, message in [(["--prompt", "Hi"], "give --prompt or --record, not both"),
+                           (["--system", "Be brief."], "--system: a --record brings its own messages"),
+                           (["--raw"], "--raw: a --record is sent through the chat template"),
+                           (["--price", "none", "--game-prompt", "full"],
+                            "--game-prompt applies to --prompt; a --record is sent as training saw it")]:
+        proc = run_sample("--model", str(model_dir), "--record", f"{data}:1", *extra)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == f"sample.py: {message}"
+    proc = run_sample("--model", str(model_dir))
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == \
+        "sample.py: give --prompt TEXT or --record FILE:N"
+
+
+def test_price_says_which_system_prompt_it_uses(model_dir, tmp_path):
+    common = ["--model", str(model_dir), "--price", "none", "--temperature", "0", "--max-new-tokens", "3", "--json"]
+    proc = run_sample(*common, "--prompt", "Add 5 to my number.")
+    assert proc.returncode == 0, proc.stderr
+    assert "--game-prompt demo: the system message is the demo's arithmetic instruction" in proc.stderr
+    from data.demo.task import DEMO_SYSTEM_PROMPT
+    assert json.loads(proc.stdout)["messages"][0] == {"role": "system", "content": DEMO_SYSTEM_PROMPT}
+    proc = run_sample(*common, "--prompt", "Add 5 to my number.", "--system", "Mine.")
+    assert "--game-prompt demo:" not in proc.stderr and json.loads(proc.stdout)["messages"][0]["content"] == "Mine."
+    data = write_records(tmp_path / "test.jsonl")
+    proc = run_sample(*common, "--record", f"{data}:3")
+    assert proc.returncode == 0, proc.stderr
+    assert "--game-prompt demo:" not in proc.stderr
+    assert json.loads(proc.stdout)["messages"] == [{"role": "system", "content": "System 2."},
+                                                   {"role": "user", "content": "What is 2 + 1?"}]
