@@ -2,7 +2,8 @@
 
     python bench/sample_speed.py                   # CPU: ~55M-parameter random model, batch 16, 128 new tokens
     python bench/sample_speed.py --gpu-preset      # GPU: Qwen2.5-0.5B shape, bf16, batch 64, 128-token prompts, 256 new
-    python bench/sample_speed.py --batch 4 --new-tokens 32 --repeats 3
+    python bench/sample_speed.py --gpu-preset --decode eager     # our sampler without CUDA graphs
+    python bench/sample_speed.py --batch 4 --new-tokens 32 --repeats 3 --ragged
 
 A random-weight model is built with our ModelConfig, written with our save_pretrained, and then loaded
 by both sides from that directory. EOS is disabled so every row generates exactly --new-tokens tokens.
@@ -10,7 +11,10 @@ Two settings: greedy, and sampling (temperature 1.0, top-p 0.95, no top-k). On a
 its linear layers on oneDNN-packed weights by default; the table also shows it with pack_weights=False. Each timing is the best
 of --repeats interleaved rounds (ours and theirs alternate, so load from other processes hits both)
 after a short warm-up; tokens/s counts generated tokens (batch * new tokens) over the wall time,
-prefill included on both sides. Needs transformers (a test/bench dependency).
+prefill included on both sides. --ragged (on with --gpu-preset) also times prompts of different lengths
+(--prompt-len down to half of it, left-padded for transformers, as GRPO's are). Our sampler decodes the
+way `generate(decode=...)` picks (--decode; auto: CUDA graphs on a GPU, eager on a CPU).
+Needs transformers (a test/bench dependency).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from nano_gtalign.loader import load_pretrained, load_tokenizer, save_pretrained  # noqa: E402
 from nano_gtalign.cpu_packing import onednn_packing_applies  # noqa: E402
 from nano_gtalign.model import ModelConfig, Transformer  # noqa: E402
-from nano_gtalign.sampling import SamplingParams, generate  # noqa: E402
+from nano_gtalign.sampling import DECODE_MODES, SamplingParams, generate, resolve_decode  # noqa: E402
 from nano_gtalign.tokenizer import Tokenizer  # noqa: E402
 
 CPU_SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
@@ -66,20 +70,28 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(model, tok, prompts: list[list[int]], new_tokens: int, fields: dict, pack: bool | None = None
-             ) -> torch.Tensor:
+def run_ours(model, tok, prompts: list[list[int]], new_tokens: int, fields: dict, pack: bool | None = None,
+             decode: str = "auto") -> torch.Tensor:
     params = SamplingParams(max_new_tokens=new_tokens, eos_token_ids=(), seed=0, **fields)
-    out = generate(model, tok, prompts, params, pack_weights=pack)
+    out = generate(model, tok, prompts, params, pack_weights=pack, decode=decode)
     assert out.completion_ids.shape == (len(prompts), new_tokens) and bool(out.completion_mask.all())
     return out.completion_ids.cpu()
 
 
 def run_hf(hf, prompts: list[list[int]], new_tokens: int, kwargs: dict, device: str) -> torch.Tensor:
-    ids = torch.tensor(prompts, device=device)
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, eos_token_id=None,
-                      pad_token_id=0, **kwargs)[:, ids.shape[1]:].cpu()
+    width = max(len(p) for p in prompts)  # left padding (id 0), masked out, for ragged prompts
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=None,
+                      pad_token_id=0, **kwargs)[:, width:].cpu()
     assert out.shape == (len(prompts), new_tokens), f"transformers generated {tuple(out.shape)}"
     return out
+
+
+def ragged(prompts: list[list[int]]) -> list[list[int]]:
+    """Row i keeps its last L_i tokens, L_i falling evenly from the full length to half of it."""
+    n, full = len(prompts), len(prompts[0])
+    return [p[len(p) - (full - (i * (full // 2)) // max(1, n - 1)):] for i, p in enumerate(prompts)]
 
 
 def best_of(runs: dict, repeats: int, device: str) -> tuple[dict, dict]:
@@ -116,6 +128,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda with --gpu-preset, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--settings", default="greedy,sampling", help="comma list of: " + ", ".join(SETTINGS))
+    p.add_argument("--ragged", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time ragged prompts (default: on with --gpu-preset)")
+    p.add_argument("--decode", default="auto", choices=DECODE_MODES, help="our decode path (generate's decode=)")
     args = p.parse_args()
     gpu = args.gpu_preset
     args.shape = QWEN25_05B_SHAPE if gpu else CPU_SHAPE
@@ -125,6 +140,7 @@ def parse_args() -> argparse.Namespace:
     args.prompt_len = args.prompt_len or (128 if gpu else 64)
     args.new_tokens = args.new_tokens or (256 if gpu else 128)
     args.settings = args.settings.split(",")
+    args.ragged = gpu if args.ragged is None else args.ragged
     for s in args.settings:
         if s not in SETTINGS:
             p.error(f"unknown setting {s!r} (choose from {', '.join(SETTINGS)})")
@@ -157,10 +173,13 @@ def main() -> None:
           f"threads {torch.get_num_threads()}")
     print(f"model: {params_m:.1f}M params {shape}, {str(dtype).removeprefix('torch.')}")
     print(f"batch {batch}, prompt {args.prompt_len} tokens, {new_tokens} new tokens, EOS disabled, "
-          f"best of {args.repeats}")
+          f"best of {args.repeats}, our decode={args.decode}")
+    if args.ragged:
+        print(f"ragged rows: prompts of {args.prompt_len} down to {args.prompt_len - args.prompt_len // 2} tokens, "
+              "left-padded")
     print()
     # Where oneDNN weight packing applies (CPU), also time our sampler without it, to show what it buys.
-    plain_too = onednn_packing_applies(ours)
+    plain_too = onednn_packing_applies(ours) and resolve_decode(args.decode, torch.device(device)) == "eager"
     if plain_too:
         print("ours = default (linear layers on oneDNN-packed weights); ours plain = pack_weights=False (F.linear)")
         print()
@@ -168,27 +187,31 @@ def main() -> None:
           f"| ratio | same tokens |")
     print(f"|----------|-------------------:|{'-----------------:|' if plain_too else ''}-------------------:"
           f"|------:|-------------|")
-    for name in args.settings:
-        print(table_row(name, ours, tok, hf, prompts, new_tokens, args.repeats, device, plain_too), flush=True)
+    batches = [("", prompts)] + ([(" ragged", ragged(prompts))] if args.ragged else [])
+    for suffix, rows in batches:
+        for name in args.settings:
+            print(table_row(name, suffix, ours, tok, hf, rows, new_tokens, args.repeats, device, plain_too,
+                            args.decode), flush=True)
 
 
-def table_row(name: str, ours, tok, hf, prompts: list[list[int]], new_tokens: int, repeats: int, device: str,
-              plain_too: bool) -> str:
+def table_row(name: str, suffix: str, ours, tok, hf, prompts: list[list[int]], new_tokens: int, repeats: int,
+              device: str, plain_too: bool, decode: str) -> str:
     """Time one setting on both sides (and ours unpacked when plain_too); the markdown table row."""
     ours_fields, hf_kwargs = SETTINGS[name]
     runs = {"hf": lambda: run_hf(hf, prompts, new_tokens, hf_kwargs, device),
-            "ours": lambda: run_ours(ours, tok, prompts, new_tokens, ours_fields)}
+            "ours": lambda: run_ours(ours, tok, prompts, new_tokens, ours_fields, decode=decode)}
     if plain_too:
-        runs["plain"] = lambda: run_ours(ours, tok, prompts, new_tokens, ours_fields, pack=False)
-    # Warm-up (allocator, thread pools, first-call paths) with a few tokens each.
+        runs["plain"] = lambda: run_ours(ours, tok, prompts, new_tokens, ours_fields, pack=False, decode=decode)
+    # Warm-up (allocator, thread pools, first-call paths, CUDA-graph capture and compilation) with a few tokens.
     run_hf(hf, prompts, 4, hf_kwargs, device)
-    run_ours(ours, tok, prompts, 4, ours_fields)
+    run_ours(ours, tok, prompts, 4, ours_fields, decode=decode)
     best, out = best_of(runs, repeats, device)
     n = len(prompts) * new_tokens
     # Greedy outputs should agree token for token (fp32); sampling uses different random streams.
     same = f"{(out['hf'] == out['ours']).float().mean().item():.1%}" if name == "greedy" else "n/a"
     plain = f" {n / best['plain']:17.1f} |" if plain_too else ""
-    return (f"| {name:<8} | {n / best['hf']:18.1f} |{plain} {n / best['ours']:18.1f} "
+    label = name + suffix
+    return (f"| {label:<8} | {n / best['hf']:18.1f} |{plain} {n / best['ours']:18.1f} "
             f"| {best['hf'] / best['ours']:5.2f} | {same:<11} |")
 
 

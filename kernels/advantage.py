@@ -3,6 +3,7 @@
     adv = group_advantages(rewards, group_size=8)            # (R − mean_g) / (std_g + eps)
     adv = group_advantages(rewards, 8, std_normalize=False)  # Dr.GRPO: R − mean_g
     keep = ~zero_spread_groups(rewards, 8)                   # for "drop zero-spread groups"
+    per_token = token_advantages(adv, mask)                  # [R, T]: A on each generated token, 0 elsewhere
 
 Rows are prompt-major: rows g·G … g·G+G−1 are the G samples of prompt g.
 - std is the unbiased (ddof 1, verl's choice) or biased (ddof 0) sample std.
@@ -10,6 +11,7 @@ Rows are prompt-major: rows g·G … g·G+G−1 are the G samples of prompt g.
 - A group whose rewards are all equal gets A = 0 exactly (its float mean may
   differ from the common value by an ulp, which would otherwise turn into a
   tiny nonzero advantage).
+- Groups larger than 4096 rewards take the torch path (one group must fit one Triton program).
 - NaN or ±inf rewards raise ValueError: a failed judge must be removed by the
   caller (docs/reward.md: such samples are excluded), never averaged into a group.
 Advantages are returned in fp32.
@@ -48,11 +50,26 @@ def _group_advantages_torch(r, group_size: int, eps: float, std_normalize: bool,
     return torch.where(constant, torch.zeros_like(d), d).reshape(-1)
 
 
+# The kernel's launch variants (tests/test_aot_compile.py compiles every one for sm_80 and sm_90): one
+# program covers BLOCK_GROUPS groups x BLOCK_G lanes = a 2048-element tile (BLOCK_G >= 16, so small groups
+# share a program); groups of up to MAX_TRITON_GROUP rewards. The normalisation mode is a runtime
+# argument, not a constexpr, so it adds no variant.
+TILE, MIN_BLOCK_G, MAX_TRITON_GROUP = 2048, 16, 4096
+
+
+def advantage_tile(group_size: int) -> tuple[int, int, int]:
+    """(BLOCK_GROUPS, BLOCK_G, num_warps) of the launch for groups of group_size (2 <= it <= MAX_TRITON_GROUP)."""
+    block_g = max(MIN_BLOCK_G, 1 << (group_size - 1).bit_length())  # next power of two
+    block_groups = max(1, TILE // block_g)
+    # 8 elements per thread: at 16 (4 warps) one tile shape spilled registers on sm_80 with triton 3.6.
+    return block_groups, block_g, min(16, block_groups * block_g // 256)
+
+
 if triton is not None:
 
     @triton.jit
-    def _group_advantages_kernel(r_ptr, out_ptr, n_groups, G, eps, BLOCK_GROUPS: tl.constexpr,
-                                 BLOCK_G: tl.constexpr, STD_NORMALIZE: tl.constexpr, UNBIASED: tl.constexpr):
+    def _group_advantages_kernel(r_ptr, out_ptr, n_groups, G, eps, std_normalize, var_denom,
+                                 BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
         groups = tl.program_id(0) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
         cols = tl.arange(0, BLOCK_G)
         valid = (groups < n_groups)[:, None] & (cols < G)[None, :]
@@ -60,11 +77,8 @@ if triton is not None:
         r = tl.load(r_ptr + offs, mask=valid, other=0.0)
         mean = tl.sum(r, axis=1) / G
         d = tl.where(valid, r - mean[:, None], 0.0)
-        if STD_NORMALIZE:
-            if UNBIASED:
-                var = tl.sum(d * d, axis=1) / (G - 1)
-            else:
-                var = tl.sum(d * d, axis=1) / G
+        if std_normalize != 0:
+            var = tl.sum(d * d, axis=1) / var_denom  # var_denom: G - 1 (unbiased) or G
             d = d / (tl.sqrt(var)[:, None] + eps)
         hi = tl.max(tl.where(valid, r, float("-inf")), axis=1)
         lo = tl.min(tl.where(valid, r, float("inf")), axis=1)
@@ -75,11 +89,11 @@ if triton is not None:
 def _group_advantages_triton(r, group_size: int, eps: float, std_normalize: bool, unbiased: bool):
     n_groups = r.numel() // group_size
     out = torch.empty_like(r)
-    block_g = triton.next_power_of_2(group_size)
-    block_groups = max(1, min(triton.next_power_of_2(n_groups), 2048 // block_g))
+    block_groups, block_g, warps = advantage_tile(group_size)
     grid = (triton.cdiv(n_groups, block_groups),)
-    _group_advantages_kernel[grid](r, out, n_groups, group_size, eps, BLOCK_GROUPS=block_groups, BLOCK_G=block_g,
-                                   STD_NORMALIZE=std_normalize, UNBIASED=unbiased)
+    var_denom = float(group_size - 1 if unbiased else group_size)
+    _group_advantages_kernel[grid](r, out, n_groups, group_size, eps, int(std_normalize), var_denom,
+                                   BLOCK_GROUPS=block_groups, BLOCK_G=block_g, num_warps=warps)
     return out
 
 
@@ -93,9 +107,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, 
     chosen = resolve_backend(backend, r.device, env_var=None)
     if group_size == 1 or r.numel() == 0:
         return r.clone()
-    if chosen == "triton":
+    if chosen == "triton" and group_size <= MAX_TRITON_GROUP:  # larger groups: the torch path, one group a row
         return _group_advantages_triton(r, group_size, eps, std_normalize, unbiased)
     return _group_advantages_torch(r, group_size, eps, std_normalize, unbiased)
+
+
+def token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's advantage [R] on its generated tokens (mask [R, T]), 0 elsewhere: fp32 [R, T]."""
+    if advantages.dim() != 1 or mask.dim() != 2 or mask.shape[0] != advantages.shape[0]:
+        raise ValueError(f"need advantages [R] and mask [R, T]; got {tuple(advantages.shape)} and {tuple(mask.shape)}")
+    return torch.where(mask.bool(), advantages.float()[:, None], 0.0)
 
 
 def zero_spread_groups(rewards: torch.Tensor, group_size: int, tol: float = 0.0) -> torch.Tensor:

@@ -17,7 +17,7 @@ Per chunk the work is split the way the hardware likes it:
     for the entropy) in the forward, and dz = g·(onehot(y) − softmax(z))/τ
     (+ the entropy term) written over the logits in place in the backward.
     Backend "triton" runs this pass as a Triton kernel (one program per row,
-    int64 offsets, loop over BLOCK_V tiles); backend "torch" runs the same maths
+    int64 offsets, loop over 2048-wide vocabulary tiles); backend "torch" runs the same maths
     as torch ops (the CPU path and the test oracle).
 
 Precision: the logits of a chunk come out of the GEMM in the input dtype (for
@@ -109,8 +109,19 @@ def default_chunk_rows(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype,
     return max(1, -(-n_rows // n_chunks))
 
 
-def _block_v(vocab: int) -> int:
-    return min(4096, triton.next_power_of_2(vocab))
+# The row kernels' launch variants (tests/test_aot_compile.py compiles every one for sm_80 and sm_90):
+# x in bf16 / fp16 / fp32, entropy on or off, and the vocabulary tile BLOCK_V. The dispatcher always
+# picks DEFAULT_BLOCK_V (a small vocabulary is one masked tile); block_v= may ask for any power of two
+# in [BLOCK_V_MIN, BLOCK_V_MAX]. The warps grow with the tile so that each thread holds at most 8
+# elements of it: the backward kernel at 16 per thread (4096 over 8 warps) spilled registers on sm_90
+# with triton 3.6's ptxas.
+ROW_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DEFAULT_BLOCK_V, BLOCK_V_MIN, BLOCK_V_MAX = 2048, 16, 4096
+
+
+def row_kernel_warps(block_v: int) -> int:
+    """num_warps the row kernels launch with for a vocabulary tile of block_v (4 to 16)."""
+    return min(16, max(4, block_v // 256))
 
 
 # ----------------------------------------------------------------------------
@@ -208,19 +219,19 @@ def _rows_forward_triton(buf, targets, inv_temp: float, with_entropy: bool, bloc
     logp = torch.empty(n, dtype=torch.float32, device=buf.device)
     lse = torch.empty_like(logp)
     mean_z = torch.empty_like(logp) if with_entropy else lse  # dummy pointer when unused
-    bv = block_v or _block_v(vocab)
+    bv = block_v or DEFAULT_BLOCK_V
     _rows_forward_kernel[(n,)](buf, buf.stride(0), targets, logp, lse, mean_z, vocab, inv_temp,
-                               BLOCK_V=bv, WITH_ENTROPY=with_entropy, num_warps=8 if bv >= 2048 else 4)
+                               BLOCK_V=bv, WITH_ENTROPY=with_entropy, num_warps=row_kernel_warps(bv))
     return logp, lse, (mean_z if with_entropy else None)
 
 
 def _rows_backward_triton(buf, targets, lse, mean_z, g, g_ent, inv_temp: float, block_v: int | None):
     n, vocab = buf.shape
     with_entropy = g_ent is not None
-    bv = block_v or _block_v(vocab)
+    bv = block_v or DEFAULT_BLOCK_V
     _rows_backward_kernel[(n,)](buf, buf.stride(0), targets, lse, mean_z if with_entropy else lse, g,
                                 g_ent if with_entropy else g, vocab, inv_temp,
-                                BLOCK_V=bv, WITH_ENTROPY=with_entropy, num_warps=8 if bv >= 2048 else 4)
+                                BLOCK_V=bv, WITH_ENTROPY=with_entropy, num_warps=row_kernel_warps(bv))
     return buf
 
 
@@ -356,7 +367,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     would be), targets [N] integers in [0, V). Returns fp32 logp [N] (fp64 for
     fp64 inputs) and, with return_entropy, also the entropy [N] of softmax(z); both
     carry gradients. chunk_rows (rows of logits per chunk) and block_v (Triton
-    vocabulary tile, a power of two) override the shape-derived defaults.
+    vocabulary tile, a power of two in [16, 4096]) override the defaults.
     """
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -380,8 +391,8 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         raise ValueError(f"temperature must be a positive finite number; got {temperature}")
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
-    if block_v is not None and (block_v < 16 or block_v & (block_v - 1)):
-        raise ValueError(f"block_v must be a power of two >= 16; got {block_v}")
+    if block_v is not None and (not BLOCK_V_MIN <= block_v <= BLOCK_V_MAX or block_v & (block_v - 1)):
+        raise ValueError(f"block_v must be a power of two in [{BLOCK_V_MIN}, {BLOCK_V_MAX}]; got {block_v}")
     n, vocab = hidden.shape[0], weight.shape[0]
     targets = targets.long().contiguous()
     if n and (int(targets.min()) < 0 or int(targets.max()) >= vocab):

@@ -1,5 +1,7 @@
 """The model and nothing else: the Qwen2 / Qwen2.5 / Qwen3 decoder-only transformer, its config and
-the static KV cache its forward pass writes into.
+the static KV cache its forward pass writes into, plus `decode_step`, the fixed-shape one-token step the
+sampler's GPU path captures in a CUDA graph (cache written at a tensor position, attention over the
+whole cache under a mask).
 
 Module names follow the Hugging Face checkpoints (model.embed_tokens, model.layers.N.self_attn.q_proj,
 model.norm, lm_head) so that a checkpoint's state dict maps onto this model one to one.
@@ -189,8 +191,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, heads, T, hd] and k, v [B, kv_heads, T, hd] of x [B, T, hidden], RoPE applied to q and k."""
         B, T, _ = x.shape
         # view/transpose, not einops, on this path: it runs per layer for every decoded token, where
         # einops' per-call overhead (~5 us x 4) slowed a small model's decode step by ~5-8%.
@@ -200,14 +203,22 @@ class Attention(nn.Module):
         if self.qk_norm:  # Qwen3: RMSNorm over each head's head_dim
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         rep = self.n_heads // self.n_kv
         causal = mask is None and T > 1
-        if rep > 1 and kv_cache is not None and SDPA_HAS_GQA:
-            # Decoding: let SDPA broadcast kv heads instead of copying the whole cache every step.
+        if rep > 1 and kv_cache is not None and SDPA_HAS_GQA and (mask is None or x.device.type == "cpu"):
+            # Decoding: let SDPA broadcast kv heads instead of copying the whole cache every step. On CUDA
+            # only flash (no mask) and math accept enable_gqa, so a mask takes one of the branches below there.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        elif rep > 1 and T == 1 and kv_cache is not None:
+            y = gqa_decode_attention(q, k, v, mask)  # masked decoding on a GPU: no copy, a fused kernel
         else:
             # Training/prefill: copy kv heads (enable_gqa blocks the fused masked kernels on GPU).
             # Query head h*rep + r reads kv head h, the order of HF's repeat_kv.
@@ -215,6 +226,34 @@ class Attention(nn.Module):
                 k, v = repeat(k, "b h s d -> b (h r) s d", r=rep), repeat(v, "b h s d -> b (h r) s d", r=rep)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # heads back side by side: [B, T, heads * hd]
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The fixed-shape decode step's attention (see `decode_step`): one new token per row, x [R, 1, hidden].
+
+        Its keys/values are written into the static cache [R, kv_heads, S, hd] at `index` (a 1-element tensor,
+        the same position for every row), and the query attends over the whole cache under the additive
+        `mask` [R, 1, 1, S]: no shape depends on how many tokens were decoded, and nothing reads a host int.
+        """
+        q, k, v = self.project(x, cos, sin)
+        k_cache.index_copy_(2, index, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, index, v.to(v_cache.dtype))
+        y = gqa_decode_attention(q, k_cache, v_cache, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
+
+
+def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+                         ) -> torch.Tensor:
+    """SDPA for ONE query per row, q [B, heads, 1, hd], over grouped keys/values k, v [B, kv_heads, S, hd].
+
+    The rep = heads / kv_heads query heads that share kv head h become rep queries of ONE head: q is viewed
+    as [B, kv_heads, rep, hd] and SDPA runs as plain attention. That needs neither enable_gqa (which on CUDA
+    sends a masked call to the math kernel, fp32 scores and all) nor a copy of the cache per kv head, and the
+    [B, 1, 1, S] key mask broadcasts over the rep queries. Returns [B, heads, 1, hd].
+    """
+    B, H, _, D = q.shape
+    y = F.scaled_dot_product_attention(q.view(B, k.shape[1], H // k.shape[1], D), k, v, attn_mask=mask)
+    return y.reshape(B, H, 1, D)  # query head h*rep + r is row r of group h: the order of HF's repeat_kv
 
 
 class MLP(nn.Module):
@@ -321,10 +360,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if self.inv_freq.dtype != torch.float32:  # model.to(bfloat16) casts buffers too; restore exact fp32 values
             self.init_buffers(self.inv_freq.device)
-        # fp32 angles: bf16 frequencies (0.4% error) would be off by tens of radians at position 1e4.
-        freqs = position_ids[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self.rope(position_ids, x.dtype)
 
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, layer in enumerate(self.model.layers):
@@ -339,6 +375,36 @@ class Transformer(nn.Module):
             return h
         return F.linear(h, self.output_weight()).float()
 
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B, 1, T, hd] of each position's RoPE angles (position_ids [B, T]), in `dtype`."""
+        # fp32 angles: bf16 frequencies (0.4% error) would be off by tens of radians at position 1e4.
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
     def num_parameters(self) -> int:
         """Total parameter count (a tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def decode_step(model: Transformer, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], tokens: torch.Tensor,
+                positions: torch.Tensor, index: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """One decode step with fixed shapes and no host reads: what a CUDA graph or torch.compile can capture.
+
+    tokens [R, 1] are fed at RoPE positions [R, 1] and their keys/values written at cache column `index`
+    (a 1-element tensor) of the static caches (per layer [R, kv_heads, S, hd]). Each query attends to
+    every column <= index that `key_valid` [R, S] marks real (left padding is not). Returns the final-norm
+    hidden states [R, hidden]. The same maths as `Transformer.forward` with a KVCache, called on the
+    submodules directly, so no module hook (FSDP2's, say) runs inside the captured step.
+    """
+    S = k_cache[0].shape[2]
+    visible = key_valid & (torch.arange(S, device=tokens.device) <= index)
+    # Additive mask in the attention dtype, built once per step rather than once per layer.
+    mask = torch.zeros(visible.shape, dtype=k_cache[0].dtype, device=tokens.device)
+    mask = mask.masked_fill(~visible, float("-inf"))[:, None, None, :]
+    x = model.model.embed_tokens(tokens)
+    cos, sin = model.rope(positions, x.dtype)
+    for i, layer in enumerate(model.model.layers):
+        x = x + layer.self_attn.decode(layer.input_layernorm(x), cos, sin, mask, k_cache[i], v_cache[i], index)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.model.norm(x)[:, 0]

@@ -21,28 +21,48 @@ and the row stops right after the token that completes a stop string (the stop
 string stays in the text and in the mask). This is the only per-token Python
 work in the decode loop, and it runs only when stop strings are set.
 
+Two decode paths feed the new tokens back (`generate(..., decode=...)`):
+  * "eager" (the default on a CPU): the cache grows by one column per step and attention reads only
+    the columns filled so far; linear layers run on oneDNN-packed weights (cpu_packing.py).
+  * "graph" (the default on CUDA): gpt-fast's static decode step (model.decode_step) -- the cache is
+    written at a tensor position and attention reads all of it under a mask, so every step has the
+    same shapes and reads nothing back to the host -- replayed as ONE CUDA graph per step instead of
+    ~40 kernel launches per layer. "compile" runs the same step through torch.compile(fullgraph=True)
+    (inductor fuses the elementwise work; on CUDA the compiled step is then captured the same way);
+    "static" runs it eagerly (any device: the reference the other two are checked against).
+  On the static paths the loop asks the GPU whether every row has stopped only every
+  `CHECK_EVERY` steps (each question is a host sync); the extra steps of finished rows are masked out.
+
 Reading order (as in gpt-fast): `sample_tokens` draws one token per row from logits;
 `generate` is the loop: `_setup` checks the inputs, `_prefill` runs the left-padded
 prompts, `_Rows.sample` draws and records one column, `_StopStrings` watches the
-decoded tails, `_decode_one_token` feeds the new tokens back, `_finish` builds the
-Generation. The model, its KV cache and the CPU weight packing live in model.py and
+decoded tails, `_eager_decoder` or `_StaticDecoder` feeds the new tokens back, `_finish`
+builds the Generation. The model, its KV cache and the CPU weight packing live in model.py and
 cpu_packing.py; the token layout (left padding) in layout.py.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kernels.logprob import autocast_dtype
 from nano_gtalign.cpu_packing import onednn_packing_applies, packed_linears
 from nano_gtalign.layout import left_pad
-from nano_gtalign.model import KVCache
+from nano_gtalign.model import KVCache, Transformer, decode_step
 
 # Row states during decoding; anything but RUNNING means the row has finished.
 RUNNING, EOS, STOP = 0, 1, 2
 _REASONS = {RUNNING: "length", EOS: "eos", STOP: "stop"}
+
+DECODE_MODES = ("auto", "eager", "static", "graph", "compile")
+DECODE_ENV = "NANO_GTALIGN_DECODE"  # overrides decode="auto", e.g. NANO_GTALIGN_DECODE=eager python train.py ...
+CHECK_EVERY = 8  # static paths: steps between "has every row stopped?" checks (each one is a host sync)
+CACHE_ALIGN = 64  # static paths: cache columns rounded up to this (aligned mask rows; fewer distinct shapes)
 
 
 @dataclass
@@ -155,6 +175,7 @@ def generate(
     num_samples: int = 1,
     generator: torch.Generator | None = None,
     pack_weights: bool | None = None,
+    decode: str = "auto",
 ) -> Generation:
     """Sample `num_samples` completions for each prompt (lists of token ids).
 
@@ -163,25 +184,61 @@ def generate(
     seed is None. The same prompts, params and seed give the same tokens.
     `pack_weights` (None: whenever cpu_packing.onednn_packing_applies, i.e. fp32 weights on a CPU
     outside autocast) runs the linear layers on weights packed for oneDNN, about 2x faster
-    decoding on a CPU (see cpu_packing.packed_linears); False keeps plain F.linear.
+    decoding on a CPU (see cpu_packing.packed_linears); False keeps plain F.linear. Eager decoding only.
+    `decode` picks the decode path (module docstring): "auto" is "graph" on CUDA and "eager" elsewhere,
+    unless NANO_GTALIGN_DECODE names another; "eager" | "static" | "graph" | "compile" force one.
     """
+    mode = resolve_decode(decode, model.output_weight().device)
     if pack_weights is None:
-        pack_weights = onednn_packing_applies(model)
+        pack_weights = mode == "eager" and onednn_packing_applies(model)
+    elif pack_weights and mode != "eager":
+        raise ValueError(f"pack_weights=True applies to decode='eager' only (got decode={mode!r})")
     elif pack_weights and not onednn_packing_applies(model):
         raise ValueError("pack_weights=True needs plain fp32 weights on a CPU (bf16 where the CPU has native bf16), "
                          "no autocast, and a torch built with oneDNN")
     with packed_linears(model, pack_weights) as head:
         run = _setup(model, tokenizer, prompts, params, num_samples, generator)
-        cache, logits, positions, decode_mask = _prefill(model, head, run)
+        P = max(len(p) for p in run.prompts)
+        static = mode != "eager"
+        cache_len = _round_up(P + run.max_new, CACHE_ALIGN) if static else P + run.max_new
+        cache, logits, positions, key_mask = _prefill(model, head, run, cache_len)
+        if static:
+            decoder, check_every = _StaticDecoder(model, cache, positions, key_mask, mode), CHECK_EVERY
+        else:
+            decoder, check_every = _eager_decoder(model, head, cache, positions, key_mask, run.max_new), 1
         rows = _Rows(run)
         stops = _StopStrings(params.stop_strings, tokenizer, rows.n) if params.stop_strings else None
         for t in range(run.max_new):
             tok = rows.sample(t, logits, params, run.generator)
-            all_stopped = stops.update(tok, rows.state) if stops is not None else rows.none_running()
+            if stops is not None:
+                all_stopped = stops.update(tok, rows.state)
+            else:
+                all_stopped = (t + 1) % check_every == 0 and rows.none_running()
             if all_stopped or t == run.max_new - 1:
                 break  # the last token needs no forward pass
-            logits = _decode_one_token(model, head, tok, positions + t, decode_mask, cache)
+            logits = decoder(tok, t)
         return _finish(rows, tokenizer, run)
+
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """"auto" (or the NANO_GTALIGN_DECODE override) -> "eager" | "static" | "graph" | "compile"."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r}: expected one of {DECODE_MODES}")
+    if decode == "auto":
+        forced = os.environ.get(DECODE_ENV, "").strip().lower()
+        if forced and forced not in DECODE_MODES:
+            raise ValueError(f"{DECODE_ENV}={forced!r}: expected one of {DECODE_MODES}")
+        decode = forced if forced and forced != "auto" else ("graph" if device.type == "cuda" else "eager")
+    if decode == "graph" and device.type != "cuda":
+        raise ValueError(f"decode='graph' captures CUDA graphs: it needs a CUDA model (got {device.type}); "
+                         "decode='static' runs the same step eagerly")
+    if decode == "compile" and not hasattr(torch, "compile"):
+        raise ValueError(f"decode='compile' needs torch.compile (torch {torch.__version__} has none)")
+    return decode
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 @dataclass
@@ -245,39 +302,45 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
     return out
 
 
-def _prefill(model, head, run: _Run) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _prefill(model, head, run: _Run, cache_len: int
+             ) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run each distinct prompt through the model ONCE, then give every prompt its G rows.
 
-    Returns the cache and the first next-token logits [R, V] (R = B*G rows, prompt-major), each row's
-    prompt length (the position of its first new token), and the key mask for decode steps (None when
-    no prompt is padded).
+    Returns the cache (`cache_len` columns), the first next-token logits [R, V] (R = B*G rows,
+    prompt-major), each row's prompt length (the position of its first new token), and each row's
+    prompt mask [R, P] (1 = real token; None when no prompt is padded).
     """
     input_ids, prompt_mask = (t.to(run.device) for t in left_pad(run.prompts, run.pad_id))
     B, P = input_ids.shape
     G = run.num_samples
     ragged = min(len(p) for p in run.prompts) != P
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = KVCache(model.config, B, P + run.max_new, run.device, run.cache_dtype)
+    cache = KVCache(model.config, B, cache_len, run.device, run.cache_dtype)
     logits = _next_logits(model, head, input_ids, position_ids, prompt_mask if ragged else None, cache)
     if G > 1:  # copying the prefilled rows is much cheaper than prefilling each sample
         cache = cache.repeat_interleave(G)
         logits = logits.repeat_interleave(G, dim=0)
     positions = torch.tensor([len(p) for p in run.prompts], device=run.device).repeat_interleave(G)
-    # Keys seen at decode step t are the first P+t+1 columns; generated columns are
-    # always real, so the whole mask is built once. Unpadded batches need no mask.
+    key_mask = prompt_mask.repeat_interleave(G, dim=0) if ragged else None
+    return cache, logits, positions, key_mask
+
+
+def _eager_decoder(model, head, cache: KVCache, positions: torch.Tensor, key_mask: torch.Tensor | None,
+                   max_new: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """decoder(tok, t): feed each row's newest token [R] (step t) and return the next fp32 logits [R, V].
+
+    The cache grows by one column per step. Keys seen at step t are the first P+t+1 columns; generated
+    columns are always real, so the whole mask is built once. Unpadded batches need no mask.
+    """
     decode_mask = None
-    if ragged:
-        new_columns = torch.ones((B * G, run.max_new), dtype=torch.long, device=run.device)
-        decode_mask = torch.cat([prompt_mask.repeat_interleave(G, dim=0), new_columns], dim=1)
-    return cache, logits, positions, decode_mask
+    if key_mask is not None:
+        new_columns = torch.ones((key_mask.shape[0], max_new), dtype=torch.long, device=key_mask.device)
+        decode_mask = torch.cat([key_mask, new_columns], dim=1)
 
-
-def _decode_one_token(model, head, tok: torch.Tensor, positions: torch.Tensor, decode_mask: torch.Tensor | None,
-                      cache: KVCache) -> torch.Tensor:
-    """Feed each row's newest token [R] at its position [R]; return the next fp32 logits [R, V]."""
-    keys = cache.seq_len + 1
-    mask = None if decode_mask is None else decode_mask[:, :keys]
-    return _next_logits(model, head, tok[:, None], positions[:, None], mask, cache)
+    def decoder(tok: torch.Tensor, t: int) -> torch.Tensor:
+        mask = None if decode_mask is None else decode_mask[:, :cache.seq_len + 1]
+        return _next_logits(model, head, tok[:, None], (positions + t)[:, None], mask, cache)
+    return decoder
 
 
 def _next_logits(model, head, input_ids, position_ids, attention_mask, kv_cache) -> torch.Tensor:
@@ -290,6 +353,102 @@ def _next_logits(model, head, input_ids, position_ids, attention_mask, kv_cache)
         return_hidden=True,
     )
     return head(hidden[:, -1]).float()
+
+
+def _static_step(model: Transformer, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], tokens: torch.Tensor,
+                 positions: torch.Tensor, index: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """model.decode_step plus the LM head: the next fp32 logits [R, V]. What "graph" captures and "compile" compiles."""
+    hidden = decode_step(model, k_cache, v_cache, tokens, positions, index, key_valid)
+    return F.linear(hidden, model.output_weight()).float()
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile backend of decode="compile" (the CPU test uses "aot_eager": no C++ build)
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_step() -> Callable:
+    """_static_step through torch.compile(fullgraph=True), built once per process (dynamo caches per shape).
+
+    fullgraph: a graph break would hide a host sync or a Python-side shape. Not mode="reduce-overhead":
+    its CUDA graphs copy every input that is not a parameter into static storage on each call (the
+    KV caches, unless marked static, which then recompiles for every new cache), so on CUDA the compiled
+    step is captured by _StaticDecoder, as the eager one is.
+    """
+    if COMPILE_BACKEND not in _COMPILED:
+        _COMPILED[COMPILE_BACKEND] = torch.compile(_static_step, fullgraph=True, backend=COMPILE_BACKEND)
+    return _COMPILED[COMPILE_BACKEND]
+
+
+def _transformer(model) -> Transformer:
+    """The Transformer inside `model` (the trainer passes its Policy, which wraps one)."""
+    if isinstance(model, Transformer):
+        return model
+    inner = getattr(model, "model", None)
+    if isinstance(inner, Transformer):
+        return inner
+    raise TypeError(f"the static decode paths need a Transformer (or a wrapper with .model), got {type(model).__name__}")
+
+
+class _StaticDecoder:
+    """decoder(tok, t) for decode = "static" | "graph" | "compile": the fixed-shape step on the prefilled cache.
+
+    Every input of the step lives in a buffer allocated once (tokens, positions, the cache column to
+    write, which keys are real), and between steps only device ops touch them, so on CUDA the first
+    call captures the step into a CUDA graph and every later call is one copy and one replay.
+    """
+
+    def __init__(self, model, cache: KVCache, positions: torch.Tensor, key_mask: torch.Tensor | None, mode: str):
+        self.model = _transformer(model)
+        R, S, device = cache.batch_size, cache.max_seq_len, positions.device
+        self.k, self.v = cache.k, cache.v
+        self.tokens = torch.zeros((R, 1), dtype=torch.long, device=device)
+        self.positions = positions[:, None].clone()  # RoPE position of the token fed next
+        self.index = torch.full((1,), cache.seq_len, dtype=torch.long, device=device)  # cache column it goes to
+        self.key_valid = torch.ones((R, S), dtype=torch.bool, device=device)  # left padding is False
+        if key_mask is not None:
+            self.key_valid[:, :key_mask.shape[1]] = key_mask.bool()
+        self.step = _compiled_step() if mode == "compile" else _static_step
+        self.use_graph = device.type == "cuda" and mode in ("graph", "compile")
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_logits: torch.Tensor | None = None
+
+    def __call__(self, tok: torch.Tensor, t: int) -> torch.Tensor:
+        self.tokens.copy_(tok[:, None])
+        if not self.use_graph:
+            logits = self._run()
+        elif self.graph is None:
+            with torch.cuda.device(self.tokens.device):
+                logits = self._capture()
+        else:
+            with torch.cuda.device(self.tokens.device):
+                self.graph.replay()
+            logits = self.graph_logits  # overwritten by the next replay: the caller samples from it first
+        self.positions += 1
+        self.index += 1
+        return logits
+
+    def _run(self) -> torch.Tensor:
+        return self.step(self.model, self.k, self.v, self.tokens, self.positions, self.index, self.key_valid)
+
+    def _capture(self) -> torch.Tensor:
+        """Warm up, capture the step into a CUDA graph, and return this step's logits."""
+        # Warm-up on a side stream, as torch.cuda.graphs asks (lazy initialisation, cuBLAS workspaces,
+        # compilation stay out of the capture). It also fills autocast's weight-cast cache, so the graph
+        # reads the cached casts instead of casting every weight on every replay. Running the step twice
+        # with the same inputs writes the same cache column twice: the warm-up's logits are this step's.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                logits = self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        logits.record_stream(torch.cuda.current_stream())
+        self.graph = torch.cuda.CUDAGraph()
+        # Records, does not run (the cache is not written here). thread_local: CUDA calls that other threads
+        # of the trainer may make meanwhile (an allocation, say) do not invalidate this capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.graph_logits = self._run()
+        return logits
 
 
 class _Rows:

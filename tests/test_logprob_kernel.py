@@ -1,6 +1,12 @@
-"""fused_logprobs (both backends; Triton in its interpreter) against a float64 naive reference (docs/logprobs.md)."""
+"""fused_logprobs (both backends) against a float64 naive reference (docs/logprobs.md).
+
+The torch backend runs on the CPU. The Triton backend runs compiled on CUDA tensors when there is a
+GPU, and in Triton's interpreter on CPU tensors otherwise (tests/conftest.py); results are compared
+on the CPU either way.
+"""
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +18,12 @@ from kernels.logprob import default_chunk_rows, fused_logprobs, resolve_backend,
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(triton is None, reason="triton not installed"))]
+# Where the Triton backend runs: compiled on the GPU, or interpreted on the CPU.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def device_of(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 # V not a power of two; 70 rows in chunks of 32 (three chunks, the last partial);
 # 1024-wide vocabulary tiles (five, the last partial).
 N, H, V, TAU = 70, 48, 5003, 0.7
@@ -49,13 +61,25 @@ def reference(h, w, y, tau, g, g_ent=None, logits=None):
 
 
 def ours(h, w, y, tau, g, g_ent=None, backend="torch", **kw):
-    hh = h.detach().clone().requires_grad_()
-    ww = w.detach().clone().requires_grad_()
+    """fused_logprobs forward + backward on the backend's device; everything returned on the CPU."""
+    dev = device_of(backend)
+    hh = h.detach().to(dev).requires_grad_()
+    ww = w.detach().to(dev).requires_grad_()
+    y, g = y.to(dev), g.to(dev)
+    g_ent = None if g_ent is None else g_ent.to(dev)
     out = fused_logprobs(hh, ww, y, tau, return_entropy=g_ent is not None, backend=backend, **kw)
     logp, ent = out if g_ent is not None else (out, None)
     loss = (logp * g).sum() + ((ent * g_ent).sum() if g_ent is not None else 0.0)
     loss.backward()
-    return logp.detach(), (ent.detach() if ent is not None else None), hh.grad, ww.grad
+    return logp.detach().cpu(), (ent.detach().cpu() if ent is not None else None), hh.grad.cpu(), ww.grad.cpu()
+
+
+def chunk_logits(h, w, backend, chunk_rows):
+    """h·Wᵀ exactly as the kernel's GEMMs round it: same device, same chunks (cuBLAS may pick another
+    algorithm, and so another bf16 rounding, for another number of rows)."""
+    dev = device_of(backend)
+    hd, wd = h.to(dev), w.to(dev)
+    return torch.cat([hd[s:s + chunk_rows] @ wd.T for s in range(0, h.shape[0], chunk_rows)]).cpu()
 
 
 def rel(a, b):
@@ -96,7 +120,7 @@ def test_bf16_forward_exact_on_its_logits_and_close_to_float64(backend):
     assert dh.dtype == torch.bfloat16 and dw.dtype == torch.bfloat16 and logp.dtype == torch.float32
     # After the bf16 GEMM (the naive path rounds its logits the same way) everything is fp32:
     # against float64 maths on those very logits the forward is fp32-exact.
-    b_logp, b_ent, _, _ = reference(h, w, y, TAU, g, g_ent, logits=h @ w.T)
+    b_logp, b_ent, _, _ = reference(h, w, y, TAU, g, g_ent, logits=chunk_logits(h, w, backend, SMALL["chunk_rows"]))
     assert rel(logp, b_logp) <= 1e-5
     assert rel(ent, b_ent) <= 1e-5
     # Against exact float64 maths on the bf16 inputs: bf16 logit rounding (2^-9 relative,
@@ -127,10 +151,11 @@ def test_zero_gradient_rows_contribute_exactly_nothing(backend):
 def test_expanded_upstream_gradient(backend):
     # logp.sum().backward() hands the function a stride-0 gradient
     h, w, y, _, _ = make_inputs(torch.float32, seed=4)
-    hh = h.clone().requires_grad_()
-    fused_logprobs(hh, w, y, TAU, backend=backend, **SMALL).sum().backward()
+    dev = device_of(backend)
+    hh = h.to(dev).requires_grad_()
+    fused_logprobs(hh, w.to(dev), y.to(dev), TAU, backend=backend, **SMALL).sum().backward()
     _, _, r_dh, _ = reference(h, w, y, TAU, torch.ones(N))
-    assert rel(hh.grad, r_dh) <= 1e-5
+    assert rel(hh.grad.cpu(), r_dh) <= 1e-5
 
 
 def test_gradcheck_torch_float64():
@@ -203,7 +228,8 @@ def test_backend_selection(monkeypatch):
     if triton is not None:
         assert resolve_backend("auto", cuda) == "triton"
         monkeypatch.setenv("NANO_GTALIGN_LOGPROB_BACKEND", "triton")
-        assert resolve_backend("auto", cpu) == "triton"  # the interpreter is on (tests/conftest.py)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # (tests/conftest.py sets it only when there is no GPU)
+        assert resolve_backend("auto", cpu) == "triton"
         assert resolve_backend("torch", cpu) == "torch"  # an explicit argument beats the variable
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):

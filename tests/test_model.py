@@ -11,7 +11,7 @@ import torch
 
 from nano_gtalign.loader import load_pretrained
 from nano_gtalign.model import (KVCache, ModelConfig, RMSNorm, Transformer, apply_rope, attention_mask_4d,
-                                rope_inv_freq)
+                                decode_step, gqa_decode_attention, rope_inv_freq)
 from tests.tiny import make_hf_model
 
 transformers = pytest.importorskip("transformers")
@@ -157,6 +157,45 @@ def test_kv_cache_decoding_matches_full_forward(checkpoint, arch):
         inc = torch.cat([model(ids[:1, :6], kv_cache=cache)] +
                         [model(ids[:1, t:t + 1], kv_cache=cache) for t in range(6, 12)], dim=1)
     assert (inc - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_static_decode_step_matches_full_forward(checkpoint, arch):
+    # decode_step (the GPU path: cache written at a tensor index, attention over all 16 columns under a mask)
+    # after a prefill gives the full forward's logits, with a left-padded row.
+    model = load_pretrained(checkpoint(arch))
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 300, (2, 11), generator=g)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        cache = KVCache(model.config, batch_size=2, max_seq_len=16)
+        model(ids[:, :6], attention_mask=mask[:, :6], kv_cache=cache)  # prefill: columns 0..5
+        key_valid = torch.ones(2, 16, dtype=torch.bool)
+        key_valid[:, :6] = mask[:, :6].bool()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        index = torch.tensor([6])
+        for t in range(6, 11):
+            h = decode_step(model, cache.k, cache.v, ids[:, t:t + 1], positions[:, t:t + 1], index, key_valid)
+            logits = torch.nn.functional.linear(h, model.output_weight())
+            assert (logits - full[:, t]).abs().max().item() <= 1e-5, t
+            index += 1
+    assert cache.seq_len == 6  # decode_step leaves the Python-side count alone: nothing host-side changes
+
+
+def test_folded_gqa_decode_attention_equals_repeated_kv_heads():
+    # One query per row; 6 query heads over 2 kv heads; a key mask with padding: the fold (rep queries of one
+    # head) gives SDPA over each kv head repeated rep times (HF's repeat_kv order).
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 6, 1, 8), torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :4] = False
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask)
+    torch.testing.assert_close(gqa_decode_attention(q, k, v, mask), want)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(gqa_decode_attention(q, k, v, additive), want)
 
 
 def test_kv_cache_repeat_interleave_expands_rows(checkpoint):

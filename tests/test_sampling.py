@@ -1,6 +1,7 @@
 """The KV-cache sampler: parity with transformers' greedy generate, stop strings, EOS masking,
 GRPO group expansion, seeding, and log-probs checked against hand numbers and a full forward."""
 import math
+import sys
 
 import pytest
 import torch
@@ -386,3 +387,130 @@ def test_bad_input_raises_clear_errors(qwen2):
                 dict(max_new_tokens=0), dict(stop_strings="</payoff>"), dict(stop_strings=("",))]:
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+# ---------------------------------------------------------------------------- decode paths (GPU path, checked on a CPU)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def assert_same_generation(a: Generation, b: Generation, atol: float = 1e-4):
+    assert torch.equal(a.completion_ids.cpu(), b.completion_ids.cpu())
+    assert torch.equal(a.completion_mask.cpu(), b.completion_mask.cpu())
+    assert a.finish_reasons == b.finish_reasons and a.texts == b.texts
+    torch.testing.assert_close(a.logprobs.cpu(), b.logprobs.cpu(), atol=atol, rtol=atol)
+
+
+STATIC_CASES = {
+    "greedy": dict(temperature=0.0, eos_token_ids=()),
+    "top_p": dict(temperature=0.9, top_p=0.9, eos_token_ids=(), seed=11),
+    "top_k_eos": dict(temperature=1.2, top_k=20, seed=12),
+}
+
+
+@pytest.mark.parametrize("case", list(STATIC_CASES))
+def test_static_decode_step_gives_the_eager_tokens(checkpoint, case):
+    # The GPU path's fixed-shape step (static cache written at a tensor position, attention over the whole
+    # cache under a mask, kv heads folded into queries), run eagerly: ragged prompts, groups of 3.
+    _, model, tok = checkpoint
+    prompts = encode_all(tok)
+    params = SamplingParams(max_new_tokens=20, **STATIC_CASES[case])
+    eager = generate(model, tok, prompts, params, num_samples=3, decode="eager", pack_weights=False)
+    static = generate(model, tok, prompts, params, num_samples=3, decode="static")
+    assert_same_generation(eager, static)
+
+
+def test_static_decode_stops_on_eos_and_stop_strings_like_eager(qwen2):
+    model, tok = qwen2
+    prompts = encode_all(tok, PROMPTS[:2])
+    a = row(greedy(model, tok, prompts, n=24), 0)
+    eos = next(t for i, t in enumerate(a) if i >= 3 and t not in a[:i])  # row 0 stops at step >= 3
+    for params in (SamplingParams(max_new_tokens=24, temperature=0.0, eos_token_ids=(eos,)),
+                   SamplingParams(max_new_tokens=24, temperature=0.0, eos_token_ids=(),
+                                  stop_strings=(tok.decode(a[4:6]),))):
+        eager = generate(model, tok, prompts, params, decode="eager")
+        static = generate(model, tok, prompts, params, decode="static")
+        assert_same_generation(eager, static)
+        assert "length" not in eager.finish_reasons[:1]
+
+
+def test_static_decode_asks_for_stopped_rows_every_k_steps(qwen2, monkeypatch):
+    from nano_gtalign import sampling
+
+    model, tok = qwen2
+    calls = []
+    none_running = sampling._Rows.none_running
+    monkeypatch.setattr(sampling._Rows, "none_running", lambda self: calls.append(1) or none_running(self))
+    params = SamplingParams(max_new_tokens=20, temperature=0.0, eos_token_ids=(1,))  # EOS on: checks happen
+    generate(model, tok, encode_all(tok), params, decode="eager")
+    assert len(calls) == 20  # every step (a host sync each)
+    calls.clear()
+    generate(model, tok, encode_all(tok), params, decode="static")
+    assert len(calls) == 20 // sampling.CHECK_EVERY
+
+
+def test_decode_mode_resolution_and_bad_values(qwen2, monkeypatch):
+    from nano_gtalign.sampling import resolve_decode
+
+    model, tok = qwen2
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("NANO_GTALIGN_DECODE", raising=False)
+    assert resolve_decode("auto", cpu) == "eager" and resolve_decode("auto", cuda) == "graph"
+    assert resolve_decode("static", cpu) == "static" and resolve_decode("compile", cpu) == "compile"
+    monkeypatch.setenv("NANO_GTALIGN_DECODE", "static")
+    assert resolve_decode("auto", cuda) == "static" and resolve_decode("eager", cuda) == "eager"
+    monkeypatch.setenv("NANO_GTALIGN_DECODE", "fast")
+    with pytest.raises(ValueError, match="NANO_GTALIGN_DECODE"):
+        resolve_decode("auto", cpu)
+    monkeypatch.delenv("NANO_GTALIGN_DECODE")
+    with pytest.raises(ValueError, match="decode='graph' captures CUDA graphs"):
+        resolve_decode("graph", cpu)
+    with pytest.raises(ValueError, match="decode="):
+        resolve_decode("jit", cpu)
+    with pytest.raises(ValueError, match="pack_weights=True applies to decode='eager' only"):
+        generate(model, tok, encode_all(tok), SamplingParams(max_new_tokens=2), pack_weights=True, decode="static")
+
+
+def test_compiled_decode_step_has_no_graph_breaks_and_gives_the_eager_tokens(tmp_path, monkeypatch):
+    # torch.compile(fullgraph=True) of the GPU path's step, on the CPU. The backend is aot_eager: dynamo
+    # (which refuses any graph break under fullgraph) and AOTAutograd's functionalisation of the in-place
+    # cache writes, without inductor's C++ build (a minute here). Inductor itself runs in bench/gpu_check.sh.
+    from nano_gtalign import sampling
+
+    dynamo = pytest.importorskip("torch._dynamo", reason="this torch has no torch.compile")
+    if not dynamo.is_dynamo_supported():
+        pytest.skip(f"torch.compile is not supported on this platform (python {sys.version.split()[0]})")
+    monkeypatch.setattr(sampling, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(sampling, "_COMPILED", {})
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    path = make_hf_model(tmp_path / "m", arch="qwen3", seed=4)
+    model, tok = load_pretrained(path), load_tokenizer(path)
+    prompts = encode_all(tok)
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, eos_token_ids=())
+    compiled = generate(model, tok, prompts, params, num_samples=2, decode="compile")
+    assert not dynamo.utils.counters["graph_break"], dict(dynamo.utils.counters["graph_break"])
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for all 11 steps: no recompiles
+    eager = generate(model, tok, prompts, params, num_samples=2, decode="eager", pack_weights=False)
+    assert_same_generation(eager, compiled)
+    dynamo.reset()
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_cuda_graph_decode_gives_the_static_and_eager_tokens(tmp_path, mode):
+    # The CUDA path: the static step captured in a CUDA graph ("compile": inductor's step, captured). A replay
+    # runs the very kernels of decode="static", so every setting gives its tokens; greedy also gives eager's
+    # (another attention layout: float noise could move a sampled token across a top-p boundary, not argmax
+    # on this model). Inductor rounds differently: greedy only for "compile".
+    path = make_hf_model(tmp_path / "m", arch="qwen2", seed=5)
+    model, tok = load_pretrained(path, device="cuda"), load_tokenizer(path)  # fp32
+    prompts = encode_all(tok)
+    settings = [dict(temperature=0.0, eos_token_ids=()), dict(temperature=1.0, top_p=0.9, seed=3)]
+    for fields in settings if mode == "graph" else settings[:1]:
+        params = SamplingParams(max_new_tokens=24, **fields)
+        graph = generate(model, tok, prompts, params, num_samples=2, decode=mode)
+        refs = ("static", "eager") if fields["temperature"] == 0.0 else ("static",)
+        for ref in refs if mode == "graph" else ("eager",):
+            assert_same_generation(generate(model, tok, prompts, params, num_samples=2, decode=ref), graph)

@@ -1,6 +1,9 @@
 """train.py under `torchrun --nproc_per_node=2` on CPU (gloo): DDP and FSDP2 runs end with identical
 parameters on both ranks, agree with each other, and an FSDP2 run resumes exactly.
 
+Always on the CPU, GPUs hidden, so that a one-GPU machine does not put rank 1 on a cuda:1 it lacks,
+and the fp32 tolerances below hold (a GPU run would compute in bf16 and reduce with NCCL).
+
 This file is also the torchrun worker: `python -m torch.distributed.run ... tests/test_train_dist.py OUT sgd|adamw ARGS...`
 runs train.main with the stand-in reward of tests/test_train.py and writes each rank's full parameters to
 OUT/rank{R}.pt. Each rank samples different prompts, so ranks that did not average their gradients would
@@ -45,7 +48,7 @@ def torchrun(out: Path, args: list[str], optimizer: str = "sgd") -> dict[int, di
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(__file__)), str(out), optimizer, *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return {r: torch.load(out / f"rank{r}.pt") for r in (0, 1)}
@@ -61,7 +64,7 @@ def setup(tmp_path_factory):
 
 def run_args(setup, out: Path, *extra: str) -> list[str]:
     model, data, _ = setup
-    return ["--model", str(model), "--data", str(data), "--holdout", "2", "--out-dir", str(out),
+    return ["--model", str(model), "--data", str(data), "--holdout", "2", "--out-dir", str(out), "--device", "cpu",
             "--prompts-per-step", "4", "--group-size", "2", "--max-new-tokens", "6", "--micro-batch-size", "2",
             "--lr", "1e-2", "--eval-every", "-1", "--save-every", "0", "--steps", "2", *extra]
 
