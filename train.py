@@ -1,6 +1,7 @@
-"""GRPO training of a Qwen2/Qwen3 model with the GTAlign welfare reward, on CPU, one GPU or many.
+"""GRPO (or PPO) training of a Qwen2/Qwen3 model with the GTAlign welfare reward, on CPU, one GPU or many.
 
     python train.py                                         # the built-in demo (about 5 minutes on 2 CPU cores)
+    python train.py --algo ppo                              # the demo with PPO: a value model and GAE
     python train.py --model DIR --data train.jsonl --eval-data test.jsonl --judge http://localhost:8000/v1
     torchrun --nproc_per_node=8 train.py --model DIR --data train.jsonl --eval-data test.jsonl \
         --judge http://localhost:8000/v1#Qwen/Qwen3-32B --prompts-per-step 512 --mini-batch-size 32
@@ -15,13 +16,15 @@ on the command line always wins.
 One step (docs/grpo.md):
   1. take --prompts-per-step records (sharded across ranks) and sample --group-size completions for each;
   2. score every completion: four-block format, payoff matrix, the judge's verdict -> U, L, W
-     (a failed judgement is counted and its sample left out of the update, never scored as 0);
+     (a failed judgement is counted and its sample left out of the update, unless --judge-failure zero);
   3. advantages within each group of G: A = (W - mean) / (std + eps);
   4. --ppo-epochs passes over mini-batches of --mini-batch-size prompts, one optimizer step each, split into
      micro-batches of --micro-batch-size rows; token log-probs come from the fused kernel (docs/logprobs.md).
+With --algo ppo (the paper's algorithm, nano_gtalign/ppo.py) step 3 is a value model's GAE instead, one sample
+per prompt by default, and the value model trains beside the policy.
 
 This file is wiring: flags, setup, the loop, the export. The machinery lives in nano_gtalign/ (rollout.py,
-update.py, evaluate.py, checkpoint.py, distributed.py, report.py, data.py).
+update.py, ppo.py, evaluate.py, checkpoint.py, distributed.py, report.py, data.py).
 """
 from __future__ import annotations
 
@@ -29,7 +32,6 @@ import argparse
 import copy
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,19 +42,19 @@ import torch.nn as nn
 
 from data.demo import DEMO_OUT_DIR
 from nano_gtalign import grpo
-from nano_gtalign.checkpoint import (export_final, load_checkpoint, remove_stale_temporaries, restore,
-                                     save_checkpoint)
-from nano_gtalign.data import Cursor, encode_prompts, next_prompts, read_splits
+from nano_gtalign.checkpoint import export_final, load_checkpoint, prepare_out_dir, restore, save_checkpoint
+from nano_gtalign.data import Cursor, encode_for_run, next_prompts, read_splits
 from nano_gtalign.distributed import (Dist, exit_after_torchrun, print0, reduce_stats, setup_distributed, shard,
                                       teardown, unwrap, wrap_ddp)
 from nano_gtalign.errors import UsageError
 from nano_gtalign.evaluate import EvalConfig, evaluate_policy
 from nano_gtalign.interrupts import StopOnSignal
-from nano_gtalign.judges import open_judge
+from nano_gtalign.judges import JudgeSettings, add_judge_arguments, open_judge
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.policy import LOGPROB_BACKENDS, Policy, compute_dtype
-from nano_gtalign.report import (MetricsLog, console_line, eval_line, format_eval_table, judge_failure_rate,
-                                  step_metrics)
+from nano_gtalign.ppo import VALUE_HEAD_FILE, Critic, CriticTrainer, PPOConfig, make_critic, ppo_update
+from nano_gtalign.report import (SAME_ON_EVERY_RANK, MetricsLog, console_line, eval_line, format_eval_table,
+                                  judge_failure_rate, step_metrics)
 from nano_gtalign.reward import BLEUS, LLM_REWARDS, WELFARES
 from nano_gtalign.rollout import RolloutConfig, rollout
 from nano_gtalign.update import UpdateConfig, lr_factor, update
@@ -69,15 +71,27 @@ DEMO_DEFAULTS = dict(
     micro_batch_size=64, gen_batch_size=0, max_new_tokens=160, max_prompt_tokens=256, kl_coef=0.2,
     eval_every=0, eval_size=64, eval_batch_size=64, eval_temperature=1.0, eval_samples=4, save_every=0, threads=1,
 )
+# --algo ppo: one sample per prompt, as upstream (a learned value model is the baseline, not the group).
+PPO_DEFAULTS = dict(group_size=1)
+# The demo with PPO (bench/RESULTS.md has both demos' tables): 128 prompts x 1 sample, the same 128 samples a
+# step as GRPO's 16 x 8 (16 x 1 drifted to answering vague questions: act_VQ 0.56 -> 0.35); the critic's lr
+# scaled up with the actor's (upstream 2e-6 for 1e-6, here 1e-3 for 6e-4): at 2e-6 the value model does not
+# move in 40 steps (explained variance 0.00) and the run is REINFORCE with whitened rewards.
+DEMO_PPO_DEFAULTS = dict(prompts_per_step=128, critic_lr=1e-3)
 # Flags that may differ between a run and its resumption without a warning.
 RESUMABLE_FLAGS = ("resume", "halt_after", "steps", "eval_every", "save_every", "wandb", "device")
+
+
+def flag_list(defaults: dict) -> str:
+    return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in defaults.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="GRPO training with the GTAlign welfare reward (no --model: the built-in demo).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="demo defaults (no --model): " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items()),
+        epilog="demo defaults (no --model): " + flag_list(DEMO_DEFAULTS) + "; with --algo ppo: " +
+               flag_list(PPO_DEFAULTS) + " (the demo also " + flag_list(DEMO_PPO_DEFAULTS) + ")",
     )
     a = p.add_argument_group("model and data")
     a.add_argument("--model", default=None, help="Hugging Face Qwen2/Qwen3 directory (omit for the demo)")
@@ -86,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out records (files); without it --holdout records of --data are held out")
     a.add_argument("--holdout", type=int, default=64, help="records held out of --data when there is no --eval-data")
     a.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts are dropped (and counted)")
-    a.add_argument("--judge", default="rule", help='"rule" (offline) or an OpenAI-compatible URL, "URL#model"')
-    a.add_argument("--judge-concurrency", type=int, default=32, help="HTTP judge requests in flight per rank")
-    a.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per HTTP judge request")
+    add_judge_arguments(a)  # --judge, its sampling (the paper's judge by default) and --judge-failure
     a.add_argument("--max-judge-failures", type=float, default=0.5,
                    help="stop (with a checkpoint) when more than this share of judgements failed over the last "
                         "--judge-failure-window steps (1: never)")
@@ -101,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("GRPO")
     a.add_argument("--steps", type=int, default=None, help="training steps (default: one pass over the data)")
     a.add_argument("--prompts-per-step", type=int, default=64, help="prompts per step, over all ranks")
-    a.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
+    a.add_argument("--group-size", type=int, default=8, help="completions per prompt (G); 1 with --algo ppo")
     a.add_argument("--mini-batch-size", type=int, default=None,
                    help="prompts per optimizer step (default: all of the step's prompts, i.e. on-policy)")
     a.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward/backward on each rank")
@@ -126,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mask-truncated", action="store_true", help="leave completions cut at --max-new-tokens out of the loss")
     a.add_argument("--old-logp", default="recompute", choices=("recompute", "sampler"),
                    help="old log-probs when a rollout feeds several optimizer steps")
+    a = p.add_argument_group("PPO (--algo ppo: a value model and GAE instead of group advantages)")
+    a.add_argument("--algo", default="grpo", choices=("grpo", "ppo"), help="GRPO, or PPO as in the paper's runs")
+    a.add_argument("--critic-model", default=None, metavar="DIR",
+                   help="the value model's start (default: a copy of the initial policy)")
+    a.add_argument("--critic-lr", type=float, default=2e-6, help="the value model's peak learning rate")
+    a.add_argument("--value-clip", type=float, default=0.5, help="clip of the value change in the loss (0 = off)")
+    a.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
+    a.add_argument("--lam", type=float, default=1.0, help="GAE lambda")
+    a.add_argument("--critic-warmup", type=int, default=0, help="first steps that train only the value model")
     a = p.add_argument_group("optimizer")
     a.add_argument("--lr", type=float, default=1e-6, help="peak learning rate")
     a.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
@@ -168,13 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    # Two passes: whether --model is given decides which defaults the full parser uses.
+    # Two passes: whether --model and --algo ppo are given decides which defaults the full parser uses.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default=None)
+    pre.add_argument("--algo", default="grpo")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
-    if known.model is None:
-        parser.set_defaults(**DEMO_DEFAULTS)
+    demo, ppo = known.model is None, known.algo == "ppo"
+    parser.set_defaults(**(DEMO_DEFAULTS if demo else {}) | (PPO_DEFAULTS if ppo else {}) |
+                        (DEMO_PPO_DEFAULTS if demo and ppo else {}))
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -210,6 +233,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--kl-coef must be >= 0, got {args.kl_coef}")
     if not 0 <= args.max_judge_failures <= 1 or args.judge_failure_window < 1:
         raise UsageError("need 0 <= --max-judge-failures <= 1 and --judge-failure-window >= 1")
+    if args.algo == "grpo" and args.critic_model:
+        raise UsageError("--critic-model needs --algo ppo (GRPO has no value model)")
+    if args.algo == "ppo" and args.drop_zero_spread:
+        raise UsageError("--drop-zero-spread compares a prompt's G samples; with --algo ppo the value model is the "
+                         "baseline (and with G = 1 every group would be dropped)")
+    if args.critic_lr <= 0 or args.value_clip < 0 or args.critic_warmup < 0:
+        raise UsageError("need --critic-lr > 0, --value-clip >= 0 and --critic-warmup >= 0")
+    if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
+        raise UsageError(f"need 0 <= --gamma <= 1 and 0 <= --lam <= 1, got {args.gamma} and {args.lam}")
 
 
 def check_world(args: argparse.Namespace, d: Dist) -> None:
@@ -234,44 +266,31 @@ def load_model_and_data(args: argparse.Namespace, d: Dist):
     return model, tokenizer, train, evals
 
 
-def encode_data(args, tokenizer, train: list[dict], evals: list[dict], max_positions: int, d: Dist):
-    """Prompt token ids of the kept records; refuses data the run cannot use."""
-    train, train_ids, dropped = encode_prompts(train, tokenizer, args.max_prompt_tokens)
-    evals, eval_ids, dropped_eval = encode_prompts(evals[:args.eval_size], tokenizer, args.max_prompt_tokens)
-    if dropped or dropped_eval:
-        print0(d, f"dropped {dropped} train / {dropped_eval} eval prompts over --max-prompt-tokens {args.max_prompt_tokens}")
-    if len(train) < args.prompts_per_step:
-        raise UsageError(f"{len(train)} training records, fewer than --prompts-per-step {args.prompts_per_step}")
-    longest = max(len(x) for x in train_ids + eval_ids)
-    if longest + args.max_new_tokens > max_positions:
-        raise UsageError(f"the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the "
-                         f"model's max_position_embeddings ({max_positions}); lower --max-new-tokens or --max-prompt-tokens")
-    return train, train_ids, evals, eval_ids
-
-
 def build_policy(model: nn.Module, args, dtype: torch.dtype, d: Dist):
-    """(trained module, frozen KL reference or None): DDP or FSDP2 under torchrun, the plain Policy otherwise."""
+    """(trained module, frozen KL reference or None, PPO's value model or None): DDP or FSDP2 under torchrun,
+    the plain modules otherwise."""
     model = model.to(device=d.device, dtype=torch.float32)
     policy = Policy(model, dtype, args.logprob_backend)
-    ref = None
+    ref = critic = None
     if args.kl_coef > 0:  # the frozen initial policy
         ref = Policy(copy.deepcopy(model).requires_grad_(False).eval(), dtype, args.logprob_backend)
-    if args.fsdp:
-        shard(policy, policy.model.model.layers, d)
-        if ref is not None:
-            shard(ref, ref.model.model.layers, d)
-        return policy, ref
-    return (wrap_ddp(policy, d) if d.on else policy), ref
+    if args.algo == "ppo":  # copied (or loaded) before the policy is sharded
+        critic = make_critic(model, args.critic_model, d.device)
+    return tuple(m if m is None else wrap(m, args.fsdp, d) for m in (policy, ref, critic))
 
 
-def make_out_dir(path: Path) -> None:
-    """Create OUT_DIR and check that files can be written there, before any work that would be lost."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise UsageError(f"--out-dir {path}: cannot write there ({e.strerror or e})") from None
+def wrap(module: Policy | Critic, fsdp: bool, d: Dist) -> nn.Module:
+    if fsdp:  # frozen modules too: each rank holds 1/world of the reference
+        return shard(module, module.model.model.layers, d)
+    return wrap_ddp(module, d) if d.on and any(p.requires_grad for p in module.parameters()) else module
+
+
+def adamw(module: nn.Module, lr: float, args, total: int):
+    """AdamW over the trainable parameters and its learning-rate schedule over `total` optimizer steps."""
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
+                            betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, args.warmup_steps, args.lr_schedule, args.min_lr_ratio))
 
 
 @dataclass
@@ -283,6 +302,7 @@ class RunResult:
     out_dir: Path
     final_dir: Path | None             # the exported Hugging Face directory (None when halted early)
     exit_code: int = 0                 # 3: the judge kept failing; 128 + N: stopped by signal N
+    critic: nn.Module | None = None    # PPO's value model (wrapped like the policy)
 
 
 def run(args: argparse.Namespace, d: Dist) -> RunResult:
@@ -293,8 +313,7 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
     if d.main:
-        make_out_dir(out_dir)
-        for stale in remove_stale_temporaries(out_dir):
+        for stale in prepare_out_dir(out_dir):
             print0(d, f"removed {stale} (left by an interrupted save)")
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -304,26 +323,32 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
     print0(d, f"ranks {d.world} | device {d.device} | compute {str(dtype).removeprefix('torch.')} | "
               f"{'FSDP2' if args.fsdp else 'DDP' if d.on else 'single process'}")
     model, tokenizer, train, evals = load_model_and_data(args, d)
+    judge_settings = JudgeSettings(max_tokens=args.judge_max_tokens, temperature=args.judge_temperature,
+                                   top_p=args.judge_top_p, top_k=args.judge_top_k, extra_body=args.judge_extra_body,
+                                   failure=args.judge_failure)
     judge = open_judge(args.judge, sources=[r["data_source"] for r in train + evals], timeout=args.judge_timeout,
-                       max_concurrency=args.judge_concurrency)
-    train, train_ids, evals, eval_ids = encode_data(args, tokenizer, train, evals, model.config.max_position_embeddings, d)
+                       max_concurrency=args.judge_concurrency, settings=judge_settings)
+    train, train_ids, evals, eval_ids = encode_for_run(
+        train, evals, tokenizer, max_prompt_tokens=args.max_prompt_tokens, eval_size=args.eval_size, seed=args.seed,
+        prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
+        max_positions=model.config.max_position_embeddings, evaluate=args.eval_every >= 0, log=lambda m: print0(d, m))
     total_steps = args.steps or len(train) // args.prompts_per_step
     print0(d, f"data: {len(train)} train records, {len(evals)} eval records, {total_steps} steps")
 
-    trained, ref = build_policy(model, args, dtype, d)
+    trained, ref, critic_module = build_policy(model, args, dtype, d)
     policy = unwrap(trained)  # what samples; `trained` (the DDP wrapper under torchrun) is what the optimizer steps
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
-                                  weight_decay=args.weight_decay)
     mini_batches = args.prompts_per_step // (args.mini_batch_size or args.prompts_per_step)
-    total_opt = total_steps * mini_batches * args.ppo_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_opt, args.warmup_steps, args.lr_schedule, args.min_lr_ratio))
+    opt_per_step = mini_batches * args.ppo_epochs
+    actor_steps = total_steps - (args.critic_warmup if args.algo == "ppo" else 0)  # --critic-warmup: no actor steps
+    optimizer, scheduler = adamw(trained, args.lr, args, max(actor_steps, 0) * opt_per_step)
+    critic = None if critic_module is None else \
+        CriticTrainer(critic_module, *adamw(critic_module, args.critic_lr, args, total_steps * opt_per_step))
     # Per-rank sampling stream; its state is checkpointed so a resumed run draws the same tokens.
     generator = torch.Generator(device=d.device).manual_seed(args.seed * 1000 + d.rank)
     cursor, start = Cursor(), 0
     if args.resume:
         state, path = load_checkpoint(args.resume, out_dir)
-        cursor, start = restore(state, trained, optimizer, scheduler, generator, args.fsdp, d), state["step"]
+        cursor, start = restore(state, trained, optimizer, scheduler, generator, args.fsdp, d, critic), state["step"]
         changed = {k: (state["args"].get(k), v) for k, v in flags.items()
                    if k not in RESUMABLE_FLAGS and state["args"].get(k) != v}
         print0(d, f"resumed from {path} at step {start}" + (f"; changed flags: {changed}" if changed else ""))
@@ -334,7 +359,9 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
         top_k=args.top_k, top_p=args.top_p, gen_batch_size=args.gen_batch_size, welfare=args.welfare,
         llm_reward=args.llm_reward, bleu=args.bleu, normalize_by_source=args.normalize_by_source,
         adv_eps=args.adv_eps, adv_std=args.adv_std, drop_zero_spread=args.drop_zero_spread,
-        mask_truncated=args.mask_truncated, fsdp=args.fsdp, compute_dtype=dtype)
+        mask_truncated=args.mask_truncated, judge_failure=args.judge_failure, fsdp=args.fsdp, compute_dtype=dtype)
+    ppo_cfg = PPOConfig(gamma=args.gamma, lam=args.lam, value_clip=args.value_clip, critic_warmup=args.critic_warmup,
+                        normalize_by_source=args.normalize_by_source)
     update_cfg = UpdateConfig(
         mini_batches=mini_batches, epochs=args.ppo_epochs, micro_batch_size=args.micro_batch_size,
         clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip or None, kl_coef=args.kl_coef,
@@ -344,7 +371,7 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
     eval_cfg = EvalConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.eval_temperature, samples=args.eval_samples,
         batch_size=args.eval_batch_size, seed=args.seed, welfare=args.welfare, llm_reward=args.llm_reward,
-        bleu=args.bleu, fsdp=args.fsdp, compute_dtype=dtype)
+        bleu=args.bleu, judge_failure=args.judge_failure, fsdp=args.fsdp, compute_dtype=dtype)
 
     def do_eval(step: int) -> None:
         if not evals:
@@ -367,9 +394,13 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
             mine = idx[d.rank * share: (d.rank + 1) * share]
             ro = rollout(policy, tokenizer, [train[i] for i in mine], [train_ids[i] for i in mine], rollout_cfg,
                          judge, generator, d)
-            up = update(trained, ref, optimizer, scheduler, ro, update_cfg, tokenizer.pad_token_id, d)
+            if critic is None:
+                up = update(trained, ref, optimizer, scheduler, ro, update_cfg, tokenizer.pad_token_id, d)
+            else:
+                up = ppo_update(trained, ref, optimizer, scheduler, critic, ro, update_cfg, ppo_cfg, step,
+                                tokenizer.pad_token_id, d)
             now, done = time.perf_counter(), step - start
-            m = step_metrics(step, total_steps, reduce_stats(d, ro.stats), reduce_stats(d, up),
+            m = step_metrics(step, total_steps, reduce_stats(d, ro.stats), reduce_stats(d, up, SAME_ON_EVERY_RANK),
                              lr=scheduler.get_last_lr()[0], elapsed=now - t_start, step_time=now - t0,
                              eta=(now - t_start) / done * (total_steps - step), epochs=args.ppo_epochs,
                              with_kl=args.kl_coef > 0)
@@ -385,7 +416,7 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
             halting = args.halt_after is not None and done == args.halt_after and step != total_steps
             if judge_down or interrupted or halting or (args.save_every > 0 and step % args.save_every == 0):
                 saved = save_checkpoint(out_dir, step, trained, optimizer, scheduler, cursor, generator, flags,
-                                        args.fsdp, d)
+                                        args.fsdp, d, critic)
                 if saved:
                     print0(d, f"saved {saved}")
             if judge_down:
@@ -400,7 +431,7 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
                 return RunResult(trained, history, log.evals(), None, out_dir, None, exit_code=signals.exit_code)
             if halting:
                 print0(d, f"halted after {done} steps; continue with --resume")
-                return RunResult(trained, history, log.evals(), None, out_dir, None)
+                return RunResult(trained, history, log.evals(), None, out_dir, None, critic=critic_module)
 
     # ---- export and the before/after table
     if args.eval_every >= 0 and step == total_steps and (step != start or not args.resume):
@@ -408,6 +439,9 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
     final = out_dir / "final"
     export_final(trained, tokenizer, final, args.fsdp, d)
     print0(d, f"saved the final model to {final} (Hugging Face format)")
+    if critic is not None:
+        export_final(critic.module, tokenizer, out_dir / "final_critic", args.fsdp, d, head_file=VALUE_HEAD_FILE)
+        print0(d, f"saved the value model to {out_dir / 'final_critic'} (--critic-model loads it)")
     evals_logged = log.evals()
     table = None
     if len(evals_logged) >= 2:
@@ -418,7 +452,7 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
                   f"step {evals_logged[-1]['step']}):")
         print0(d, table)
     log.close()
-    return RunResult(trained, history, evals_logged, table, out_dir, final)
+    return RunResult(trained, history, evals_logged, table, out_dir, final, critic=critic_module)
 
 
 def main(argv: list[str] | None = None) -> RunResult:

@@ -1,7 +1,8 @@
 """Training checkpoints that survive a crash at any moment, resume bit for bit, and the final export.
 
 A checkpoint is one file OUT_DIR/step_NNNNNN.pt holding the full (unsharded) weights, the optimizer and
-scheduler state, every rank's RNG states, the data cursor and the flags. The file verifies itself: a
+scheduler state (PPO: the value model's too, under "critic"), every rank's RNG states, the data cursor and
+the flags. The file verifies itself: a
 256-byte text header (`head -c 256 step_000050.pt`) records the format, the size and the SHA-256 of the
 torch.save payload after it, so a copy taken anywhere is checked before anything is unpickled. Files are
 written through a temporary file, fsynced and renamed (`atomic_write_bytes`), then listed in
@@ -18,6 +19,7 @@ import io
 import json
 import os
 import random
+import tempfile
 import re
 import shutil
 import zipfile
@@ -27,10 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors.torch import save as safetensors_bytes
 
 from nano_gtalign.data import Cursor
 from nano_gtalign.distributed import (Dist, all_gather, full_model_state, full_optimizer_state, load_full_state,
                                       print0, unwrap)
+from nano_gtalign.errors import UsageError
 from nano_gtalign.loader import CheckpointError, default_file_mode, save_pretrained
 from nano_gtalign.model import Transformer
 
@@ -255,18 +259,20 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, scheduler, cursor: Cursor,
-                    generator: torch.Generator, flags: dict, fsdp: bool, d: Dist) -> Path | None:
+                    generator: torch.Generator, flags: dict, fsdp: bool, d: Dist, critic=None) -> Path | None:
     """Everything needed to continue bit for bit. Collective (all ranks call it); rank 0 writes and gets
     the path, the other ranks None. `flags` are the run's settings, recorded to report changes on resume.
+    `critic` (PPO: anything with .module, .optimizer, .scheduler) is saved the same way as the policy.
     A failed write is a CheckpointError naming the file; the earlier checkpoints and manifest stay."""
     rngs = all_gather(d, rng_state(generator))
     if not (d.main or fsdp):  # FSDP gathers the full state collectively; DDP ranks hold identical copies
         return None
     state = {
-        "format": CHECKPOINT_FORMAT, "step": step, "model": full_model_state(model, fsdp),
-        "optimizer": full_optimizer_state(model, optimizer, fsdp), "scheduler": scheduler.state_dict(),
+        "format": CHECKPOINT_FORMAT, "step": step, **training_state(model, optimizer, scheduler, fsdp),
         "cursor": asdict(cursor), "rng": rngs, "args": dict(flags), "world": d.world, "fsdp": fsdp,
     }
+    if critic is not None:
+        state["critic"] = training_state(critic.module, critic.optimizer, critic.scheduler, fsdp)
     if not d.main:
         return None
     path = out_dir / f"step_{step:06d}.pt"
@@ -282,6 +288,12 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer, sched
         with contextlib.suppress(OSError):  # a file that cannot be deleted only costs space
             (out_dir / e["file"]).unlink(missing_ok=True)
     return path
+
+
+def training_state(model: nn.Module, optimizer, scheduler, fsdp: bool) -> dict:
+    """Full weights, optimizer and scheduler state of one trained model (collective under FSDP)."""
+    return {"model": full_model_state(model, fsdp), "optimizer": full_optimizer_state(model, optimizer, fsdp),
+            "scheduler": scheduler.state_dict()}
 
 
 @contextlib.contextmanager
@@ -386,12 +398,21 @@ def _running(pid: int) -> bool:
 
 
 def restore(state: dict, model: nn.Module, optimizer, scheduler, generator: torch.Generator, fsdp: bool,
-            d: Dist) -> Cursor:
-    """Load a checkpoint's weights, optimizer, scheduler and this rank's RNG states; returns its data cursor."""
+            d: Dist, critic=None) -> Cursor:
+    """Load a checkpoint's weights, optimizer, scheduler (the critic's too) and this rank's RNG states;
+    returns its data cursor."""
     if state["fsdp"] != fsdp:
         raise CheckpointError(f"checkpoint was written with fsdp={state['fsdp']}; resume with the same --fsdp setting")
+    if ("critic" in state) != (critic is not None):
+        algo = "ppo" if "critic" in state else "grpo"
+        raise CheckpointError(f"checkpoint was written with --algo {algo} ({'with' if algo == 'ppo' else 'without'} "
+                              f"a value model); resume with --algo {algo}")
     load_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)
     scheduler.load_state_dict(state["scheduler"])
+    if critic is not None:
+        c = state["critic"]
+        load_full_state(critic.module, critic.optimizer, c["model"], c["optimizer"], fsdp)
+        critic.scheduler.load_state_dict(c["scheduler"])
     if state["world"] == d.world:
         set_rng_state(state["rng"][d.rank], generator)
     else:
@@ -400,9 +421,11 @@ def restore(state: dict, model: nn.Module, optimizer, scheduler, generator: torc
     return Cursor(**state["cursor"])
 
 
-def export_final(model: nn.Module, tokenizer, path: Path, fsdp: bool, d: Dist) -> None:
+def export_final(model: nn.Module, tokenizer, path: Path, fsdp: bool, d: Dist,
+                 head_file: str | None = None) -> None:
     """Hugging Face directory (config.json + safetensors + tokenizer) for sample.py, eval.py, transformers,
-    vLLM. `model` is the (wrapped) policy whose `.model` is the Transformer. Collective under FSDP."""
+    vLLM. `model` is the (wrapped) policy or critic whose `.model` is the Transformer; the critic's value head
+    (its tensors outside `.model`) goes to path/head_file. Collective under FSDP."""
     if not (d.main or fsdp):
         return
     state = full_model_state(model, fsdp)
@@ -411,6 +434,22 @@ def export_final(model: nn.Module, tokenizer, path: Path, fsdp: bool, d: Dist) -
     config = unwrap(model).model.config
     with torch.device("meta"):
         plain = Transformer(config)
-    plain.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
+    plain.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")},
+                          assign=True)
     plain.init_buffers("cpu")
     save_pretrained(plain, tokenizer, path)
+    if head_file is not None:
+        head = {k: v.contiguous() for k, v in state.items() if not k.startswith("model.")}
+        atomic_write_bytes(path / head_file, lambda f: f.write(safetensors_bytes(head, metadata={"format": "pt"})))
+
+
+def prepare_out_dir(path: Path) -> list[Path]:
+    """Create OUT_DIR, check that files can be written there before any work that would be lost, and remove
+    the temporary files a killed run left behind (returned, to be reported)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out-dir {path}: cannot write there ({e.strerror or e})") from None
+    return remove_stale_temporaries(path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,35 @@ def require_prompts(report: dict[str, SourceDrops], needed: int, what: str, max_
     lengths = ", ".join(f"{s} up to {d.longest}" + (" tokens" if i == 0 else "") for i, (s, d) in enumerate(longer))
     raise UsageError(f"{what}: {fit} in {max_tokens} tokens, {needed} needed (the rest are longer: {lengths})"
                      + (f"; {hint}" if hint else ""))
+
+
+def encode_for_run(train: list[dict], evals: list[dict], tokenizer, *, max_prompt_tokens: int, eval_size: int,
+                   seed: int, prompts_per_step: int, max_new_tokens: int, max_positions: int, evaluate: bool,
+                   log: Callable[[str], None] = print) -> tuple[list[dict], list[list[int]], list[dict], list[list[int]]]:
+    """(train records, their prompt ids, eval records, theirs) for a training run: a seeded subset of eval_size
+    evaluation records stratified by data_source, prompts over max_prompt_tokens dropped and reported per source
+    (a warning when a source loses most of them), and a one-line UsageError for data the run cannot use: too few
+    training prompts, no evaluation prompt when an evaluation was asked for, or prompts that leave the model no
+    room for max_new_tokens."""
+    evals = stratified_subset(evals, eval_size, seed)
+    train, train_ids, train_report = encode_prompts_report(train, tokenizer, max_prompt_tokens)
+    evals, eval_ids, eval_report = encode_prompts_report(evals, tokenizer, max_prompt_tokens)
+    for what, report in (("train", train_report), ("eval", eval_report)):
+        if any(s.dropped for s in report.values()):
+            log(format_drop_report(report, max_prompt_tokens, what))
+        for warning in drop_warnings(report, max_prompt_tokens):
+            log(f"WARNING: {what}: {warning}")
+    hint = f"raise --max-prompt-tokens (the model has {max_positions} positions) or use shorter prompts"
+    require_prompts(train_report, prompts_per_step, "training", max_prompt_tokens,
+                    hint=f"--prompts-per-step is {prompts_per_step}; {hint}")
+    if evaluate:
+        require_prompts(eval_report, 1, "evaluation", max_prompt_tokens, hint=hint)
+    longest = max(len(x) for x in train_ids + eval_ids)
+    if longest + max_new_tokens > max_positions:
+        raise UsageError(f"the longest prompt ({longest} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
+                         f"model's max_position_embeddings ({max_positions}); lower --max-new-tokens or "
+                         "--max-prompt-tokens")
+    return train, train_ids, evals, eval_ids
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

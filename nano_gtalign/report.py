@@ -24,6 +24,10 @@ EVAL_COLUMNS = (
 )
 
 
+# Update numbers that are the same on every rank (distributed.reduce_stats must not sum them).
+SAME_ON_EVERY_RANK = ("grad_norm", "opt_steps", "critic_grad_norm", "critic_opt_steps")
+
+
 def fmt_time(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -53,7 +57,24 @@ def step_metrics(step: int, total: int, ro: dict, up: dict, *, lr: float, elapse
         "logp_mismatch": up["mismatch"] / max(up["mismatch_tokens"], 1), "grad_norm": up["grad_norm"] / opt,
         "loss": up["loss"] / opt, "opt_steps": int(up["opt_steps"]),
         "gen_time": ro["gen_time"], "score_time": ro["score_time"], "update_time": up["update_time"],
-        "eta_s": eta,
+        "eta_s": eta, **(critic_metrics(up) if "critic_opt_steps" in up else {}),
+    }
+
+
+def critic_metrics(up: dict) -> dict:
+    """PPO's value-model numbers: the loss and clip fraction of its update, and, for the values the step's
+    advantages were computed with, their mean and the explained variance 1 - Var(G - V) / Var(G) over the
+    valid tokens (G: the GAE returns; 1 = perfect values, 0 = no better than their mean)."""
+    n, opt = max(up["value_tokens"], 1), max(up["critic_opt_steps"], 1)
+
+    def var(total: float, sq: float) -> float:
+        return sq / n - (total / n) ** 2
+    var_g = var(up["return_sum"], up["return_sq"])
+    return {
+        "value_loss": up["value_loss"] / opt, "value_clip_frac": up["value_clip"] / max(up["value_trained_tokens"], 1),
+        "value_mean": up["value_sum"] / n, "return_mean": up["return_sum"] / n,
+        "explained_var": 1 - var(up["error_sum"], up["error_sq"]) / var_g if var_g > 1e-12 else None,
+        "critic_grad_norm": up["critic_grad_norm"] / opt, "critic_opt_steps": int(up["critic_opt_steps"]),
     }
 
 
@@ -64,8 +85,16 @@ def console_line(m: dict) -> str:
             f"W {_cell(m['W'])} U {_cell(m['U'])} L {_cell(m['L'])}{judge} | "
             f"fmt {m['format']:.2f} ans {_cell(m['answer'], '{:.2f}')} | "
             f"DA {m['DA']:.2f} CQ {m['CQ']:.2f} AQ {m['AQ']:.2f} | len {m['completion_len']:5.1f} | kl {kl} | "
-            f"clip {m['clip_frac']:.3f} | gnorm {m['grad_norm']:.3f} | lr {m['lr']:.1e} | "
+            f"clip {m['clip_frac']:.3f} | gnorm {m['grad_norm']:.3f} | lr {m['lr']:.1e} | " + critic_cells(m) +
             f"{m['step_time']:.1f}s eta {fmt_time(m['eta_s'])}")
+
+
+def critic_cells(m: dict) -> str:
+    """PPO's critic on the console: value loss, explained variance, mean value, value clip fraction."""
+    if "value_loss" not in m:
+        return ""
+    return (f"vf {m['value_loss']:.4f} ev {_cell(m['explained_var'], '{:+.2f}')} V {m['value_mean']:.3f} "
+            f"vclip {m['value_clip_frac']:.3f} | ")
 
 
 def _cell(v, f="{:.3f}") -> str:

@@ -1,11 +1,13 @@
 """One rank's share of a GRPO step before the update: sample G completions per prompt, score them, and
 turn the welfare rewards into group advantages (docs/grpo.md).
 
-A judgement that failed (NaN welfare) is never scored as 0: its sample is left out of the loss, and for
-the group statistics it takes the mean of its group's valid rewards (`advantages_with_failures`).
+By default a judgement that failed (NaN welfare) is never scored as 0: its sample is left out of the loss,
+and for the group statistics it takes the mean of its group's valid rewards (`advantages_with_failures`).
+With --judge-failure zero the reward scores it as a verdict of 0 instead (upstream's convention).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -35,6 +37,7 @@ class RolloutConfig:
     adv_std: bool = True
     drop_zero_spread: bool = False
     mask_truncated: bool = False
+    judge_failure: str = "exclude"   # "zero": a failed judgement scored as a verdict of 0 (upstream)
     fsdp: bool = False
     compute_dtype: torch.dtype = torch.float32
 
@@ -112,31 +115,34 @@ def rollout(policy, tokenizer, records: list[dict], prompts: list[list[int]], cf
     gen = sample_groups(policy, tokenizer, prompts, cfg, generator, d.device)
     t1 = time.perf_counter()
     rows = [r for r in records for _ in range(G)]
-    scores = score_batch(gen.texts, rows, judge, welfare=cfg.welfare, llm_reward=cfg.llm_reward, bleu=cfg.bleu)
+    scores = score_batch(gen.texts, rows, judge, welfare=cfg.welfare, llm_reward=cfg.llm_reward, bleu=cfg.bleu,
+                         judge_failure=cfg.judge_failure)
     t2 = time.perf_counter()
 
     welfare = [s.welfare for s in scores]  # NaN where the judge failed
     if cfg.normalize_by_source:
         welfare = normalized_across_ranks(welfare, [r["data_source"] for r in rows], d)
-    rewards = torch.tensor(welfare, dtype=torch.float32)
+    # On the training device, so that on CUDA the group statistics run in the Triton kernel (kernels/advantage.py).
+    rewards = torch.tensor(welfare, dtype=torch.float32, device=d.device)
     failed = torch.isnan(rewards)
     adv, filled = advantages_with_failures(rewards, G, cfg.adv_eps, cfg.adv_std)
     zero_spread = grpo.zero_spread_groups(filled, G, tol=1e-6)
     keep = ~failed & ~zero_spread if cfg.drop_zero_spread else ~failed
+    adv, failed, zero_spread, keep = adv.cpu(), failed.cpu(), zero_spread.cpu(), keep.cpu()  # the Rollout is on the CPU
     attn_mask = gen.completion_mask.cpu()
     loss_mask = attn_mask & keep[:, None]
     if cfg.mask_truncated:
         loss_mask = grpo.mask_truncated(loss_mask, gen.finish_reasons)
-    stats = rollout_stats(scores, gen.finish_reasons, attn_mask, loss_mask, failed, zero_spread, G)
+    stats = rollout_stats(scores, gen.finish_reasons, attn_mask, loss_mask, zero_spread, G)
     stats.update(gen_time=t1 - t0, score_time=t2 - t1)
     return Rollout(gen.prompt_ids, gen.completion_ids.cpu(), attn_mask, loss_mask, gen.logprobs.cpu(),
                    adv, scores, stats)
 
 
 def rollout_stats(scores: list, finish_reasons: list[str], attn_mask: torch.Tensor, loss_mask: torch.Tensor,
-                  failed: torch.Tensor, zero_spread: torch.Tensor, group_size: int) -> dict:
+                  zero_spread: torch.Tensor, group_size: int) -> dict:
     """Sums and counts (summed over ranks later); means are taken over the scored rows only."""
-    scored = [s for s in scores if not s.judge_failed]
+    scored = [s for s in scores if not math.isnan(s.welfare)]  # with --judge-failure zero a failure is scored
     strategies = [s.strategy for s in scores]
     return dict(
         completion_tokens=int(attn_mask.sum()), rows=len(scores),
@@ -144,7 +150,7 @@ def rollout_stats(scores: list, finish_reasons: list[str], attn_mask: torch.Tens
         scored=len(scored), format=sum(s.format for s in scores),
         answer=sum(s.answer_llm for s in scored),
         DA=strategies.count("DA"), CQ=strategies.count("CQ"), AQ=strategies.count("AQ"),
-        truncated=finish_reasons.count("length"), judge_failed=int(failed.sum()),
+        truncated=finish_reasons.count("length"), judge_failed=sum(s.judge_failed for s in scores),
         zero_spread_groups=int(zero_spread.view(-1, group_size)[:, 0].sum()), groups=len(scores) // group_size,
         train_rows=int(loss_mask.any(1).sum()),
     )

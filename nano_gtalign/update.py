@@ -1,4 +1,7 @@
-"""The policy update of one GRPO step: epochs -> mini-batches (one optimizer step each) -> micro-batches.
+"""The policy update of one step: epochs -> mini-batches (one optimizer step each) -> micro-batches.
+
+GRPO calls `update` with one advantage per completion; PPO (ppo.py) with one per token, and runs its critic
+through the same `train_passes`.
 
 Each micro-batch's loss is its share of the mini-batch's loss over the WHOLE step's token and sequence
 counts on every rank (grpo.reduce_loss), so gradient accumulation and DDP averaging give exactly the
@@ -84,33 +87,53 @@ def old_logprobs(model, ro: Rollout, cfg: UpdateConfig, pad_id: int, device: tor
     return old
 
 
+def empty_totals() -> dict:
+    """The sums `update` returns, before any micro-batch (also what a step without an actor update reports)."""
+    return dict(tokens=0.0, clip=0.0, approx_kl=0.0, entropy=0.0, kl=0.0, grad_norm=0.0, opt_steps=0.0,
+                loss=0.0, mismatch=0.0, mismatch_tokens=0.0, update_time=0.0)
+
+
 def update(model, ref, optimizer, scheduler, ro: Rollout, cfg: UpdateConfig, pad_id: int, d: Dist) -> dict:
     """Every optimizer step of one rollout. `model` is the (DDP/FSDP-wrapped) Policy, `ref` the frozen
-    reference Policy for the KL term (None without one). Returns sums for report.step_metrics."""
+    reference Policy for the KL term (None without one). ro.advantages is [R] (GRPO: one per completion) or
+    [R, T] (PPO: one per token). Returns sums for report.step_metrics."""
     policy = unwrap(model)
     policy.model.gradient_checkpointing = cfg.grad_checkpointing
     policy.train()
-    rows_per_mini = len(ro.prompt_ids) // cfg.mini_batches
     on_policy = cfg.mini_batches == 1 and cfg.epochs == 1
     old_logp = None if on_policy else old_logprobs(model, ro, cfg, pad_id, d.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    totals = dict(tokens=0.0, clip=0.0, approx_kl=0.0, entropy=0.0, kl=0.0, grad_norm=0.0, opt_steps=0.0,
-                  loss=0.0, mismatch=0.0, mismatch_tokens=0.0)
+    totals = empty_totals()
     t0 = time.perf_counter()
+
+    def micro(lo: int, hi: int, counts: tuple, first: bool) -> None:
+        micro_step(model, ref, ro, lo, hi, old_logp, counts, cfg, pad_id, d, totals, check_sampler=first)
+    train_passes(model, optimizer, scheduler, ro.loss_mask, cfg, d, micro, totals)
+    totals["update_time"] = time.perf_counter() - t0
+    return totals
+
+
+def train_passes(model, optimizer, scheduler, loss_mask: torch.Tensor, cfg: UpdateConfig, d: Dist, micro,
+                 totals: dict, prefix: str = "") -> None:
+    """cfg.epochs passes over cfg.mini_batches mini-batches of the rollout's rows, one optimizer step each.
+    micro(lo, hi, (n_tok, n_seq), first) runs forward and backward of rows lo:hi, given the token and
+    sequence counts of the whole mini-batch on all ranks; first is True in the first mini-batch of the first
+    epoch. Adds {prefix}grad_norm and {prefix}opt_steps to totals."""
+    rows_per_mini = loss_mask.shape[0] // cfg.mini_batches
+    # The optimizer's own list, not model.parameters(): after a no-grad pass (old log-probs, values) an FSDP2
+    # root stays unsharded and lists its unsharded tensors, whose gradients never arrive, so the norm
+    # would miss them.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for epoch in range(cfg.epochs):
         for m in range(cfg.mini_batches):
             lo, hi = m * rows_per_mini, (m + 1) * rows_per_mini
-            n_tok, n_seq = all_sum(d, list(grpo.step_counts(ro.loss_mask[lo:hi])))
+            n_tok, n_seq = all_sum(d, list(grpo.step_counts(loss_mask[lo:hi])))
             if n_tok == 0:  # nothing to learn from on any rank: skip the optimizer step everywhere
                 continue
             chunks = micro_batches(lo, hi, cfg.micro_batch_size)
             for i, (a, b) in enumerate(chunks):
                 with grad_sync(model, i == len(chunks) - 1, cfg.fsdp):
-                    micro_step(model, ref, ro, a, b, old_logp, (n_tok, n_seq), cfg, pad_id, d, totals,
-                               check_sampler=epoch == 0 and m == 0)
-            optimizer_step(params, optimizer, scheduler, cfg.grad_clip, totals)
-    totals["update_time"] = time.perf_counter() - t0
-    return totals
+                    micro(a, b, (n_tok, n_seq), epoch == 0 and m == 0)
+            optimizer_step(params, optimizer, scheduler, cfg.grad_clip, totals, prefix)
 
 
 def micro_step(model, ref, ro: Rollout, lo: int, hi: int, old_logp: torch.Tensor | None, counts: tuple,
@@ -119,8 +142,8 @@ def micro_step(model, ref, ro: Rollout, lo: int, hi: int, old_logp: torch.Tensor
     logp, ent, mask = forward_logp(model, ro, lo, hi, cfg, pad_id, d.device, with_entropy=True)
     T = logp.shape[1]
     old = logp.detach() if old_logp is None else old_logp[lo:hi, :T].to(d.device)
-    loss_tok, st = grpo.policy_loss(logp, old, ro.advantages[lo:hi].to(d.device), mask,
-                                    cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+    adv = ro.advantages[lo:hi] if ro.advantages.dim() == 1 else ro.advantages[lo:hi, :T]
+    loss_tok, st = grpo.policy_loss(logp, old, adv.to(d.device), mask, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
     if ref is not None:
         with torch.no_grad():
             ref_logp, _, _ = forward_logp(ref, ro, lo, hi, cfg, pad_id, d.device)
@@ -145,11 +168,11 @@ def micro_step(model, ref, ro: Rollout, lo: int, hi: int, old_logp: torch.Tensor
         totals["mismatch_tokens"] += k
 
 
-def optimizer_step(params: list, optimizer, scheduler, grad_clip: float, totals: dict) -> None:
+def optimizer_step(params: list, optimizer, scheduler, grad_clip: float, totals: dict, prefix: str = "") -> None:
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-    totals["grad_norm"] += float(norm)
+    totals[prefix + "grad_norm"] += float(norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    totals["opt_steps"] += 1
+    totals[prefix + "opt_steps"] += 1

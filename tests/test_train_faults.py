@@ -60,6 +60,17 @@ def test_a_failing_judge_stops_the_run_with_a_checkpoint(setup, tmp_path, monkey
     assert res.exit_code == 0 and len(res.history) == 3
 
 
+def test_judge_failure_mode_reaches_the_reward(setup, tmp_path, monkeypatch):
+    seen = []
+
+    def recording(completions, records, judge, **kwargs):
+        seen.append(kwargs)
+        return fake_score_batch(completions, records, judge)
+    monkeypatch.setattr(rollout, "score_batch", recording)
+    train.main(argv(setup, tmp_path / "zero", "--steps", "1", "--judge-failure", "zero"))
+    assert seen and all(kw["judge_failure"] == "zero" for kw in seen)
+
+
 def test_unwritable_out_dir_is_refused_before_any_work(setup, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
