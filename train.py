@@ -50,7 +50,7 @@ from nano_gtalign.errors import UsageError
 from nano_gtalign.evaluate import EvalConfig, evaluate_policy
 from nano_gtalign.interrupts import StopOnSignal
 from nano_gtalign.judges import JudgeSettings, add_judge_arguments, open_judge
-from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
+from nano_gtalign.loader import CheckpointError, export_defaults, load_pretrained, load_tokenizer
 from nano_gtalign.policy import LOGPROB_BACKENDS, Policy, compute_dtype
 from nano_gtalign.ppo import VALUE_HEAD_FILE, Critic, CriticTrainer, PPOConfig, make_critic, ppo_update
 from nano_gtalign.report import (SAME_ON_EVERY_RANK, MetricsLog, console_line, eval_line, format_eval_table,
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--bleu", default="char", choices=BLEUS, help="BLEU for the writing task's A_user")
     a.add_argument("--normalize-by-source", action="store_true", help="z-score W per data source over the step")
     a = p.add_argument_group("GRPO")
-    a.add_argument("--steps", type=int, default=None, help="training steps (default: one pass over the data)")
+    a.add_argument("--steps", type=int, default=None, help="training steps (None: one pass over the data)")
     a.add_argument("--prompts-per-step", type=int, default=64, help="prompts per step, over all ranks")
     a.add_argument("--group-size", type=int, default=8, help="completions per prompt (G); 1 with --algo ppo")
     a.add_argument("--mini-batch-size", type=int, default=None,
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "threads waiting on each other")
     a.add_argument("--seed", type=int, default=0, help="data order, sampling and the demo's task/model")
     a = p.add_argument_group("evaluation, logging, checkpoints")
+    a.add_argument("--export-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of OUT_DIR/final (auto: the --model checkpoint's; the demo's fp32)")
     a.add_argument("--out-dir", default="out/run", help="metrics.jsonl, checkpoints, final/ (and the demo's test.jsonl)")
     a.add_argument("--eval-every", type=int, default=50,
                    help="evaluate every K steps, and before and after training (0: only before/after; -1: never)")
@@ -196,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     demo, ppo = known.model is None, known.algo == "ppo"
+    if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
+        demo = ppo = False  # --help lists the real-run defaults; the epilog lists the demo's and PPO's overrides
     parser.set_defaults(**(DEMO_DEFAULTS if demo else {}) | (PPO_DEFAULTS if ppo else {}) |
                         (DEMO_PPO_DEFAULTS if demo and ppo else {}))
     args = parser.parse_args(argv)
@@ -379,6 +383,8 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
         m = evaluate_policy(policy, tokenizer, evals, eval_ids, eval_cfg, judge, d)
         log.write({"kind": "eval", "step": step, **m})
         print0(d, eval_line(step, m))
+        for source, ms in m.get("by_source", {}).items():
+            print0(d, "  " + eval_line(step, ms).replace(f"eval step {step}", source, 1))
 
     # ---- the loop: prompts -> generate -> score -> advantages -> update -> log / evaluate / checkpoint
     if args.eval_every >= 0 and not args.resume:
@@ -437,7 +443,10 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
     if args.eval_every >= 0 and step == total_steps and (step != start or not args.resume):
         do_eval(total_steps)
     final = out_dir / "final"
-    export_final(trained, tokenizer, final, args.fsdp, d)
+    keep = export_defaults(args.model) if args.model else None  # the input's dtype and sampling defaults
+    dtype = (keep and keep.dtype) if args.export_dtype == "auto" else args.export_dtype
+    export_final(trained, tokenizer, final, args.fsdp, d, dtype=dtype,
+                 generation_config=keep.generation_config if keep else None)
     print0(d, f"saved the final model to {final} (Hugging Face format)")
     if critic is not None:
         export_final(critic.module, tokenizer, out_dir / "final_critic", args.fsdp, d, head_file=VALUE_HEAD_FILE)

@@ -422,10 +422,13 @@ def restore(state: dict, model: nn.Module, optimizer, scheduler, generator: torc
 
 
 def export_final(model: nn.Module, tokenizer, path: Path, fsdp: bool, d: Dist,
-                 head_file: str | None = None) -> None:
+                 head_file: str | None = None, dtype: str | None = None,
+                 generation_config: dict | None = None) -> None:
     """Hugging Face directory (config.json + safetensors + tokenizer) for sample.py, eval.py, transformers,
-    vLLM. `model` is the (wrapped) policy or critic whose `.model` is the Transformer; the critic's value head
-    (its tensors outside `.model`) goes to path/head_file. Collective under FSDP."""
+    vLLM, written in `dtype` (None: the training weights' fp32) with `generation_config` (the input
+    checkpoint's sampling defaults). `model` is the (wrapped) policy or critic whose `.model` is the
+    Transformer; the critic's value head (its tensors outside `.model`) goes to path/head_file. Collective
+    under FSDP."""
     if not (d.main or fsdp):
         return
     state = full_model_state(model, fsdp)
@@ -437,7 +440,7 @@ def export_final(model: nn.Module, tokenizer, path: Path, fsdp: bool, d: Dist,
     plain.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")},
                           assign=True)
     plain.init_buffers("cpu")
-    save_pretrained(plain, tokenizer, path)
+    save_pretrained(plain, tokenizer, path, dtype=dtype, generation_config=generation_config)
     if head_file is not None:
         head = {k: v.contiguous() for k, v in state.items() if not k.startswith("model.")}
         atomic_write_bytes(path / head_file, lambda f: f.write(safetensors_bytes(head, metadata={"format": "pt"})))

@@ -123,7 +123,12 @@ def evaluate_policy(policy, tokenizer, records: list[dict], prompts: list[list[i
                                 generated_tokens=[c.generated_tokens for c in done])
     for row, c in zip(rows, done):
         row["true_type"] = (records[c.index].get("extra_info") or {}).get("question_type")
-    return summarize(gather_lists(d, rows))
+    rows = gather_lists(d, rows)
+    out = summarize(rows)
+    sources = sorted({r["data_source"] for r in rows})
+    if len(sources) > 1:  # a mix: one source's collapse must not hide behind the overall mean
+        out["by_source"] = {s: summarize([r for r in rows if r["data_source"] == s]) for s in sources}
+    return out
 
 
 def summarize(rows: list[dict]) -> dict:

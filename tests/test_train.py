@@ -217,6 +217,54 @@ def test_demo_defaults_apply_only_to_unset_flags():
     assert real.lr == 1e-6 and real.weight_decay == 0.01 and real.mini_batch_size is None  # None: all prompts
 
 
+def test_export_keeps_the_inputs_dtype_and_generation_config(setup, tmp_path):
+    import shutil
+    from safetensors import safe_open
+    root, model, data, evals = setup
+    src = tmp_path / "bf16-model"
+    shutil.copytree(model, src)
+    m = load_pretrained(src, dtype=torch.bfloat16)
+    from nano_gtalign.loader import load_tokenizer, save_pretrained
+    save_pretrained(m, load_tokenizer(src), src, generation_config={"temperature": 0.7, "top_p": 0.8, "top_k": 20,
+                                                                    "repetition_penalty": 1.05})
+    base = argv(setup, tmp_path / "run", "--steps", "1")
+    base[base.index("--model") + 1] = str(src)
+    train.main(base)
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(final / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    gen = json.loads((final / "generation_config.json").read_text())
+    assert (gen["temperature"], gen["top_p"], gen["top_k"], gen["repetition_penalty"]) == (0.7, 0.8, 20, 1.05)
+    train.main(argv(setup, tmp_path / "fp32", "--steps", "1", "--export-dtype", "float32"))
+    assert json.loads((tmp_path / "fp32" / "final" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_training_evaluation_reports_each_source(setup, tmp_path, monkeypatch, capsys):
+    root, model, data, _ = setup
+    mixed = tmp_path / "mixed.jsonl"
+    lines = data.read_text().splitlines()[:6]
+    recs = [json.loads(ln) | ({"data_source": "minerva"} if i % 2 else {}) for i, ln in enumerate(lines)]
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    base = argv(setup, tmp_path / "run", "--steps", "1", "--eval-every", "0")
+    base[base.index("--eval-data") + 1] = str(mixed)
+    res = train.main(base)
+    printed = capsys.readouterr().out
+    assert set(res.evals[0]["by_source"]) == {"arith_demo", "minerva"}
+    # --eval-size 4 of 3 + 3 records: a seeded subset stratified by source, 2 of each (not the first 4)
+    assert res.evals[0]["by_source"]["minerva"]["n"] == res.evals[0]["by_source"]["arith_demo"]["n"] == 2
+    assert "  minerva | n 2 |" in printed and "  arith_demo | n 2 |" in printed
+
+
+def test_help_shows_the_real_run_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "peak learning rate (default: 1e-06)" in out and "(default: 40)" not in out  # not the demo's
+    assert "demo defaults (no --model): --out-dir out/demo, --lr 0.0006" in out
+    assert "one pass over the data) (default: None)" in out
+
+
 def test_lr_schedule_by_hand():
     # warm-up: (s+1)/2; then cosine over the remaining 4 steps from 1 down to 0.1
     got = [lr_factor(s, 6, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1) for s in range(7)]
