@@ -1,4 +1,4 @@
-"""Fused token log-probabilities: log softmax(W·h/τ)[y] (and entropy) without N×V logits (SPEC §8).
+"""Fused token log-probabilities: log softmax(W·h/τ)[y] (and entropy) without N×V logits (docs/logprobs.md).
 
     logp, ent = fused_logprobs(hidden, weight, targets, temperature=0.7, return_entropy=True)
 

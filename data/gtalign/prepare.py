@@ -111,7 +111,7 @@ def _check_messages(messages, where: str) -> None:
 def convert_row(row: dict) -> tuple[dict, list[str]]:
     """One parquet row -> (record, notes). Raises RowError for a row to skip.
 
-    notes name SPEC fields that were absent and written as null (reported, not fatal).
+    notes name record fields (docs/data.md) that were absent and written as null (reported, not fatal).
     """
     rec = to_plain(row)
     source = rec.get("data_source")
