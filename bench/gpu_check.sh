@@ -2,7 +2,7 @@
 # The project's GPU check: everything a CPU-only CI cannot run, on one CUDA machine, in under 8 minutes
 # (H100/H200), with nothing to install and nothing downloaded. Run from anywhere:
 #
-#     OUT=/tmp/gpu_check bash bench/gpu_check.sh      # logs: $OUT/<step>.log, summary: $OUT/SUMMARY.txt
+#     OUT=/tmp/gpu_check bash bench/gpu_check.sh      # logs: $OUT/<step>.log (default /tmp/gpu_check), $OUT/SUMMARY.txt
 #
 # Prints PASS / FAIL / SKIP lines (and GOAL / INFO lines for the benchmarks) and a closing count; exits 1
 # if anything failed. The whole run stays inside GPU_CHECK_BUDGET seconds (default 450): a step that
@@ -22,7 +22,7 @@
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-OUT=${OUT:-$ROOT/gpu_check_out}
+OUT=${OUT:-${TMPDIR:-/tmp}/gpu_check}  # outside the checkout: nothing to ignore or commit
 mkdir -p "$OUT"
 BUDGET=${GPU_CHECK_BUDGET:-450}
 START=$(date +%s)

@@ -43,6 +43,7 @@ cpu_packing.py; the token layout (left padding) in layout.py.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -203,7 +204,8 @@ def generate(
         cache_len = _round_up(P + run.max_new, CACHE_ALIGN) if static else P + run.max_new
         cache, logits, positions, key_mask = _prefill(model, head, run, cache_len)
         if static:
-            decoder, check_every = _StaticDecoder(model, cache, positions, key_mask, mode), CHECK_EVERY
+            decoder = _StaticDecoder(model, cache, positions, key_mask, mode, strict=decode != "auto")
+            check_every = CHECK_EVERY
         else:
             decoder, check_every = _eager_decoder(model, head, cache, positions, key_mask, run.max_new), 1
         rows = _Rows(run)
@@ -397,8 +399,10 @@ class _StaticDecoder:
     call captures the step into a CUDA graph and every later call is one copy and one replay.
     """
 
-    def __init__(self, model, cache: KVCache, positions: torch.Tensor, key_mask: torch.Tensor | None, mode: str):
+    def __init__(self, model, cache: KVCache, positions: torch.Tensor, key_mask: torch.Tensor | None, mode: str,
+                 strict: bool = True):
         self.model = _transformer(model)
+        self.strict = strict  # False (decode="auto"): a failed CUDA-graph capture falls back to plain launches
         R, S, device = cache.batch_size, cache.max_seq_len, positions.device
         self.k, self.v = cache.k, cache.v
         self.tokens = torch.zeros((R, 1), dtype=torch.long, device=device)
@@ -444,10 +448,18 @@ class _StaticDecoder:
         torch.cuda.current_stream().wait_stream(side)
         logits.record_stream(torch.cuda.current_stream())
         self.graph = torch.cuda.CUDAGraph()
-        # Records, does not run (the cache is not written here). thread_local: CUDA calls that other threads
-        # of the trainer may make meanwhile (an allocation, say) do not invalidate this capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.graph_logits = self._run()
+        try:
+            # Records, does not run (the cache is not written here). thread_local: CUDA calls that other
+            # threads of the trainer may make meanwhile (an allocation, say) do not invalidate this capture.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.graph_logits = self._run()
+        except RuntimeError as exc:
+            if self.strict:  # decode="graph" | "compile" asked for by name: say so
+                raise
+            # decode="auto": a GPU/driver where capture fails still samples, one launch at a time.
+            warnings.warn(f"CUDA graph capture of the decode step failed ({str(exc).splitlines()[0][:200]}); "
+                          "decoding without a graph (NANO_GTALIGN_DECODE=eager or =static silences this)")
+            self.graph, self.graph_logits, self.use_graph = None, None, False
         return logits
 
 

@@ -236,9 +236,10 @@ def test_model_path_end_to_end(tiny_run, capsys):
 def test_torchrun_shards_and_gathers(tiny_run, tmp_path):
     """Two gloo ranks on CPU produce the same per-sample rows as one process (greedy)."""
     d, model, data = tiny_run
-    common = ["--model", str(model), "--data", str(data), "--max-new-tokens", "5", "--temperature", "0"]
+    common = ["--model", str(model), "--data", str(data), "--max-new-tokens", "5", "--temperature", "0",
+              "--device", "cpu"]
     evaluate.main(common + ["--per-sample", str(tmp_path / "one.jsonl")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # 2 gloo ranks, even on a 1-GPU machine
     with socket.socket() as s:  # a free port: other test runs on this machine may hold a fixed one
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

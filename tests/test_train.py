@@ -24,11 +24,13 @@ from nano_gtalign.errors import UsageError
 from nano_gtalign.judges import make_judge
 from nano_gtalign.layout import pack_rows
 from nano_gtalign.loader import CheckpointError, load_pretrained
-from nano_gtalign.policy import Policy
+from nano_gtalign.policy import Policy, compute_dtype
 from nano_gtalign.reward import RewardBreakdown
 from nano_gtalign.rollout import concat_generations
 from nano_gtalign.update import lr_factor
 from tests.tiny import make_hf_model
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 QUESTIONS = [("What is 3 + 4?", "7"), ("Add 5 to my number.", "vague"), ("What is 9 - 2?", "7"),
              ("How much is 6 times 7?", "42"), ("Multiply my number by 3.", "vague"), ("What is 12 + 30?", "42"),
@@ -104,7 +106,8 @@ def test_two_steps_train_log_and_export(setup, tmp_path):
         assert 0 <= ln["DA"] + ln["CQ"] + ln["AQ"] <= 1
         assert ln["grad_norm"] > 0 and math.isfinite(ln["W"])
         # Same weights sampled and scored: the trainer's log-probs are the sampler's up to float noise.
-        assert ln["logp_mismatch"] < 1e-4
+        # fp32 on a CPU; bf16 autocast on CUDA (4e-4 measured in bf16 on a CPU)
+        assert ln["logp_mismatch"] < (1e-4 if compute_dtype("auto", DEVICE) == torch.float32 else 2e-3)
         assert ln["clip_frac"] == 0.0  # on-policy (one optimizer step per rollout): ratio is exactly 1
     for ln in evals:
         assert ln["n"] == 4 and "welfare" in ln and "action_ok_DQ" in ln
@@ -121,7 +124,9 @@ def assert_same_params(a: dict, b: dict, atol: float = 1e-6) -> None:
 
 def test_resume_continues_exactly(setup, tmp_path):
     # Two optimizer steps per rollout (old log-probs recomputed), warm-up + cosine: every piece of state matters.
-    common = ("--steps", "4", "--mini-batch-size", "1", "--lr-schedule", "cosine", "--warmup-steps", "2")
+    # --device cpu: bit-for-bit comparisons need fp32 and deterministic kernels (a GPU's attention backward is not)
+    common = ("--steps", "4", "--mini-batch-size", "1", "--lr-schedule", "cosine", "--warmup-steps", "2",
+              "--device", "cpu")
     train.main(argv(setup, tmp_path / "full", *common))
     halted = train.main(argv(setup, tmp_path / "split", *common, "--halt-after", "2"))
     assert halted.final_dir is None and len(halted.history) == 2
@@ -142,8 +147,10 @@ def test_micro_batching_does_not_change_the_update(setup, tmp_path, monkeypatch)
     cases = {"token": ["--loss-agg", "token-mean"], "sumnorm": ["--loss-agg", "seq-mean-token-sum-norm"],
              "kl-2ep": ["--loss-agg", "seq-mean-token-mean", "--kl-coef", "0.5", "--ppo-epochs", "2"]}
     for name, extra in cases.items():
-        one = train.main(argv(setup, tmp_path / f"m1-{name}", "--steps", "1", "--micro-batch-size", "1", *extra))
-        all8 = train.main(argv(setup, tmp_path / f"m8-{name}", "--steps", "1", "--micro-batch-size", "8", *extra))
+        one = train.main(argv(setup, tmp_path / f"m1-{name}", "--steps", "1", "--micro-batch-size", "1",
+                              "--device", "cpu", *extra))
+        all8 = train.main(argv(setup, tmp_path / f"m8-{name}", "--steps", "1", "--micro-batch-size", "8",
+                               "--device", "cpu", *extra))
         assert_same_params(final_params(tmp_path / f"m1-{name}"), final_params(tmp_path / f"m8-{name}"), atol=1e-5)
         m = all8.history[0]
         assert m["opt_steps"] == (2 if name == "kl-2ep" else 1)
