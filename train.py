@@ -44,20 +44,20 @@ from data.demo import DEMO_OUT_DIR
 from nano_gtalign import grpo
 from nano_gtalign.checkpoint import export_final, load_checkpoint, prepare_out_dir, restore, save_checkpoint
 from nano_gtalign.data import Cursor, encode_for_run, next_prompts, read_splits
-from nano_gtalign.distributed import (Dist, exit_after_torchrun, print0, reduce_stats, setup_distributed, shard,
-                                      teardown, unwrap, wrap_ddp)
+from nano_gtalign.distributed import (Dist, exit_after_torchrun, print0, reduce_stats, setup_distributed, teardown,
+                                      unwrap, wrap_for_training)
 from nano_gtalign.errors import UsageError
 from nano_gtalign.evaluate import EvalConfig, evaluate_policy
 from nano_gtalign.interrupts import StopOnSignal
 from nano_gtalign.judges import JudgeSettings, add_judge_arguments, open_judge
 from nano_gtalign.loader import CheckpointError, export_defaults, load_pretrained, load_tokenizer
 from nano_gtalign.policy import LOGPROB_BACKENDS, Policy, compute_dtype
-from nano_gtalign.ppo import VALUE_HEAD_FILE, Critic, CriticTrainer, PPOConfig, make_critic, ppo_update
+from nano_gtalign.ppo import VALUE_HEAD_FILE, CriticTrainer, PPOConfig, make_critic, ppo_update
 from nano_gtalign.report import (SAME_ON_EVERY_RANK, MetricsLog, console_line, eval_line, format_eval_table,
                                   judge_failure_rate, step_metrics)
 from nano_gtalign.reward import BLEUS, LLM_REWARDS, WELFARES
 from nano_gtalign.rollout import RolloutConfig, rollout
-from nano_gtalign.update import UpdateConfig, lr_factor, update
+from nano_gtalign.update import UpdateConfig, make_optimizer, update
 
 # Demo defaults, applied only to flags not given on the command line. A tiny model learns fast with a large
 # learning rate; the KL to the warm-started model holds its behaviour where the reward says nothing (the
@@ -280,21 +280,7 @@ def build_policy(model: nn.Module, args, dtype: torch.dtype, d: Dist):
         ref = Policy(copy.deepcopy(model).requires_grad_(False).eval(), dtype, args.logprob_backend)
     if args.algo == "ppo":  # copied (or loaded) before the policy is sharded
         critic = make_critic(model, args.critic_model, d.device)
-    return tuple(m if m is None else wrap(m, args.fsdp, d) for m in (policy, ref, critic))
-
-
-def wrap(module: Policy | Critic, fsdp: bool, d: Dist) -> nn.Module:
-    if fsdp:  # frozen modules too: each rank holds 1/world of the reference
-        return shard(module, module.model.model.layers, d)
-    return wrap_ddp(module, d) if d.on and any(p.requires_grad for p in module.parameters()) else module
-
-
-def adamw(module: nn.Module, lr: float, args, total: int):
-    """AdamW over the trainable parameters and its learning-rate schedule over `total` optimizer steps."""
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
-                            betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, args.warmup_steps, args.lr_schedule, args.min_lr_ratio))
+    return tuple(m if m is None else wrap_for_training(m, args.fsdp, d) for m in (policy, ref, critic))
 
 
 @dataclass
@@ -344,9 +330,11 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
     mini_batches = args.prompts_per_step // (args.mini_batch_size or args.prompts_per_step)
     opt_per_step = mini_batches * args.ppo_epochs
     actor_steps = total_steps - (args.critic_warmup if args.algo == "ppo" else 0)  # --critic-warmup: no actor steps
-    optimizer, scheduler = adamw(trained, args.lr, args, max(actor_steps, 0) * opt_per_step)
-    critic = None if critic_module is None else \
-        CriticTrainer(critic_module, *adamw(critic_module, args.critic_lr, args, total_steps * opt_per_step))
+    adamw = dict(betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                 schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio)
+    optimizer, scheduler = make_optimizer(trained, lr=args.lr, total_steps=max(actor_steps, 0) * opt_per_step, **adamw)
+    critic = None if critic_module is None else CriticTrainer(critic_module, *make_optimizer(
+        critic_module, lr=args.critic_lr, total_steps=total_steps * opt_per_step, **adamw))
     # Per-rank sampling stream; its state is checkpointed so a resumed run draws the same tokens.
     generator = torch.Generator(device=d.device).manual_seed(args.seed * 1000 + d.rank)
     cursor, start = Cursor(), 0

@@ -151,6 +151,15 @@ def wrap_ddp(module: nn.Module, d: Dist) -> nn.Module:
                                                else None, broadcast_buffers=False)
 
 
+def wrap_for_training(module: nn.Module, fsdp: bool, d: Dist) -> nn.Module:
+    """A Policy or Critic (`.model` is the Transformer) ready for torchrun: FSDP2-sharded (frozen modules too:
+    each rank then holds 1/world of a KL reference), DDP-wrapped when it has trainable parameters, or as it is
+    on a single process."""
+    if fsdp:
+        return shard(module, module.model.model.layers, d)
+    return wrap_ddp(module, d) if d.on and any(p.requires_grad for p in module.parameters()) else module
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (FSDP2 modules are their own module)."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module

@@ -58,6 +58,17 @@ def lr_factor(opt_step: int, total: int, warmup_steps: int, schedule: str, min_l
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def make_optimizer(module: torch.nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float,
+                   total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float):
+    """AdamW over the module's trainable parameters and its learning-rate schedule (lr_factor) over
+    total_steps optimizer steps."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, betas=betas,
+                                  weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, schedule, min_lr_ratio))
+    return optimizer, scheduler
+
+
 def micro_batches(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, hi)) for s in range(lo, hi, size)]
 
