@@ -7,7 +7,7 @@ Used by train.py's built-in demo:
 """
 from __future__ import annotations
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nano_gtalign.model import ModelConfig
@@ -36,10 +36,14 @@ def demo_corpus(records: list[dict], completions: list[str]) -> list[str]:
             for r, c in zip(records, completions)]
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 1024) -> Tokenizer:
+def build_tokenizer(texts: list[str], vocab_size: int = 1024, *, split_regex: str = PRETOKENIZE, nfc: bool = False,
+                    chat_template: str = CHATML_TEMPLATE) -> Tokenizer:
     """Train a byte-level BPE on texts. Any byte sequence stays encodable (all 256 bytes are in the base
     alphabet), so whatever the policy samples decodes. The trainer stops early when no pair occurs twice,
-    so the final vocabulary can be smaller than vocab_size."""
+    so the final vocabulary can be smaller than vocab_size.
+
+    split_regex pre-splits the text (the demo's pieces by default; QWEN2_PRETOKENIZE_REGEX with nfc=True
+    builds a tokenizer that transformers' Qwen2Tokenizer reproduces)."""
     if not texts:
         raise ValueError("build_tokenizer needs at least one text")
     base = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
@@ -47,15 +51,17 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024) -> Tokenizer:
         raise ValueError(f"vocab_size={vocab_size} leaves no room for merges (the byte alphabet and specials "
                          f"already take {base})")
     tok = HFTokenizer(models.BPE())
+    if nfc:
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated"),
+        pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    return Tokenizer.from_tokenizers(tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, chat_template=CHATML_TEMPLATE)
+    return Tokenizer.from_tokenizers(tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, chat_template=chat_template)
 
 
 def demo_model_config(vocab_size: int, hidden_size: int = 128, num_hidden_layers: int = 4,

@@ -1,0 +1,130 @@
+"""A small Qwen2 model directory for a dry run of the GTAlign pipeline on a CPU, built from the prepared data.
+
+    python data/gtalign/tiny_model.py --data out/gtalign/train.jsonl --out out/tiny-qwen2
+    python data/gtalign/tiny_model.py --data out/gtalign/train.jsonl --out out/tiny-qwen2 --format-steps 0  # random
+
+It stands in for a downloaded checkpoint (Qwen2.5-0.5B-Instruct and up) where none is at hand: a byte-level
+BPE trained on the records' rendered prompts with Qwen2's own pre-tokenizer (so transformers' AutoTokenizer
+loads it as a Qwen2Tokenizer that tokenizes exactly as we do) and Qwen2.5's chat template, and a Qwen2 with
+random weights. A random model never writes the four blocks, so nothing it says is ever judged; unless
+--format-steps 0, a short supervised warm start teaches it the layout from made-up completions: a plausible
+payoff matrix, its frontier and choice, and a response that only has the right shape (math answers are
+boxed references, other answers generic sentences). The model learns the format, not the tasks: its
+numbers say that the pipeline runs, nothing about GTAlign.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+
+from data.demo.build import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, build_tokenizer
+from data.demo.sft import warm_start
+from data.demo.transcripts import make_matrix
+from nano_gtalign.game import format_payoff, pareto_frontier
+from nano_gtalign.loader import save_pretrained
+from nano_gtalign.model import ModelConfig, Transformer
+from nano_gtalign.tokenizer import QWEN2_PRETOKENIZE_REGEX, QWEN25_CHAT_TEMPLATE
+
+MATH_SOURCES = ("math-hard", "minerva")
+CLEAR_ANSWERS = ["Here is a direct answer to your question.", "The short answer follows from the facts given."]
+CLARIFY = ["Could you say which meaning you intend?", "Which of these cases do you mean?"]
+FOLLOW_UPS = ["Would you like more detail?", "Shall I go on?"]
+
+
+def believed_type(record: dict) -> str:
+    """VQ for a question the data marks as ambiguous, else DQ (the published labels; other sources have none)."""
+    truth = str(record["reward_model"]["ground_truth"])
+    return "VQ" if truth.startswith("multipleQAs") or truth == "ambiguous" else "DQ"
+
+
+def format_completion(record: dict, rng: random.Random) -> str:
+    """A four-block completion for record with the right layout and a sensible choice; its response is
+    a boxed reference answer for math, a generic sentence (or a clarifying question) otherwise."""
+    qtype = believed_type(record)
+    target = rng.choice(["DQ_DA", "DQ_AQ"]) if qtype == "DQ" else "VQ_CQ"
+    matrix = make_matrix(rng, qtype, target)
+    strategy = target.split("_")[1]
+    if strategy == "CQ":
+        response = rng.choice(CLARIFY)
+    elif record["data_source"] in MATH_SOURCES:
+        response = f"The answer is $\\boxed{{{record['reward_model']['ground_truth']}}}$."
+    else:
+        response = rng.choice(CLEAR_ANSWERS)
+    if strategy == "AQ":
+        response += " " + rng.choice(FOLLOW_UPS)
+    thinking = "The question is clear." if qtype == "DQ" else "The question can be read several ways."
+    analyze = f"Frontier: {', '.join(pareto_frontier(matrix))}. Chosen: {target}, the largest LLM + user."
+    return (f"<thinking>{thinking}</thinking><payoff>{format_payoff(matrix)}</payoff>"
+            f"<analyze>{analyze}</analyze><response>{response}</response>")
+
+
+def tiny_qwen2_config(vocab_size: int, hidden_size: int, num_hidden_layers: int, max_position_embeddings: int
+                      ) -> ModelConfig:
+    """A Qwen2 (attention biases, GQA 2:1, tied embeddings) of the given width and depth."""
+    heads = max(2, hidden_size // 64)
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+        head_dim=hidden_size // heads, max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+        attention_bias=True, qk_norm=False, model_type="qwen2", bos_token_id=None,
+        eos_token_id=SPECIAL_TOKENS.index(EOS_TOKEN), pad_token_id=SPECIAL_TOKENS.index(PAD_TOKEN))
+
+
+def read_records(path: Path, limit: int, seed: int) -> list[dict]:
+    if not path.is_file():
+        raise SystemExit(f"error: --data {path}: no such file (run data/gtalign/prepare.py first)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise SystemExit(f"error: --data {path}: no records")
+    random.Random(seed).shuffle(records)
+    return records[:limit]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help="prepared JSONL (data/gtalign/prepare.py)")
+    ap.add_argument("--out", type=Path, required=True, help="model directory to write")
+    ap.add_argument("--records", type=int, default=2000, help="records drawn for the tokenizer and the warm start")
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--hidden-size", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--max-positions", type=int, default=4096)
+    ap.add_argument("--format-steps", type=int, default=150, help="warm-start steps; 0 leaves the weights random")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="dtype written to disk")
+    args = ap.parse_args(argv)
+    print("tiny_model: " + " ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    records = read_records(args.data, args.records, args.seed)
+    rng = random.Random(args.seed)
+    completions = [format_completion(r, rng) for r in records]
+    texts = [m["content"] for r in records for m in r["prompt"]] + completions
+    tokenizer = build_tokenizer(texts, args.vocab_size, split_regex=QWEN2_PRETOKENIZE_REGEX, nfc=True,
+                                chat_template=QWEN25_CHAT_TEMPLATE)
+    model = Transformer(tiny_qwen2_config(tokenizer.vocab_size, args.hidden_size, args.layers, args.max_positions))
+    n_params = sum(p.numel() for p in model.parameters())
+    lengths = sorted(len(tokenizer.encode_chat(r["prompt"])) for r in records)
+    print(f"tokenizer: {tokenizer.vocab_size} tokens; prompts {lengths[0]}-{lengths[-1]} tokens "
+          f"(median {lengths[len(lengths) // 2]}); model: {n_params / 1e6:.2f}M parameters", flush=True)
+    if args.format_steps > 0:
+        warm_start(model, tokenizer, records, completions, steps=args.format_steps, lr=args.lr,
+                   batch_size=args.batch_size, seed=args.seed, log_every=25)
+    save_pretrained(model, tokenizer, args.out, dtype=getattr(torch, args.dtype))
+    print(f"wrote {args.out} ({'random weights' if args.format_steps == 0 else 'format warm start'}, "
+          f"{args.dtype}) in {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
