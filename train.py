@@ -190,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEMO_ONLY_FLAGS = ("demo_train_size", "sft_steps")
+PPO_ONLY_FLAGS = ("critic_model", "critic_lr", "value_clip", "gamma", "lam", "critic_warmup")
+
+
+def applicable_flags(args: argparse.Namespace) -> dict:
+    """The flags this run reads: the demo's only without --model, the value model's only with --algo ppo."""
+    skip = (DEMO_ONLY_FLAGS if args.model else ()) + (PPO_ONLY_FLAGS if args.algo != "ppo" else ())
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Two passes: whether --model and --algo ppo are given decides which defaults the full parser uses.
     pre = argparse.ArgumentParser(add_help=False)
@@ -308,8 +318,7 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    flags = vars(args)
-    print0(d, "config: " + " ".join(f"{k}={v}" for k, v in flags.items()))
+    print0(d, "config: " + " ".join(f"{k}={v}" for k, v in applicable_flags(args).items()))
     print0(d, f"ranks {d.world} | device {d.device} | compute {str(dtype).removeprefix('torch.')} | "
               f"{'FSDP2' if args.fsdp else 'DDP' if d.on else 'single process'}")
     model, tokenizer, train, evals = load_model_and_data(args, d)

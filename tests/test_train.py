@@ -224,6 +224,16 @@ def test_demo_defaults_apply_only_to_unset_flags():
     assert real.lr == 1e-6 and real.weight_decay == 0.01 and real.mini_batch_size is None  # None: all prompts
 
 
+def test_config_line_shows_only_the_flags_the_run_reads():
+    real = train.applicable_flags(train.parse_args(["--model", "m", "--data", "d.jsonl"]))
+    assert "sft_steps" not in real and "demo_train_size" not in real and "critic_lr" not in real
+    assert real["lr"] == 1e-6 and real["judge"] == "rule"
+    demo = train.applicable_flags(train.parse_args([]))
+    assert demo["sft_steps"] == 300 and "critic_lr" not in demo
+    ppo = train.applicable_flags(train.parse_args(["--model", "m", "--data", "d.jsonl", "--algo", "ppo"]))
+    assert ppo["critic_lr"] == 2e-6 and ppo["gamma"] == 1.0 and "sft_steps" not in ppo
+
+
 def test_export_keeps_the_inputs_dtype_and_generation_config(setup, tmp_path):
     import shutil
     from safetensors import safe_open
