@@ -10,20 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# A Qwen2.5-style ChatML template (system prompt defaulted when absent).
-QWEN_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if not (loop.first and message['role'] == 'system') %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+from nano_gtalign.tokenizer import QWEN25_CHAT_TEMPLATE
+
+# Qwen2.5's template with a shorter default system prompt (tests compare rendered text against it).
+QWEN_CHAT_TEMPLATE = QWEN25_CHAT_TEMPLATE.replace("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+                                                  "You are a helpful assistant.")
+assert QWEN_CHAT_TEMPLATE != QWEN25_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
