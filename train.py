@@ -318,6 +318,7 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    flags = vars(args)   # all of them go into checkpoints and metrics.jsonl; the console shows what applies
     print0(d, "config: " + " ".join(f"{k}={v}" for k, v in applicable_flags(args).items()))
     print0(d, f"ranks {d.world} | device {d.device} | compute {str(dtype).removeprefix('torch.')} | "
               f"{'FSDP2' if args.fsdp else 'DDP' if d.on else 'single process'}")
