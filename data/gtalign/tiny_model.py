@@ -15,7 +15,6 @@ numbers say that the pipeline runs, nothing about GTAlign.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -25,12 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from data.demo.build import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, build_tokenizer
+from data.demo.build import build_tokenizer, demo_model_config
 from data.demo.sft import warm_start
 from data.demo.transcripts import make_matrix
+from nano_gtalign.data import read_records
+from nano_gtalign.errors import UsageError
 from nano_gtalign.game import format_payoff, pareto_frontier
 from nano_gtalign.loader import save_pretrained
-from nano_gtalign.model import ModelConfig, Transformer
+from nano_gtalign.model import Transformer
 from nano_gtalign.tokenizer import QWEN2_PRETOKENIZE_REGEX, QWEN25_CHAT_TEMPLATE
 
 MATH_SOURCES = ("math-hard", "minerva")
@@ -66,24 +67,12 @@ def format_completion(record: dict, rng: random.Random) -> str:
             f"<analyze>{analyze}</analyze><response>{response}</response>")
 
 
-def tiny_qwen2_config(vocab_size: int, hidden_size: int, num_hidden_layers: int, max_position_embeddings: int
-                      ) -> ModelConfig:
-    """A Qwen2 (attention biases, GQA 2:1, tied embeddings) of the given width and depth."""
-    heads = max(2, hidden_size // 64)
-    return ModelConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-        head_dim=hidden_size // heads, max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
-        attention_bias=True, qk_norm=False, model_type="qwen2", bos_token_id=None,
-        eos_token_id=SPECIAL_TOKENS.index(EOS_TOKEN), pad_token_id=SPECIAL_TOKENS.index(PAD_TOKEN))
-
-
-def read_records(path: Path, limit: int, seed: int) -> list[dict]:
-    if not path.is_file():
-        raise SystemExit(f"error: --data {path}: no such file (run data/gtalign/prepare.py first)")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not records:
-        raise SystemExit(f"error: --data {path}: no records")
+def read_prepared(path: Path, limit: int, seed: int) -> list[dict]:
+    """limit records of a prepared file (each checked by data.read_records), drawn at random with seed."""
+    try:
+        records = read_records(path)
+    except UsageError as e:
+        raise SystemExit(f"error: --data {e} (run data/gtalign/prepare.py first)") from None
     random.Random(seed).shuffle(records)
     return records[:limit]
 
@@ -107,13 +96,16 @@ def main(argv: list[str] | None = None) -> None:
     print("tiny_model: " + " ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
     t0 = time.time()
     torch.manual_seed(args.seed)
-    records = read_records(args.data, args.records, args.seed)
+    records = read_prepared(args.data, args.records, args.seed)
     rng = random.Random(args.seed)
     completions = [format_completion(r, rng) for r in records]
     texts = [m["content"] for r in records for m in r["prompt"]] + completions
     tokenizer = build_tokenizer(texts, args.vocab_size, split_regex=QWEN2_PRETOKENIZE_REGEX, nfc=True,
                                 chat_template=QWEN25_CHAT_TEMPLATE)
-    model = Transformer(tiny_qwen2_config(tokenizer.vocab_size, args.hidden_size, args.layers, args.max_positions))
+    heads = max(2, args.hidden_size // 64)
+    model = Transformer(demo_model_config(tokenizer.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                                          num_attention_heads=heads, num_key_value_heads=heads // 2,
+                                          max_position_embeddings=args.max_positions))
     n_params = sum(p.numel() for p in model.parameters())
     lengths = sorted(len(tokenizer.encode_chat(r["prompt"])) for r in records)
     print(f"tokenizer: {tokenizer.vocab_size} tokens; prompts {lengths[0]}-{lengths[-1]} tokens "
