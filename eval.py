@@ -56,7 +56,7 @@ from nano_gtalign.evaluate import (
     Key, SampleLog, check_scorable, check_writable, compare_by_source, format_comparison_by_source,
     generate_completions, judge_failures, json_safe, sample_keys, score_completions,
 )
-from nano_gtalign.judges import RULE_TASKS, JudgeSettings, add_judge_arguments, canonical_task, open_judge
+from nano_gtalign.judges import RULE_TASKS, add_judge_arguments, canonical_task, open_judge_from_flags
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.metrics import (
     breakdown_dict, compare, format_comparison, format_paper_comparison, format_paper_table, format_table, frontier,
@@ -520,12 +520,8 @@ def evaluate(args, d: Dist, log) -> None:
 
 def open_run_judge(args, sources: list[str]):
     """The judge, refused up front (before any generation) when it cannot score one of `sources`."""
-    settings = JudgeSettings(max_tokens=args.judge_max_tokens, temperature=args.judge_temperature,
-                             top_p=args.judge_top_p, top_k=args.judge_top_k, extra_body=args.judge_extra_body,
-                             failure=args.judge_failure)
     try:
-        return open_judge(args.judge, sources=sources, timeout=args.judge_timeout,
-                          max_concurrency=args.judge_concurrency, settings=settings)
+        return open_judge_from_flags(args, sources)
     except UsageError as e:
         scorable = sorted({s for s in sources if canonical_task(s) in RULE_TASKS})
         if args.judge != "rule" or not scorable:

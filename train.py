@@ -49,7 +49,7 @@ from nano_gtalign.distributed import (Dist, exit_after_torchrun, print0, reduce_
 from nano_gtalign.errors import UsageError
 from nano_gtalign.evaluate import EvalConfig, evaluate_policy
 from nano_gtalign.interrupts import StopOnSignal
-from nano_gtalign.judges import JudgeSettings, add_judge_arguments, open_judge
+from nano_gtalign.judges import add_judge_arguments, open_judge_from_flags
 from nano_gtalign.loader import CheckpointError, export_defaults, load_pretrained, load_tokenizer
 from nano_gtalign.policy import LOGPROB_BACKENDS, Policy, compute_dtype
 from nano_gtalign.ppo import VALUE_HEAD_FILE, CriticTrainer, PPOConfig, make_critic, ppo_update
@@ -323,11 +323,7 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
     print0(d, f"ranks {d.world} | device {d.device} | compute {str(dtype).removeprefix('torch.')} | "
               f"{'FSDP2' if args.fsdp else 'DDP' if d.on else 'single process'}")
     model, tokenizer, train, evals = load_model_and_data(args, d)
-    judge_settings = JudgeSettings(max_tokens=args.judge_max_tokens, temperature=args.judge_temperature,
-                                   top_p=args.judge_top_p, top_k=args.judge_top_k, extra_body=args.judge_extra_body,
-                                   failure=args.judge_failure)
-    judge = open_judge(args.judge, sources=[r["data_source"] for r in train + evals], timeout=args.judge_timeout,
-                       max_concurrency=args.judge_concurrency, settings=judge_settings)
+    judge = open_judge_from_flags(args, sources=[r["data_source"] for r in train + evals])
     train, train_ids, evals, eval_ids = encode_for_run(
         train, evals, tokenizer, max_prompt_tokens=args.max_prompt_tokens, eval_size=args.eval_size, seed=args.seed,
         prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,

@@ -202,8 +202,8 @@ def parse_extra_body(text: str) -> dict:
 
 def add_judge_arguments(parser) -> None:
     """Add every judge flag to an argparse parser or argument group: train.py and eval.py share this one
-    definition. Defaults are JudgeSettings' (the paper's judge); build the settings from the parsed
-    values with JudgeSettings(max_tokens=args.judge_max_tokens, ..., failure=args.judge_failure)."""
+    definition. Defaults are JudgeSettings' (the paper's judge); open_judge_from_flags turns the parsed values
+    into the judge."""
     d = JudgeSettings()
     parser.add_argument("--judge", default="rule", metavar="SPEC",
                         help="'rule' (offline: math-hard, minerva, arith_demo) or an OpenAI-compatible URL, "
@@ -998,3 +998,13 @@ def open_judge(spec: str, *, sources: list[str] = (), timeout: float | None = No
     except (ValueError, JudgeUnavailableError) as e:
         raise UsageError(str(e)) from None
     return judge
+
+
+def open_judge_from_flags(flags, sources: list[str]) -> Judge:
+    """open_judge with the values of the flags add_judge_arguments defines (flags: the parsed namespace of
+    train.py or eval.py), so the two scripts read their judge flags in one place."""
+    settings = JudgeSettings(max_tokens=flags.judge_max_tokens, temperature=flags.judge_temperature,
+                             top_p=flags.judge_top_p, top_k=flags.judge_top_k, extra_body=flags.judge_extra_body,
+                             failure=flags.judge_failure)
+    return open_judge(flags.judge, sources=sources, timeout=flags.judge_timeout,
+                      max_concurrency=flags.judge_concurrency, settings=settings)

@@ -281,7 +281,7 @@ class FailingJudge(CountingJudge):
 
 
 def use_judge(monkeypatch, judge):
-    monkeypatch.setattr(evaluate, "open_judge", lambda spec, **kw: judge)
+    monkeypatch.setattr(evaluate, "open_judge_from_flags", lambda flags, sources: judge)
     return judge
 
 
