@@ -53,7 +53,7 @@ from nano_gtalign.judges import add_judge_arguments, open_judge_from_flags
 from nano_gtalign.loader import CheckpointError, export_defaults, load_pretrained, load_tokenizer
 from nano_gtalign.policy import LOGPROB_BACKENDS, Policy, compute_dtype
 from nano_gtalign.ppo import VALUE_HEAD_FILE, CriticTrainer, PPOConfig, make_critic, ppo_update
-from nano_gtalign.report import (SAME_ON_EVERY_RANK, MetricsLog, console_line, eval_line, format_eval_table,
+from nano_gtalign.report import (SAME_ON_EVERY_RANK, MetricsLog, console_line, eval_lines, format_eval_table,
                                   judge_failure_rate, step_metrics)
 from nano_gtalign.reward import BLEUS, LLM_REWARDS, WELFARES
 from nano_gtalign.rollout import RolloutConfig, rollout
@@ -376,9 +376,8 @@ def run(args: argparse.Namespace, d: Dist) -> RunResult:
             return
         m = evaluate_policy(policy, tokenizer, evals, eval_ids, eval_cfg, judge, d)
         log.write({"kind": "eval", "step": step, **m})
-        print0(d, eval_line(step, m))
-        for source, ms in m.get("by_source", {}).items():
-            print0(d, "  " + eval_line(step, ms).replace(f"eval step {step}", source, 1))
+        for line in eval_lines(step, m):
+            print0(d, line)
 
     # ---- the loop: prompts -> generate -> score -> advantages -> update -> log / evaluate / checkpoint
     if args.eval_every >= 0 and not args.resume:

@@ -101,8 +101,15 @@ def _cell(v, f="{:.3f}") -> str:
     return "-" if v is None else f.format(v)
 
 
-def eval_line(step: int, m: dict) -> str:
-    return (f"eval step {step} | n {m['n']} | W {_cell(m['welfare'])} U {_cell(m['user'])} L {_cell(m['llm'])} | "
+def eval_lines(step: int, m: dict) -> list[str]:
+    """One evaluation's console lines: overall, then, for a mix, one indented line per data source."""
+    by_source = m.get("by_source", {})
+    return [eval_line(step, m)] + ["  " + eval_line(step, ms, label=source) for source, ms in by_source.items()]
+
+
+def eval_line(step: int, m: dict, label: str | None = None) -> str:
+    return (f"{label or f'eval step {step}'} | n {m['n']} | "
+            f"W {_cell(m['welfare'])} U {_cell(m['user'])} L {_cell(m['llm'])} | "
             f"answer {_cell(m['answer_llm'])} | act_DQ {_cell(m['action_ok_DQ'])} act_VQ {_cell(m['action_ok_VQ'])} | "
             f"format {_cell(m['format_rate'])} | reas_ch {_cell(m['reasoning_chars'], '{:.0f}')} | "
             f"tokens {_cell(m['completion_tokens'], '{:.1f}')}"
