@@ -132,13 +132,18 @@ def test_left_padded_batch_matches_unpadded_rows(checkpoint, arch):
             assert (batch[i, width - len(r):] - alone[0]).abs().max().item() <= 1e-5
 
 
+def left_padded_pair(seed: int, length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of random token ids and their attention mask; row 1 is left-padded by `pad` columns."""
+    ids = torch.randint(3, 300, (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, :pad] = 0
+    return ids, mask
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_kv_cache_decoding_matches_full_forward(checkpoint, arch):
     model = load_pretrained(checkpoint(arch))
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 300, (2, 12), generator=g)
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, :3] = 0  # row 1 is left-padded
+    ids, mask = left_padded_pair(seed=1, length=12, pad=3)
     with torch.no_grad():
         full = model(ids, attention_mask=mask)
         cache = KVCache(model.config, batch_size=2, max_seq_len=16, dtype=torch.float32)
@@ -164,10 +169,7 @@ def test_static_decode_step_matches_full_forward(checkpoint, arch):
     # decode_step (the GPU path: cache written at a tensor index, attention over all 16 columns under a mask)
     # after a prefill gives the full forward's logits, with a left-padded row.
     model = load_pretrained(checkpoint(arch))
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, 300, (2, 11), generator=g)
-    mask = torch.ones(2, 11, dtype=torch.long)
-    mask[1, :4] = 0
+    ids, mask = left_padded_pair(seed=2, length=11, pad=4)
     with torch.no_grad():
         full = model(ids, attention_mask=mask)
         cache = KVCache(model.config, batch_size=2, max_seq_len=16)
