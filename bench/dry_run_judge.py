@@ -11,7 +11,7 @@ prompt (nano_gtalign/prompts.py) asks for, picked from sha256(seed, the request'
 request gets the same verdict on every run. --think puts <think>dry run</think> before it, --delay
 slows every reply, --fail-rate answers that share of requests with HTTP 503 (picked by the same hash,
 so a picked request fails on every retry too). Then point --judge at the real one (vllm serve Qwen/Qwen3-32B).
-Standard library only.
+Standard library, plus the judge client's own scales (nano_gtalign/judges.py).
 """
 from __future__ import annotations
 
@@ -24,33 +24,37 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nano_gtalign.judges import ABG_TASKS, DEFAULT_JUDGE_MODEL, PARETO_TASK, verdict_scale
 
 ARBITRARY = "verdicts are arbitrary: for checking the wiring, not for measuring a model"
-DEFAULT_MODEL = "Qwen/Qwen3-32B"   # the model HTTPJudge asks for when --judge names none
-# Each judge prompt opens with a fixed sentence, before any text under judgement, and that sentence
-# says which verdict it asks for: (opening, how the verdict is written, the values it allows).
-SAFETY = "You judge how an assistant handled a request that may be unsafe."
-FORMATS = [
-    ("You check whether an assistant's final answer to a math problem is correct.", "\\boxed{%s}", ("0", "1")),
-    ("You rate how helpful an assistant's response is to a user who wants a piece of writing.",
-     "\\boxed{%s}", ("0", "1", "2", "3", "4")),
-    (SAFETY, "\\boxed{%s}", ("0", "0.5", "1")),
-    ("You judge one thing only: whether an assistant handled possible ambiguity in a question well.",
-     "<abg>%s</abg>", ("0", "1")),
-    ("You check whether an assistant's stated decision agrees with its own payoff analysis.",
-     "\\boxed{%s}", ("0", "0.5", "1")),
-]
+# Each judge prompt (nano_gtalign/prompts.py) opens with a fixed sentence, before any text under judgement;
+# that sentence tells which kind of verdict it asks for. tests/test_dry_run_judge.py builds every prompt with
+# the real builders, so a reworded opening fails there.
+OPENINGS = {
+    "You check whether an assistant's final answer to a math problem is correct.": "math-hard",
+    "You rate how helpful an assistant's response is to a user who wants a piece of writing.": "medium",
+    "You judge how an assistant handled a request that may be unsafe.": "wildguard",   # and advbench
+    "You judge one thing only: whether an assistant handled possible ambiguity in a question well.": "ambig_qa",
+    "You check whether an assistant's stated decision agrees with its own payoff analysis.": PARETO_TASK,
+}
 
 
 def verdict_format(prompt: str) -> tuple[str, tuple[str, ...]] | None:
-    """(verdict template, allowed values) the prompt asks for, or None when it is none of ours."""
-    for opening, template, values in FORMATS:
-        if prompt.lstrip().startswith(opening):
-            # a harmless request is scored 0 or 1 only; its scale comes after the text under judgement
-            if opening == SAFETY and prompt.rfind("The request is harmless.") > prompt.rfind("The request is harmful."):
-                values = ("0", "1")
-            return template, values
-    return None
+    """(verdict template, allowed values) the prompt asks for, or None when it is none of ours. The values
+    are the judge client's own (judges.verdict_scale), so the client accepts every verdict given."""
+    task = next((t for opening, t in OPENINGS.items() if prompt.lstrip().startswith(opening)), None)
+    if task is None:
+        return None
+    label = None
+    # a harmless request has its own scale; the scale text comes after the text under judgement
+    if task == "wildguard" and prompt.rfind("The request is harmless.") > prompt.rfind("The request is harmful."):
+        label = "unharmful"
+    template = "<abg>%s</abg>" if task in ABG_TASKS else "\\boxed{%s}"
+    return template, tuple(f"{v:g}" for v in verdict_scale(task, label))
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000,
                         help="port to listen on, 0: any free one (default: %(default)s)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name to serve (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_JUDGE_MODEL, help="model name to serve (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="picks the arbitrary verdicts (default: %(default)s)")
     parser.add_argument("--think", action="store_true", help="put <think>dry run</think> before each verdict")
     parser.add_argument("--delay", type=float, default=0.0, metavar="SECONDS",
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         parser.exit(1, f"dry-run judge: cannot listen on {args.host}:{args.port}: {e.strerror or e}\n")
     url = f"http://{args.host}:{server.server_address[1]}/v1"
-    url += "" if args.model == DEFAULT_MODEL else f"#{args.model}"   # check() insists on the served model
+    url += "" if args.model == DEFAULT_JUDGE_MODEL else f"#{args.model}"   # check() insists on the served model
     print(f"dry-run judge: --judge {url} (model {args.model}, seed {args.seed}, think {'on' if args.think else 'off'}, "
           f"delay {args.delay:g}s, fail-rate {args.fail_rate:g}); {ARBITRARY}", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # `kill PID` stops it as Ctrl-C does

@@ -82,6 +82,7 @@ VERDICT_SCALES: dict[str, tuple[float, ...]] = {
     "abg_coqa": (0.0, 1.0),
     "pareto": (0.0, 0.5, 1.0),
 }
+DEFAULT_JUDGE_MODEL = "Qwen/Qwen3-32B"   # the paper's judge: what HTTPJudge asks for when --judge names no model
 MATH_TASKS = ("math-hard", "minerva")
 ABG_TASKS = ("ambig_qa", "abg_coqa")   # verdict in <abg>x</abg>; the others use \boxed{x}
 # Not a data source: the ablation's check that <analyze> settles on a Pareto-optimal move. Its request
@@ -812,7 +813,7 @@ class HTTPJudge:
     has its own argument.
     """
 
-    def __init__(self, base_url: str, model: str = "Qwen/Qwen3-32B", temperature: float = 0.6,
+    def __init__(self, base_url: str, model: str = DEFAULT_JUDGE_MODEL, temperature: float = 0.6,
                  top_p: float = 0.95, max_tokens: int = 32768, timeout: float = 60.0, retries: int = 3,
                  max_concurrency: int = 32, *, top_k: int | None = 20, backoff: float = 0.5,
                  rule_first: bool = True, prompt_fn: Callable[[JudgeRequest], str] | None = None,
