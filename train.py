@@ -1,6 +1,6 @@
 """GRPO (or PPO) training of a Qwen2/Qwen3 model with the GTAlign welfare reward, on CPU, one GPU or many.
 
-    python train.py                                         # the built-in demo (about 5 minutes on 2 CPU cores)
+    python train.py                                         # the built-in demo (5 to 15 minutes on 2 CPU cores)
     python train.py --algo ppo                              # the demo with PPO: a value model and GAE
     python train.py --model DIR --data train.jsonl --eval-data test.jsonl --judge http://localhost:8000/v1
     torchrun --nproc_per_node=8 train.py --model DIR --data train.jsonl --eval-data test.jsonl \
