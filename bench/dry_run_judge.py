@@ -26,7 +26,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root replaces this script's folder on sys.path: no file here may shadow an installed package.
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+else:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nano_gtalign.judges import ABG_TASKS, DEFAULT_JUDGE_MODEL, PARETO_TASK, verdict_scale
 

@@ -25,7 +25,11 @@ import traceback
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere; bench/ must not shadow kernels/
+# The repository root replaces this script's folder on sys.path: no file here may shadow an installed package.
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+else:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
@@ -93,7 +97,7 @@ def float64_reference(h, w, y, tau, g, ge, logits=None):
 
 
 def fused(h, w, y, tau, g, ge, backend="triton", **kw):
-    from kernels.logprob import fused_logprobs
+    from nano_gtalign.kernels.logprob import fused_logprobs
 
     hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     logp, ent = fused_logprobs(hh, ww, y, tau, return_entropy=True, backend=backend, **kw)
@@ -107,7 +111,7 @@ def own_logits(h, w, chunk):
 
 
 def logprob_case(name, n, hdim, v, dtype, tau, kw, device):
-    from kernels.logprob import default_chunk_rows
+    from nano_gtalign.kernels.logprob import default_chunk_rows
 
     @check(f"logprob/{name}")
     def run():
@@ -166,7 +170,7 @@ def row_kernel_resources():
     import triton
     from triton.compiler import ASTSource
 
-    from kernels.logprob import DEFAULT_BLOCK_V, _rows_backward_kernel, _rows_forward_kernel, row_kernel_warps
+    from nano_gtalign.kernels.logprob import DEFAULT_BLOCK_V, _rows_backward_kernel, _rows_forward_kernel, row_kernel_warps
 
     target = triton.runtime.driver.active.get_current_target()
     common = {"stride": "i32", "targets_ptr": "*i64", "V": "i32", "inv_temp": "fp32", "BLOCK_V": "constexpr",
@@ -188,7 +192,7 @@ def row_kernel_resources():
 
 @check("advantage/every_tile_vs_float64")
 def advantage_check(device, smoke):
-    from kernels.advantage import MAX_TRITON_GROUP, group_advantages, token_advantages
+    from nano_gtalign.kernels.advantage import MAX_TRITON_GROUP, group_advantages, token_advantages
 
     bad, worst = [], 0.0
     sizes = (2, 5, 17) if smoke else (2, 5, 8, 16, 17, 64, 300, 2048, MAX_TRITON_GROUP, MAX_TRITON_GROUP + 1)

@@ -20,12 +20,15 @@ import argparse
 import sys
 from pathlib import Path
 
-# Run as a script, sys.path[0] is bench/, where this file would shadow the `kernels` package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root replaces this script's folder on sys.path: no file here may shadow an installed package.
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+else:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kernels.logprob import fused_logprobs  # noqa: E402
+from nano_gtalign.kernels.logprob import fused_logprobs  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GIB = 2**30

@@ -25,9 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# The repository root replaces this script's folder on sys.path: no file here may shadow an installed package.
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+else:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+import torch
 
 from nano_gtalign.loader import load_pretrained, load_tokenizer, save_pretrained  # noqa: E402
 from nano_gtalign.cpu_packing import onednn_packing_applies  # noqa: E402

@@ -7,7 +7,7 @@
 One step is train.py's: the sampler draws `--group-size` completions per prompt (EOS disabled, so every
 completion is exactly --new-tokens long), then nano_gtalign.update.update runs the clipped GRPO loss over them (one
 optimizer step, micro-batches of --micro-batch-size rows, AdamW). The update is timed with the fused
-kernel (kernels/logprob.py; Triton on CUDA, its torch backend on CPU) and with the naive path that
+kernel (nano_gtalign/kernels/logprob.py; Triton on CUDA, its torch backend on CPU) and with the naive path that
 materialises [tokens, vocab] fp32 logits. Weights are random (seeded); advantages are random normal, so
 the gradients have the right shapes and sizes. Each configuration runs in its own process so that its peak
 memory is its own: CUDA max_memory_allocated per phase, or on CPU the process's peak RSS.
@@ -26,8 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+# The repository root replaces this script's folder on sys.path: no file here may shadow an installed package.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(ROOT)
+else:
+    sys.path.insert(0, str(ROOT))
 
 # name -> (ModelConfig fields, prompts, group size, prompt tokens, new tokens, micro-batch rows, dtype, grad ckpt)
 PRESETS = {

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.logprob import autocast_dtype
+from nano_gtalign.kernels.logprob import autocast_dtype
 
 Head = Callable[[torch.Tensor], torch.Tensor]  # hidden states [..., H] -> logits [..., V]
 

@@ -6,7 +6,7 @@ produced) and False on padding; prompt tokens never appear here.
 
 One step of the objective is
 
-    A      = group_advantages(R)                              (kernels/advantage.py, re-exported here)
+    A      = group_advantages(R)                              (nano_gtalign/kernels/advantage.py, re-exported here)
     loss   = reduce_loss(policy_loss(logp, old_logp, A, mask), mask, mode, counts of the whole step)
            + beta * reduce_loss(kl_penalty(logp, ref_logp, kind), mask, mode, same counts)
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 # One source of truth for advantages: the kernels package (Triton with a torch reference fallback).
-from kernels.advantage import group_advantages, zero_spread_groups  # noqa: F401  (re-exported)
+from nano_gtalign.kernels.advantage import group_advantages, zero_spread_groups  # noqa: F401  (re-exported)
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")

@@ -13,7 +13,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from kernels.logprob import fused_logprobs
+from nano_gtalign.kernels.logprob import fused_logprobs
 from nano_gtalign.layout import completion_hidden
 
 LOGPROB_BACKENDS = ("auto", "triton", "torch", "naive")

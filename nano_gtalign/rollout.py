@@ -122,7 +122,7 @@ def rollout(policy, tokenizer, records: list[dict], prompts: list[list[int]], cf
     welfare = [s.welfare for s in scores]  # NaN where the judge failed
     if cfg.normalize_by_source:
         welfare = normalized_across_ranks(welfare, [r["data_source"] for r in rows], d)
-    # On the training device, so that on CUDA the group statistics run in the Triton kernel (kernels/advantage.py).
+    # On the training device, so that on CUDA the group statistics run in the Triton kernel (nano_gtalign/kernels/advantage.py).
     rewards = torch.tensor(welfare, dtype=torch.float32, device=d.device)
     failed = torch.isnan(rewards)
     adv, filled = advantages_with_failures(rewards, G, cfg.adv_eps, cfg.adv_std)

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.logprob import autocast_dtype
+from nano_gtalign.kernels.logprob import autocast_dtype
 from nano_gtalign.cpu_packing import onednn_packing_applies, packed_linears
 from nano_gtalign.layout import left_pad
 from nano_gtalign.model import KVCache, Transformer, decode_step

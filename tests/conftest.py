@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-# Must be set before triton compiles anything (kernels/ decorate at import); harmless when triton is absent.
+# Must be set before triton compiles anything (nano_gtalign/kernels/ decorate at import); harmless when triton is absent.
 # With a GPU the kernel tests run compiled, on CUDA tensors.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -31,7 +31,7 @@ def _interpreter_problem() -> str | None:
     @triton.jit
     def probe(x_ptr, n):
         acc = 0.0
-        for i in range(0, n, 1):  # a loop bound read at run time, as in kernels/logprob.py
+        for i in range(0, n, 1):  # a loop bound read at run time, as in nano_gtalign/kernels/logprob.py
             acc += tl.load(x_ptr + i)
         tl.store(x_ptr, acc)
 

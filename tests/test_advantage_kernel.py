@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from kernels.advantage import group_advantages, token_advantages, zero_spread_groups
-from kernels.logprob import triton
+from nano_gtalign.kernels.advantage import group_advantages, token_advantages, zero_spread_groups
+from nano_gtalign.kernels.logprob import triton
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(triton is None, reason="triton not installed"))]
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"

@@ -5,8 +5,8 @@ with the ptxas inside the triton wheel, so a CPU-only CI machine catches what on
 otherwise show: a kernel that does not compile for a real target (the interpreter accepts much that the
 compiler refuses), or one that spills registers to local memory (read from the cubin with the wheel's
 cuobjdump). The variants are the launch
-configurations the dispatchers pick (kernels/logprob.py: dtype x entropy x vocabulary tile x num_warps;
-kernels/advantage.py: tile shape), each compiled twice: without specialisation hints and with the
+configurations the dispatchers pick (nano_gtalign/kernels/logprob.py: dtype x entropy x vocabulary tile x num_warps;
+nano_gtalign/kernels/advantage.py: tile shape), each compiled twice: without specialisation hints and with the
 16-byte alignment / divisibility hints Triton's launcher adds for aligned pointers and sizes (Qwen's
 V = 151,936 is a multiple of 16, so that is the variant that runs in practice).
 
@@ -28,7 +28,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed: there is nothing to compile")
 
-from kernels import advantage, logprob  # noqa: E402
+from nano_gtalign.kernels import advantage, logprob  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (80, 90)

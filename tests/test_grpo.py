@@ -181,9 +181,9 @@ def test_mask_truncated():
 
 
 def test_group_advantages_comes_from_kernels():
-    import kernels.advantage
+    import nano_gtalign.kernels.advantage
 
-    assert grpo.group_advantages is kernels.advantage.group_advantages
+    assert grpo.group_advantages is nano_gtalign.kernels.advantage.group_advantages
     # one group of 4, unbiased std: mean 0.5, std = sqrt(1/3); A = +-0.5 / sqrt(1/3)
     adv = grpo.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, backend="torch")
     torch.testing.assert_close(adv, torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 / math.sqrt(1 / 3), rtol=1e-4, atol=1e-5)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.logprob import default_chunk_rows, fused_logprobs, resolve_backend, triton
+from nano_gtalign.kernels.logprob import default_chunk_rows, fused_logprobs, resolve_backend, triton
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(triton is None, reason="triton not installed"))]
@@ -308,7 +308,7 @@ def test_bench_script_exits_2_without_gpu():
 
 
 def test_package_works_without_triton():
-    code = ("import sys; sys.modules['triton'] = None; import torch, kernels; "
+    code = ("import sys; sys.modules['triton'] = None; import torch; from nano_gtalign import kernels; "
             "h = torch.randn(3, 4, requires_grad=True); w = torch.randn(5, 4); "
             "kernels.fused_logprobs(h, w, torch.tensor([0, 4, 2])).sum().backward(); "
             "print(kernels.group_advantages(torch.tensor([1.0, 0.0]), 2).tolist())")

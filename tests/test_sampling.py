@@ -257,7 +257,7 @@ def test_packed_bf16_matches_plain_bf16(tmp_path):
 
 
 def test_autocast_dtype_reads_the_active_region():
-    from kernels.logprob import autocast_dtype  # the one definition; the sampler and cpu_packing import it
+    from nano_gtalign.kernels.logprob import autocast_dtype  # the one definition; the sampler and cpu_packing import it
 
     assert autocast_dtype("cpu") is None
     with torch.autocast("cpu", dtype=torch.bfloat16):

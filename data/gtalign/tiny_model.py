@@ -20,7 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# The repository root replaces this script's folder on sys.path: no file here may shadow an installed package.
+if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+else:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.logprob import resolve_backend, triton, tl
+from .logprob import resolve_backend, triton, tl
 
 
 def _check(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

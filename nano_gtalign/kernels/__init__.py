@@ -2,7 +2,7 @@
 
 Importing this package never requires triton; without it every function runs its torch backend.
 """
-from kernels.advantage import group_advantages, token_advantages, zero_spread_groups
-from kernels.logprob import fused_logprobs
+from .advantage import group_advantages, token_advantages, zero_spread_groups
+from .logprob import fused_logprobs
 
 __all__ = ["fused_logprobs", "group_advantages", "token_advantages", "zero_spread_groups"]
