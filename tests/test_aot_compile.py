@@ -15,6 +15,7 @@ Skipped only when triton is not installed.
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import re
 import subprocess
@@ -29,6 +30,7 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed: there is nothing to compile")
 
 from nano_gtalign.kernels import advantage, logprob  # noqa: E402
+from tests.processes import running  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (80, 90)
@@ -155,13 +157,14 @@ def compiled() -> dict[int, list[str]]:
     puts this process in the interpreter (TRITON_INTERPRET=1) when there is no GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    procs = {cc: subprocess.Popen([sys.executable, __file__, str(cc)], cwd=ROOT, env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for cc in TARGETS}
     out = {}
-    for cc, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"compiling for sm_{cc} crashed:\n{stderr[-3000:]}"
-        out[cc] = json.loads(stdout.strip().splitlines()[-1])
+    with contextlib.ExitStack() as stack:  # a failed target must not leave the other compiling
+        procs = {cc: stack.enter_context(running([sys.executable, __file__, str(cc)], cwd=ROOT, env=env, text=True,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)) for cc in TARGETS}
+        for cc, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=900)
+            assert proc.returncode == 0, f"compiling for sm_{cc} crashed:\n{stderr[-3000:]}"
+            out[cc] = json.loads(stdout.strip().splitlines()[-1])
     return out
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from nano_gtalign.judges import VERDICT_SCALES, JudgeRequest, JudgeUnavailableError, canonical_task, make_judge
+from tests.processes import running
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "dry_run_judge.py"
@@ -203,16 +204,14 @@ def test_cli_rejects_bad_flags_in_one_line(capsys):
 
 @pytest.mark.slow
 def test_script_prints_its_real_port_and_stops_on_ctrl_c():
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--port", "0", "--think"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
+    with running([sys.executable, str(SCRIPT), "--port", "0", "--think"], stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True) as proc:
         line = proc.stdout.readline()
         assert dry.ARBITRARY in line and ":0/" not in line, line
         url = line.split("--judge ", 1)[1].split()[0]
         judge = make_judge(url, timeout=5.0, retries=0)
         judge.check()
         assert judge.judge("ambig_qa", "Who won?", "Which year?", "multipleQAs###a|b").score in (0.0, 1.0)
-    finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0 and "stopped after 1 requests" in out and "Traceback" not in err, (out, err)

@@ -20,6 +20,7 @@ import train
 from nano_gtalign import evaluate, rollout
 from nano_gtalign.errors import UsageError
 from nano_gtalign.reward import RewardBreakdown
+from tests.processes import running
 from tests.test_train import argv, fake_score_batch, final_params, setup  # noqa: F401 (setup: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,16 +109,16 @@ def test_a_signal_saves_a_checkpoint_and_resume_is_exact(setup, tmp_path, signum
     train.main(argv(setup, tmp_path / "full", *common))
     out = tmp_path / "split"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, __file__, str(out), *argv(setup, out, *common)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:  # signal as soon as the first step is done, mid-run
-        lines.append(line)
-        if line.startswith("step    1/"):
-            proc.send_signal(signum)
-            break
-    lines += proc.stdout.readlines()
-    assert proc.wait(timeout=120) == 128 + signum, "".join(lines)
+    with running([sys.executable, __file__, str(out), *argv(setup, out, *common)], cwd=ROOT, env=env,
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        lines = []
+        for line in proc.stdout:  # signal as soon as the first step is done, mid-run
+            lines.append(line)
+            if line.startswith("step    1/"):
+                proc.send_signal(signum)
+                break
+        lines += proc.stdout.readlines()
+        assert proc.wait(timeout=120) == 128 + signum, "".join(lines)
     text = "".join(lines)
     assert f"interrupted by {signal.Signals(signum).name} after step" in text and "continue with --resume" in text
     stopped = int(text.split("interrupted by")[1].split("after step ")[1].split(";")[0])
