@@ -56,7 +56,8 @@ from nano_gtalign.evaluate import (
     Key, SampleLog, check_scorable, check_writable, compare_by_source, format_comparison_by_source,
     generate_completions, judge_failures, json_safe, sample_keys, score_completions,
 )
-from nano_gtalign.judges import RULE_TASKS, add_judge_arguments, canonical_task, open_judge_from_flags
+from nano_gtalign.http_judge import open_judge_from_flags
+from nano_gtalign.judges import RULE_TASKS, add_judge_arguments, canonical_task
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.metrics import (
     breakdown_dict, compare, format_comparison, format_paper_comparison, format_paper_table, format_table, frontier,

@@ -48,8 +48,9 @@ from nano_gtalign.distributed import (Dist, exit_after_torchrun, print0, reduce_
                                       unwrap, wrap_for_training)
 from nano_gtalign.errors import UsageError
 from nano_gtalign.evaluate import EvalConfig, evaluate_policy
+from nano_gtalign.http_judge import open_judge_from_flags
 from nano_gtalign.interrupts import StopOnSignal
-from nano_gtalign.judges import add_judge_arguments, open_judge_from_flags
+from nano_gtalign.judges import add_judge_arguments
 from nano_gtalign.loader import CheckpointError, export_defaults, load_pretrained, load_tokenizer
 from nano_gtalign.policy import LOGPROB_BACKENDS, Policy, compute_dtype
 from nano_gtalign.ppo import VALUE_HEAD_FILE, CriticTrainer, PPOConfig, make_critic, ppo_update

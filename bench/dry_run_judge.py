@@ -4,14 +4,15 @@
     python train.py ... --judge http://127.0.0.1:8000/v1      # eval.py takes the same flag
 
 Its verdicts are arbitrary: for checking the wiring, not for measuring a model. It serves the part
-of the OpenAI API our HTTP judge (nano_gtalign/judges.py) uses, GET /v1/models and POST
+of the OpenAI API our HTTP judge (nano_gtalign/http_judge.py) uses, GET /v1/models and POST
 /v1/chat/completions, so --judge, --judge-concurrency, --judge-timeout and the handling of failed
 verdicts can be tried on a machine with no judge GPU. Each reply holds a verdict in the format its
 prompt (nano_gtalign/prompts.py) asks for, picked from sha256(seed, the request's messages): the same
 request gets the same verdict on every run. --think puts <think>dry run</think> before it, --delay
 slows every reply, --fail-rate answers that share of requests with HTTP 503 (picked by the same hash,
 so a picked request fails on every retry too). Then point --judge at the real one (vllm serve Qwen/Qwen3-32B).
-Standard library, plus the judge client's own scales (nano_gtalign/judges.py).
+Standard library, plus the judge client's own scales (nano_gtalign/judges.py) and default model
+(nano_gtalign/http_judge.py).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ if Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
 else:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nano_gtalign.judges import ABG_TASKS, DEFAULT_JUDGE_MODEL, PARETO_TASK, verdict_scale
+from nano_gtalign.http_judge import DEFAULT_JUDGE_MODEL
+from nano_gtalign.judges import ABG_TASKS, PARETO_TASK, verdict_scale
 
 ARBITRARY = "verdicts are arbitrary: for checking the wiring, not for measuring a model"
 # Each judge prompt (nano_gtalign/prompts.py) opens with a fixed sentence, before any text under judgement;

@@ -1,4 +1,4 @@
-"""Tests for bench/dry_run_judge.py: our own HTTP judge client (nano_gtalign/judges.py) against the
+"""Tests for bench/dry_run_judge.py: our own HTTP judge client (nano_gtalign/http_judge.py) against the
 dry-run judge server, run by the test on 127.0.0.1.
 
     python -m pytest tests/test_dry_run_judge.py -q
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from nano_gtalign.judges import VERDICT_SCALES, JudgeRequest, JudgeUnavailableError, canonical_task, make_judge
+from nano_gtalign.http_judge import make_judge
+from nano_gtalign.judges import VERDICT_SCALES, JudgeRequest, JudgeUnavailableError, canonical_task
 from tests.processes import running
 
 ROOT = Path(__file__).resolve().parents[1]

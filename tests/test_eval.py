@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import eval as evaluate
+import nano_gtalign.http_judge as http_judge
 import nano_gtalign.judges as judges
 from nano_gtalign.judges import RuleJudge, Verdict
 from nano_gtalign.loader import load_tokenizer
@@ -313,7 +314,7 @@ def test_judge_options_reach_the_http_judge(tmp_path, monkeypatch, capsys):
         seen.append(options)
         return CountingJudge()
 
-    monkeypatch.setattr(judges, "make_judge", fake_make_judge)
+    monkeypatch.setattr(http_judge, "make_judge", fake_make_judge)
     src = write_jsonl(tmp_path / "c.jsonl", [{"record": FIXTURE[0][0], "completion": FIXTURE[0][1]}])
     url = ["--completions", str(src), "--judge", "http://127.0.0.1:9/v1"]
     evaluate.main(url + ["--judge-timeout", "2.5", "--judge-concurrency", "3"])

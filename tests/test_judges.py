@@ -1,5 +1,6 @@
-"""Tests for nano_gtalign/judges.py: math answer checking, the rule judge, and the
-HTTP judge against a real chat-completions server run by the test on 127.0.0.1.
+"""Tests for nano_gtalign/answers.py (math answer checking), nano_gtalign/judges.py (the rule judge, verdict
+reading, the judge settings and flags) and nano_gtalign/http_judge.py (the HTTP judge against a real
+chat-completions server run by the test on 127.0.0.1).
 
     python -m pytest tests/test_judges.py -q
 """
@@ -15,9 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from nano_gtalign.errors import UsageError
+from nano_gtalign.answers import extract_answer, math_equal
+from nano_gtalign.http_judge import HTTPJudge, make_judge, open_judge
 from nano_gtalign.judges import (
-    HTTPJudge, JudgeRequest, JudgeSettings, JudgeUnavailableError, RuleJudge, Verdict, add_judge_arguments,
-    after_think, extract_answer, make_judge, math_equal, open_judge, parse_verdict,
+    JudgeRequest, JudgeSettings, JudgeUnavailableError, RuleJudge, Verdict, add_judge_arguments, after_think,
+    parse_verdict,
 )
 
 # ---------------------------------------------------------------------------

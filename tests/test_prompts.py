@@ -6,7 +6,8 @@ judge — and must not show — per data source (docs/judges.md#judge-prompts).
 import pytest
 
 from nano_gtalign.game import KEYS
-from nano_gtalign.judges import JudgeRequest, Verdict, _default_prompt
+from nano_gtalign.http_judge import _default_prompt
+from nano_gtalign.judges import JudgeRequest, Verdict
 from nano_gtalign.prompts import (
     GAME_INSTRUCTION, advbench_judge_prompt, ambiguity_label, build_user_message, judge_prompt,
     safety_judge_prompt,

@@ -21,7 +21,7 @@ from nano_gtalign import evaluate, rollout
 from nano_gtalign.data import Cursor, epoch_order, next_prompts, read_records
 from nano_gtalign.distributed import Dist
 from nano_gtalign.errors import UsageError
-from nano_gtalign.judges import make_judge
+from nano_gtalign.http_judge import make_judge
 from nano_gtalign.layout import pack_rows
 from nano_gtalign.loader import CheckpointError, load_pretrained
 from nano_gtalign.policy import Policy, compute_dtype

@@ -1,0 +1,428 @@
+"""The HTTP judge: an LLM judge behind an OpenAI-compatible chat-completions server.
+
+HTTPJudge sends each request's judge prompt (nano_gtalign/prompts.py) to the server (e.g. vLLM serving
+Qwen3-32B) and reads the verdict from its reply (judges.parse_verdict), many requests in flight at once,
+each under a total deadline, with retries; whatever still fails is a failed Verdict. make_judge,
+open_judge and open_judge_from_flags turn a --judge spec (and the flags of judges.add_judge_arguments)
+into a judge ready to use: the rule judge, or an HTTPJudge whose server answers. Standard library only.
+"""
+from __future__ import annotations
+
+import functools
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from nano_gtalign.errors import UsageError
+from nano_gtalign.judges import (
+    MATH_TASKS, PAPER_EXTRA_BODY, RULE_TASKS, VERDICT_SCALES, Judge, JudgeRequest, JudgeSettings,
+    JudgeUnavailableError, RuleJudge, Verdict, failed_verdict, canonical_task, check_extra_body, check_sampling,
+    parse_verdict,
+)
+
+DEFAULT_JUDGE_MODEL = "Qwen/Qwen3-32B"   # the paper's judge: what HTTPJudge asks for when --judge names no model
+
+
+def _default_prompt(request: JudgeRequest) -> str:
+    from nano_gtalign.prompts import judge_prompt
+    extra_info = request.extra.get("extra_info") if isinstance(request.extra, dict) else None
+    return judge_prompt(canonical_task(request.task), request.question, request.response, request.ground_truth,
+                        extra_info=extra_info if isinstance(extra_info, dict) else None)
+
+
+# A judge reply is a few kB; a body past this is garbage, and reading it all would only fill memory.
+MAX_REPLY_BYTES = 16 * 2**20
+
+
+class _Deadline:
+    """A total time limit for one HTTP request (connect, send, headers and body together).
+
+    When it passes, every socket the request opened is shut down, which wakes a read or write
+    blocked on it: a server that trickles one byte at a time cannot hold a request longer than
+    `seconds`, as it could under a timeout per socket read."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return max(self.end - time.monotonic(), 1e-3)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self.expired:
+                self._socks.append(sock)
+                return
+        _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired, socks, self._socks = True, self._socks, []
+        for sock in socks:
+            _shut(sock)
+
+    def stop(self) -> bool:
+        """Disarm; True if the deadline had passed (then whatever was read is not trusted)."""
+        self._timer.cancel()
+        with self._lock:
+            self._socks = []
+            return self.expired
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:   # already closed
+        pass
+
+
+class _WatchedConnection:
+    """An http.client connection that connects within what is left of its deadline and hands
+    its socket (after any TLS handshake) to the deadline."""
+
+    def __init__(self, *args, deadline: _Deadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self):
+        self.timeout = self.deadline.remaining()
+        super().connect()
+        self.deadline.watch(self.sock)
+
+
+class _WatchedHTTP(_WatchedConnection, http.client.HTTPConnection):
+    pass
+
+
+_WATCHED: dict[type, type] = {http.client.HTTPConnection: _WatchedHTTP}
+if hasattr(http.client, "HTTPSConnection"):   # Python built with ssl
+    class _WatchedHTTPS(_WatchedConnection, http.client.HTTPSConnection):
+        pass
+    _WATCHED[http.client.HTTPSConnection] = _WatchedHTTPS
+
+
+class _DeadlineHandlerMixin:
+    """urllib handler that opens the request's connection as a _WatchedConnection (urllib keeps
+    doing proxies, TLS and redirects)."""
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(functools.partial(_WATCHED[http_class], deadline=req.deadline), req, **kwargs)
+
+
+class _DeadlineHTTPHandler(_DeadlineHandlerMixin, urllib.request.HTTPHandler):
+    pass
+
+
+class _DeadlineHTTPSHandler(_DeadlineHandlerMixin, urllib.request.HTTPSHandler):
+    pass
+
+
+class _DeadlineRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """A redirect is a new Request: it keeps the first one's deadline."""
+
+    def redirect_request(self, req, *args, **kwargs):
+        new = super().redirect_request(req, *args, **kwargs)
+        if new is not None:
+            new.deadline = req.deadline
+        return new
+
+
+class _HTTPStatus(Exception):
+    """A non-2xx answer: its code and the start of its body."""
+
+    def __init__(self, code: int, snippet: str):
+        super().__init__(f"HTTP {code}: {snippet}")
+        self.code, self.snippet = code, snippet
+
+
+class _BadReply(Exception):
+    """A 2xx reply whose body is not a chat completion; the message says how."""
+
+
+# What a request can raise besides _HTTPStatus and _BadReply: refused, reset, DNS, timeouts
+# (URLError and TimeoutError are OSErrors), and broken HTTP (IncompleteRead, BadStatusLine, ...).
+TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
+
+
+def _describe(err: BaseException, timeout: float) -> str:
+    """A short cause for a failed call: 'connection refused', 'timed out after 2s', ..."""
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, TimeoutError):
+        return f"timed out after {timeout:g}s"
+    if isinstance(reason, http.client.RemoteDisconnected):   # a ConnectionResetError: test it first
+        return "the server closed the connection without a reply (RemoteDisconnected)"
+    if isinstance(reason, ConnectionResetError):
+        return "connection reset by the server (ConnectionResetError)"
+    if isinstance(reason, http.client.IncompleteRead):
+        more = f", {reason.expected} more expected" if reason.expected is not None else ""
+        return (f"the reply body is incomplete: the connection closed mid-reply or the chunked encoding "
+                f"broke (IncompleteRead: {len(reason.partial)} bytes read{more})")
+    if isinstance(reason, http.client.BadStatusLine):
+        return f"not an HTTP reply (BadStatusLine: {str(reason)[:80]!r})"
+    if isinstance(reason, http.client.HTTPException):
+        return f"broken HTTP reply ({type(reason).__name__}: {str(reason)[:80]})"
+    if isinstance(reason, _BadReply):
+        return f"it sent {reason}"
+    return f"{type(reason).__name__}: {reason}"
+
+
+def _read_body(resp) -> bytes:
+    body = resp.read(MAX_REPLY_BYTES + 1)
+    if len(body) > MAX_REPLY_BYTES:
+        raise _BadReply(f"a reply body over {MAX_REPLY_BYTES} bytes")
+    if resp.length:   # Content-Length promised more (read(n) returns a short body without raising)
+        raise http.client.IncompleteRead(body, resp.length)
+    return body
+
+
+def _chat_completion(body: bytes) -> tuple[str, str | None]:
+    """(choices[0].message.content, finish_reason) of a chat-completions body, or _BadReply."""
+    try:
+        reply = json.loads(body)
+    except (ValueError, RecursionError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _BadReply(f"a body that is not JSON ({type(e).__name__}): {body[:200]!r}") from None
+    try:
+        choice = reply["choices"][0]
+        text = choice["message"].get("content")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise _BadReply(f"a reply that is not a chat completion (no choices[0].message): {body[:200]!r}") from None
+    if text is None:   # some servers send null content for an empty reply
+        text = ""
+    if not isinstance(text, str):
+        raise _BadReply(f"a reply that is not a chat completion (message.content is {type(text).__name__}, "
+                        f"not text): {body[:200]!r}")
+    finish_reason = choice.get("finish_reason")
+    return text, finish_reason if isinstance(finish_reason, str) else None
+
+
+class HTTPJudge:
+    """LLM judge behind an OpenAI-compatible server (POST {base_url}/chat/completions).
+
+    judge_many sends up to max_concurrency requests at once. Each attempt must
+    be over within `timeout` seconds in all (connect, send, headers and the
+    whole body: a server that trickles bytes is cut off at the deadline, see
+    _Deadline). Transport faults (refused, reset, closed mid-reply, broken HTTP,
+    a body that is not JSON or not a chat completion), timeouts, HTTP 5xx and
+    429 are retried `retries` times, waiting backoff * 2**k between tries;
+    other HTTP 4xx are not retried. Whatever still fails becomes a failed
+    Verdict naming the URL and the cause; judge_many never raises.
+
+    rule_first: math-hard/minerva answers the RuleJudge finds correct are
+    scored 1 without a request; the others are asked to the LLM, whose verdict
+    (or failure) is final, so the judge may override the rule's "incorrect"
+    (docs/reward.md). arith_demo is always scored by rule: it has no LLM prompt.
+
+    Sampling defaults are JudgeSettings' (the paper's judge). top_k is sent as
+    the `top_k` field unless None; extra_body (None: PAPER_EXTRA_BODY, thinking
+    on; {}: nothing) is merged into every request and may not set a field that
+    has its own argument.
+    """
+
+    def __init__(self, base_url: str, model: str = DEFAULT_JUDGE_MODEL, temperature: float = 0.6,
+                 top_p: float = 0.95, max_tokens: int = 32768, timeout: float = 60.0, retries: int = 3,
+                 max_concurrency: int = 32, *, top_k: int | None = 20, backoff: float = 0.5,
+                 rule_first: bool = True, prompt_fn: Callable[[JudgeRequest], str] | None = None,
+                 api_key: str | None = None, extra_body: dict | None = None):
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"judge base_url must start with http:// or https://, got {base_url!r}")
+        if timeout <= 0 or retries < 0 or max_concurrency < 1 or backoff < 0:
+            raise ValueError(f"bad HTTPJudge settings: timeout={timeout} (>0), retries={retries} (>=0), "
+                             f"max_concurrency={max_concurrency} (>=1), backoff={backoff} (>=0)")
+        check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
+        self.model, self.temperature, self.top_p, self.max_tokens = model, temperature, top_p, max_tokens
+        self.top_k = top_k
+        self.timeout, self.retries, self.max_concurrency, self.backoff = timeout, retries, max_concurrency, backoff
+        self.rule_first = rule_first
+        self.prompt_fn = prompt_fn or _default_prompt
+        self.api_key = api_key if api_key is not None else os.environ.get("JUDGE_API_KEY")
+        self.extra_body = check_extra_body(PAPER_EXTRA_BODY if extra_body is None else extra_body)
+        self._rule = RuleJudge()
+        self._opener = urllib.request.build_opener(_DeadlineHTTPHandler, _DeadlineHTTPSHandler,
+                                                   _DeadlineRedirectHandler)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _fetch(self, url: str, data: bytes | None = None) -> bytes:
+        """The body of a 2xx reply to GET (data None) or POST `url`, all within `timeout` seconds.
+        Raises _HTTPStatus (non-2xx), _BadReply (body over MAX_REPLY_BYTES), TimeoutError (past the
+        deadline) or one of TRANSPORT_ERRORS."""
+        request = urllib.request.Request(url, data=data, headers=self._headers(),
+                                         method="GET" if data is None else "POST")
+        request.deadline = deadline = _Deadline(self.timeout)
+        body, error = b"", None
+        try:
+            try:
+                with self._opener.open(request, timeout=self.timeout) as resp:
+                    body = _read_body(resp)
+            except urllib.error.HTTPError as e:   # before OSError: HTTPError is one
+                try:
+                    snippet = e.read(200).decode("utf-8", "replace").strip()
+                except TRANSPORT_ERRORS:
+                    snippet = ""
+                finally:
+                    e.close()
+                raise _HTTPStatus(e.code, snippet) from None
+        except (_HTTPStatus, _BadReply, *TRANSPORT_ERRORS) as e:
+            error = e
+        if deadline.stop():   # whatever the reads saw, it was cut off by the deadline
+            raise TimeoutError(f"timed out after {self.timeout:g}s")
+        if error is not None:
+            raise error
+        return body
+
+    def check(self) -> None:
+        """Fail fast: raise JudgeUnavailableError unless the server answers
+        GET {base_url}/models and (when it lists models) serves self.model."""
+        url = self.base_url + "/models"
+        try:
+            body = json.loads(self._fetch(url))
+        except _HTTPStatus as e:
+            raise JudgeUnavailableError(f"judge server at {url} answered HTTP {e.code}") from None
+        except (_BadReply, ValueError, RecursionError, *TRANSPORT_ERRORS) as e:
+            raise JudgeUnavailableError(f"judge server at {url} is unreachable: {_describe(e, self.timeout)}") from None
+        served = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)] if isinstance(body, dict) else []
+        if served and self.model not in served:
+            raise JudgeUnavailableError(f"judge server at {self.base_url} does not serve model {self.model!r}; "
+                                        f"it serves {served}")
+
+    def _ask(self, prompt: str) -> tuple[str | None, str | None, str | None]:
+        """(reply text, finish_reason, None) or (None, None, error) after retries."""
+        payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                   "temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
+        if self.top_k is not None:   # a vLLM/sglang field: servers that refuse it get None (not sent)
+            payload["top_k"] = self.top_k
+        payload.update(self.extra_body)   # checked at construction: never one of the fields above
+        data = json.dumps(payload).encode()
+        error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                text, finish_reason = _chat_completion(self._fetch(self.url, data))
+            except _HTTPStatus as e:
+                error = f"judge server {self.url} answered HTTP {e.code}: {e.snippet}"
+                if e.code == 429 or e.code >= 500:
+                    continue
+                return None, None, error
+            except _BadReply as e:   # a broken reply is a transport fault: retried like a 5xx
+                error = f"judge server {self.url} sent {e}"
+                continue
+            except TRANSPORT_ERRORS as e:
+                error = f"judge server {self.url}: {_describe(e, self.timeout)}"
+                continue
+            return text, finish_reason, None
+        return None, None, f"{error} (gave up after {self.retries + 1} attempts)"
+
+    def _judge_llm(self, request: JudgeRequest) -> Verdict:
+        try:
+            prompt = self.prompt_fn(request)
+        except ValueError as e:   # a record the prompt cannot describe (e.g. a bad safety label)
+            return failed_verdict(f"cannot build the judge prompt: {e}")
+        try:
+            text, finish_reason, error = self._ask(prompt)
+        except Exception as e:   # a fault nobody foresaw still costs one sample, not the run
+            return failed_verdict(f"judge server {self.url}: unexpected {type(e).__name__}: {e}")
+        if text is None:
+            return failed_verdict(error or "judge call failed")
+        verdict = parse_verdict(request.task, text, request.ground_truth)
+        if verdict.failed and finish_reason == "length":   # the usual cause with a thinking judge
+            verdict.error += (f" (the reply was cut at max_tokens={self.max_tokens}: raise --judge-max-tokens "
+                              "or turn the judge's thinking off)")
+        return verdict
+
+    def judge_many(self, requests: list[JudgeRequest]) -> list[Verdict]:
+        verdicts: list[Verdict | None] = [None] * len(requests)
+        to_ask: list[int] = []
+        for i, r in enumerate(requests):
+            task = canonical_task(r.task)
+            if task not in VERDICT_SCALES:
+                verdicts[i] = failed_verdict(f"unknown task {r.task!r} (known: {', '.join(VERDICT_SCALES)})")
+            elif task == "arith_demo":
+                verdicts[i] = self._rule.judge(task, r.question, r.response, r.ground_truth, r.extra)
+            elif task in MATH_TASKS and self.rule_first:
+                rule = self._rule.judge(task, r.question, r.response, r.ground_truth, r.extra)
+                if rule.score == 1.0:
+                    verdicts[i] = rule
+                else:
+                    to_ask.append(i)
+            else:
+                to_ask.append(i)
+        if to_ask:
+            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(to_ask))) as pool:
+                for i, v in zip(to_ask, pool.map(lambda k: self._judge_llm(requests[k]), to_ask)):
+                    verdicts[i] = v
+        return verdicts   # type: ignore[return-value]  # every slot is filled above
+
+    def judge(self, task: str, question: str, response: str, ground_truth: str,
+              extra: dict | None = None) -> Verdict:
+        return self.judge_many([JudgeRequest(task, question, response, ground_truth, extra or {})])[0]
+
+
+def make_judge(spec: str, **http_options) -> Judge:
+    """"rule" -> RuleJudge; "http(s)://host:port/v1" or "...#model-name" -> HTTPJudge
+    (model defaults to Qwen/Qwen3-32B; http_options go to HTTPJudge)."""
+    if spec == "rule":
+        if http_options:
+            raise ValueError(f"the rule judge takes no options, got {sorted(http_options)}")
+        return RuleJudge()
+    if spec.startswith(("http://", "https://")):
+        url, _, model = spec.partition("#")
+        if model:
+            http_options["model"] = model
+        return HTTPJudge(url, **http_options)
+    raise ValueError(f"judge spec must be 'rule' or an http(s) URL like http://localhost:8000/v1[#model], got {spec!r}")
+
+
+def open_judge(spec: str, *, sources: list[str] = (), timeout: float | None = None,
+               max_concurrency: int | None = None, settings: JudgeSettings | None = None) -> Judge:
+    """The judge a script asked for, ready to use: the rule judge only when it can score every data
+    source given, an HTTP judge only once its server answers (an unreachable judge would otherwise turn
+    every sample into a failure). settings (None: HTTPJudge's own defaults, which are the same paper
+    values) set how an HTTP judge samples; the rule judge samples nothing. settings.failure is the
+    reward's business: pass it to reward.score_batch as judge_failure. Raises UsageError naming the problem."""
+    if spec == "rule":
+        unscorable = sorted({s for s in sources if canonical_task(s) not in RULE_TASKS})
+        if unscorable:
+            raise UsageError(f"the rule judge cannot score data_source {', '.join(unscorable)}; "
+                             "pass --judge http://HOST:PORT/v1 (an OpenAI-compatible server)")
+        return RuleJudge()
+    options = {k: v for k, v in (("timeout", timeout), ("max_concurrency", max_concurrency)) if v is not None}
+    if settings is not None:
+        options.update(settings.request_options())
+    try:
+        judge = make_judge(spec, **options)
+        judge.check()
+    except (ValueError, JudgeUnavailableError) as e:
+        raise UsageError(str(e)) from None
+    return judge
+
+
+def open_judge_from_flags(flags, sources: list[str]) -> Judge:
+    """open_judge with the values of the flags add_judge_arguments defines (flags: the parsed namespace of
+    train.py or eval.py), so the two scripts read their judge flags in one place."""
+    settings = JudgeSettings(max_tokens=flags.judge_max_tokens, temperature=flags.judge_temperature,
+                             top_p=flags.judge_top_p, top_k=flags.judge_top_k, extra_body=flags.judge_extra_body,
+                             failure=flags.judge_failure)
+    return open_judge(flags.judge, sources=sources, timeout=flags.judge_timeout,
+                      max_concurrency=flags.judge_concurrency, settings=settings)
