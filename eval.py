@@ -56,8 +56,8 @@ from nano_gtalign.evaluate import (
     Key, SampleLog, check_scorable, check_writable, compare_by_source, format_comparison_by_source,
     generate_completions, judge_failures, json_safe, sample_keys, score_completions,
 )
-from nano_gtalign.http_judge import open_judge_from_flags
-from nano_gtalign.judges import RULE_TASKS, add_judge_arguments, canonical_task
+from nano_gtalign.http_judge import open_configured_judge
+from nano_gtalign.judges import RULE_TASKS, add_judge_arguments, canonical_task, judge_options
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.metrics import (
     breakdown_dict, compare, format_comparison, format_paper_comparison, format_paper_table, format_table, frontier,
@@ -482,11 +482,9 @@ def check_flags(args) -> None:
         except ImportError:
             fail("--plot needs matplotlib, which is not installed (pip install matplotlib); "
                  "run again without --plot or install it")
-    for name in ("limit", "batch_size", "num_samples", "max_new_tokens", "judge_concurrency"):
+    for name in ("limit", "batch_size", "num_samples", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.judge_timeout > 0:
-        fail(f"--judge-timeout must be > 0 seconds, got {args.judge_timeout}")
     if args.resume and not args.per_sample:
         fail("--resume needs --per-sample: the file of the run to continue")
 
@@ -522,7 +520,7 @@ def evaluate(args, d: Dist, log) -> None:
 def open_run_judge(args, sources: list[str]):
     """The judge, refused up front (before any generation) when it cannot score one of `sources`."""
     try:
-        return open_judge_from_flags(args, sources)
+        return open_configured_judge(judge_options(args), sources)
     except UsageError as e:
         scorable = sorted({s for s in sources if canonical_task(s) in RULE_TASKS})
         if args.judge != "rule" or not scorable:

@@ -69,12 +69,14 @@ def worker(preset: str, backend: str, prompts: int, group: int, prompt_len: int,
     if threads:
         torch.set_num_threads(threads)
 
+    from nano_gtalign.config import TrainConfig
     from nano_gtalign.distributed import Dist, generation_mode
     from nano_gtalign.model import ModelConfig, Transformer
     from nano_gtalign.policy import Policy
+    from nano_gtalign.report import RolloutStats
     from nano_gtalign.rollout import Rollout
     from nano_gtalign.sampling import SamplingParams, generate
-    from nano_gtalign.update import UpdateConfig, update
+    from nano_gtalign.update import update
 
     fields, _, _, _, _, _, dtype_name, ckpt = PRESETS[preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,8 +87,7 @@ def worker(preset: str, backend: str, prompts: int, group: int, prompt_len: int,
         model = Transformer(config).to(dtype)
     kernel_backend = "naive" if backend == "naive" else "auto"
     # train.py's defaults for one on-policy optimizer step over the whole rollout
-    cfg = UpdateConfig(micro_batch_size=micro, max_new_tokens=new_tokens, grad_checkpointing=ckpt,
-                       compute_dtype=dtype)
+    cfg = TrainConfig(micro_batch_size=micro, max_new_tokens=new_tokens, grad_checkpointing=ckpt, dtype=dtype_name)
     d = Dist(device=device)
     policy = Policy(model, dtype, kernel_backend)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.01)
@@ -113,9 +114,10 @@ def worker(preset: str, backend: str, prompts: int, group: int, prompt_len: int,
     gen_peak = peak_gib(device)
     tokens = int(gen.completion_mask.sum())
 
-    adv = torch.randn(len(gen.prompt_ids), generator=torch.Generator().manual_seed(1))
+    rewards = torch.randn(len(gen.prompt_ids), generator=torch.Generator().manual_seed(1))
     ro = Rollout(gen.prompt_ids, gen.completion_ids.cpu(), gen.completion_mask.cpu(),
-                       gen.completion_mask.cpu(), gen.logprobs.cpu(), adv, [], {})
+                 gen.completion_mask.cpu(), gen.logprobs.cpu(), rewards, rewards, rewards, [], RolloutStats())
+    advantages = rewards[:, None].expand(ro.loss_mask.shape)
     del gen
     times = []
     for _ in range(2):  # the first includes compilation (Triton) and allocator growth
@@ -124,7 +126,7 @@ def worker(preset: str, backend: str, prompts: int, group: int, prompt_len: int,
             torch.cuda.reset_peak_memory_stats(device)
         sync()
         t0 = time.perf_counter()
-        update(policy, None, optimizer, scheduler, ro, cfg, 0, d)
+        update(policy, None, optimizer, scheduler, ro, advantages, cfg, 0, d)
         sync()
         times.append(time.perf_counter() - t0)
     return dict(preset=preset, backend=backend, device=str(torch.cuda.get_device_name(device) if device.type == "cuda"

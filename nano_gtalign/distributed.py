@@ -102,16 +102,6 @@ def gather_lists(d: Dist, items: list) -> list:
     return [x for part in all_gather(d, items) for x in part]
 
 
-def reduce_stats(d: Dist, stats: dict, same=("grad_norm", "opt_steps"),
-                 slowest=("gen_time", "score_time", "update_time")) -> dict:
-    """Per-rank numbers summed over ranks; times are the slowest rank's; `same` are equal on every rank."""
-    if not d.on:
-        return dict(stats)
-    parts = all_gather(d, stats)
-    return {k: stats[k] if k in same else max(p[k] for p in parts) if k in slowest else sum(p[k] for p in parts)
-            for k in stats}
-
-
 def broadcast_module(d: Dist, module: nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank."""
     if d.on:

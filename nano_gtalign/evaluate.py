@@ -23,11 +23,12 @@ from typing import Callable
 
 import torch
 
+from nano_gtalign.config import TrainConfig
 from nano_gtalign.data import check_record
 from nano_gtalign.distributed import Dist, gather_lists, generation_mode
 from nano_gtalign.errors import UsageError
 from nano_gtalign.metrics import compare, group_metrics, sample_row
-from nano_gtalign.policy import autocast
+from nano_gtalign.policy import autocast, compute_dtype
 from nano_gtalign.reward import score_batch
 from nano_gtalign.sampling import SamplingParams, generate
 
@@ -89,37 +90,23 @@ def score_completions(pairs: list[tuple[dict, str]], judge, *, welfare: str, llm
     return rows, breakdowns
 
 
-@dataclass
-class EvalConfig:
-    max_new_tokens: int
-    temperature: float = 0.0       # 0: greedy
-    samples: int = 1               # completions per prompt (with sampling)
-    batch_size: int = 32           # prompts per generate call
-    seed: int = 0
-    welfare: str = "cobb_douglas"
-    llm_reward: str = "main"
-    bleu: str = "char"
-    judge_failure: str = "exclude"  # or "zero": a failed judgement scored as a verdict of 0 (upstream)
-    fsdp: bool = False
-    compute_dtype: torch.dtype = torch.float32
-
-
-def evaluate_policy(policy, tokenizer, records: list[dict], prompts: list[list[int]], cfg: EvalConfig, judge,
+def evaluate_policy(policy, tokenizer, records: list[dict], prompts: list[list[int]], cfg: TrainConfig, judge,
                     d: Dist) -> dict:
-    """train.py's held-out evaluation: the metrics of docs/metrics.md over every rank's share, plus the
-    correct-action rates per question type where records say their type.
+    """train.py's held-out evaluation (--eval-temperature, --eval-samples, --eval-batch-size): the metrics of
+    docs/metrics.md over every rank's share, plus the correct-action rates per question type where records
+    say their type.
 
     Sampled evaluation uses a generator seeded the same way at every evaluation, so two evaluations of
     the same policy draw the same tokens and a before/after difference is the policy's, not the dice's.
     """
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature)
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000 + 500 + d.rank)
     mine = list(range(d.rank, len(records), d.world))
-    with generation_mode(policy, cfg.fsdp), autocast(d.device, cfg.compute_dtype):
+    with generation_mode(policy, cfg.fsdp), autocast(d.device, compute_dtype(cfg.dtype, d.device)):
         done = generate_completions(policy, tokenizer, dict(enumerate(prompts)), mine, params,
-                                    batch_size=cfg.batch_size, num_samples=cfg.samples, generator=generator)
+                                    batch_size=cfg.eval_batch_size, num_samples=cfg.eval_samples, generator=generator)
     rows, _ = score_completions([(records[c.index], c.text) for c in done], judge, welfare=cfg.welfare,
-                                llm_reward=cfg.llm_reward, bleu=cfg.bleu, judge_failure=cfg.judge_failure,
+                                llm_reward=cfg.llm_reward, bleu=cfg.bleu, judge_failure=cfg.judge.settings.failure,
                                 generated_tokens=[c.generated_tokens for c in done])
     for row, c in zip(rows, done):
         row["true_type"] = (records[c.index].get("extra_info") or {}).get("question_type")

@@ -24,6 +24,9 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3")
 FINISH_REASONS = ("eos", "stop", "length")
 
+# Shape and range checks of policy_loss's inputs on every call: off in a run (see check_loss_inputs).
+CHECK_INPUTS = False
+
 # Bounds that keep exp() finite; both are the values verl uses.
 LOG_RATIO_CLAMP = 20.0
 K3_CLAMP = 10.0
@@ -57,19 +60,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     clip_frac_high (rho > 1 + clip_high, A > 0), dual_clip_frac, approx_kl (mean of old_logp - logp),
     and tokens (how many masked tokens the fractions are over, for weighting across micro-batches).
     """
-    mask = _check_mask(logp, mask, "logp")
-    if old_logp.shape != logp.shape:
-        raise ValueError(f"old_logp shape {tuple(old_logp.shape)} does not match logp shape {tuple(logp.shape)}")
+    if CHECK_INPUTS:
+        check_loss_inputs(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip)
+    mask = mask.bool()
     if advantages.dim() == 1:
-        if advantages.shape[0] != logp.shape[0]:
-            raise ValueError(f"advantages has {advantages.shape[0]} rows but logp has {logp.shape[0]}")
         advantages = advantages[:, None].expand_as(logp)
-    elif advantages.shape != logp.shape:
-        raise ValueError(f"advantages shape {tuple(advantages.shape)} must be [R] or match logp {tuple(logp.shape)}")
-    if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
     adv = advantages.to(torch.float32)
     # Zero the log-ratio on padding before exp so garbage there can never make inf/NaN (also in backward).
     log_ratio = torch.where(mask, logp.float() - old_logp.float(), torch.zeros((), device=logp.device))
@@ -96,6 +91,23 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
             "tokens": n.float(),
         }
     return loss, stats
+
+
+def check_loss_inputs(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      clip_low: float, clip_high: float, dual_clip: float | None) -> None:
+    """policy_loss's inputs, checked when CHECK_INPUTS is on (the tests switch it on; train.py checks the clip
+    ranges when it parses its flags and builds the shapes itself, so a run skips this every micro-batch)."""
+    _check_mask(logp, mask, "logp")
+    if old_logp.shape != logp.shape:
+        raise ValueError(f"old_logp shape {tuple(old_logp.shape)} does not match logp shape {tuple(logp.shape)}")
+    if advantages.dim() == 1 and advantages.shape[0] != logp.shape[0]:
+        raise ValueError(f"advantages has {advantages.shape[0]} rows but logp has {logp.shape[0]}")
+    if advantages.dim() != 1 and advantages.shape != logp.shape:
+        raise ValueError(f"advantages shape {tuple(advantages.shape)} must be [R] or match logp {tuple(logp.shape)}")
+    if not (0.0 <= clip_low < 1.0) or clip_high < 0.0:
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:

@@ -3,7 +3,7 @@
 HTTPJudge sends each request's judge prompt (nano_gtalign/prompts.py) to the server (e.g. vLLM serving
 Qwen3-32B) and reads the verdict from its reply (judges.parse_verdict), many requests in flight at once,
 each under a total deadline, with retries; whatever still fails is a failed Verdict. make_judge,
-open_judge and open_judge_from_flags turn a --judge spec (and the flags of judges.add_judge_arguments)
+open_judge and open_configured_judge turn a --judge spec (and the options of judges.judge_options)
 into a judge ready to use: the rule judge, or an HTTPJudge whose server answers. Standard library only.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Callable
 
 from nano_gtalign.errors import UsageError
 from nano_gtalign.judges import (
-    MATH_TASKS, PAPER_EXTRA_BODY, RULE_TASKS, VERDICT_SCALES, Judge, JudgeRequest, JudgeSettings,
-    JudgeUnavailableError, RuleJudge, Verdict, failed_verdict, canonical_task, check_extra_body, check_sampling,
+    MATH_TASKS, PAPER_EXTRA_BODY, RULE_TASKS, VERDICT_SCALES, Judge, JudgeOptions, JudgeRequest, JudgeSettings,
+    JudgeUnavailableError, RuleJudge, Verdict, canonical_task, check_extra_body, check_sampling, failed_verdict,
     parse_verdict,
 )
 
@@ -418,11 +418,7 @@ def open_judge(spec: str, *, sources: list[str] = (), timeout: float | None = No
     return judge
 
 
-def open_judge_from_flags(flags, sources: list[str]) -> Judge:
-    """open_judge with the values of the flags add_judge_arguments defines (flags: the parsed namespace of
-    train.py or eval.py), so the two scripts read their judge flags in one place."""
-    settings = JudgeSettings(max_tokens=flags.judge_max_tokens, temperature=flags.judge_temperature,
-                             top_p=flags.judge_top_p, top_k=flags.judge_top_k, extra_body=flags.judge_extra_body,
-                             failure=flags.judge_failure)
-    return open_judge(flags.judge, sources=sources, timeout=flags.judge_timeout,
-                      max_concurrency=flags.judge_concurrency, settings=settings)
+def open_configured_judge(options: JudgeOptions, sources: list[str]) -> Judge:
+    """open_judge with a run's JudgeOptions (judges.judge_options reads them from the flags)."""
+    return open_judge(options.spec, sources=sources, timeout=options.timeout, max_concurrency=options.concurrency,
+                      settings=options.settings)

@@ -5,9 +5,10 @@ This module holds what every judge shares, and the offline judge:
 - RuleJudge, which scores math answers and the synthetic arith_demo task offline, with no model
   (the math answer extraction and LaTeX/number normalisation it uses are in nano_gtalign/answers.py);
 - reading a verdict from an LLM judge's reply (parse_verdict) and the scale each task allows;
-- JudgeSettings and the judge flags (add_judge_arguments) train.py and eval.py share.
+- JudgeSettings, JudgeOptions and the judge flags (add_judge_arguments, judge_options) train.py and eval.py
+  share.
 The HTTP judge (HTTPJudge: an OpenAI-compatible chat-completions server, e.g. vLLM serving Qwen3-32B) and
-the entry points that build a judge from a --judge spec (make_judge, open_judge, open_judge_from_flags) are
+the entry points that build a judge from a --judge spec (make_judge, open_judge, open_configured_judge) are
 in nano_gtalign/http_judge.py.
 
 A verdict that could not be had is Verdict(failed=True, error=...), never a
@@ -17,7 +18,8 @@ wildguard/advbench 0|0.5|1, ambig_qa/abg_coqa 0|1, and the ablation's Pareto-con
 ("pareto") 0|0.5|1.
 
 JudgeSettings holds how the HTTP judge samples (defaults: the paper's thinking Qwen3-32B) and what a
-failed verdict counts as; add_judge_arguments gives train.py and eval.py one set of judge flags.
+failed verdict counts as; JudgeOptions adds which judge and its concurrency and deadline;
+add_judge_arguments gives train.py and eval.py one set of judge flags, judge_options reads them back.
 """
 from __future__ import annotations
 
@@ -195,17 +197,37 @@ def parse_extra_body(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_judge_arguments(parser) -> None:
+@dataclass
+class JudgeOptions:
+    """The judge a run asked for: --judge SPEC ('rule', or an OpenAI-compatible URL[#model]), the HTTP
+    requests in flight, each request's deadline in seconds, and how the judge samples."""
+    spec: str = "rule"
+    concurrency: int = 32
+    timeout: float = 60.0
+    settings: JudgeSettings = field(default_factory=JudgeSettings)
+
+    def flags(self) -> dict:
+        """These options by their flags' names, as checkpoints and metrics.jsonl keep them."""
+        s = self.settings
+        return dict(judge=self.spec, judge_concurrency=self.concurrency, judge_timeout=self.timeout,
+                    judge_max_tokens=s.max_tokens, judge_temperature=s.temperature, judge_top_p=s.top_p,
+                    judge_top_k=s.top_k, judge_extra_body=s.extra_body, judge_failure=s.failure)
+
+
+def add_judge_arguments(parser, defaults: JudgeOptions | None = None) -> None:
     """Add every judge flag to an argparse parser or argument group: train.py and eval.py share this one
-    definition. Defaults are JudgeSettings' (the paper's judge); open_judge_from_flags turns the parsed values
-    into the judge."""
-    d = JudgeSettings()
-    parser.add_argument("--judge", default="rule", metavar="SPEC",
+    definition, and judge_options reads them back. Defaults: `defaults`, else JudgeOptions() (the paper's
+    judge)."""
+    o = defaults or JudgeOptions()
+    d = o.settings
+    parser.add_argument("--judge", default=o.spec, metavar="SPEC",
                         help="'rule' (offline: math-hard, minerva, arith_demo) or an OpenAI-compatible URL, "
                              "URL#model (default: %(default)s)")
-    parser.add_argument("--judge-concurrency", type=int, default=32, metavar="N",
+    parser.add_argument("--judge-concurrency", type=_flag_type(int, lambda n: n >= 1, "an integer >= 1"),
+                        default=o.concurrency, metavar="N",
                         help="HTTP judge requests in flight (train.py: per rank) (default: %(default)s)")
-    parser.add_argument("--judge-timeout", type=float, default=60.0, metavar="SECONDS",
+    parser.add_argument("--judge-timeout", type=_flag_type(float, lambda t: 0 < t < math.inf, "a number > 0"),
+                        default=o.timeout, metavar="SECONDS",
                         help="seconds per HTTP judge request, a total deadline per attempt; a thinking judge "
                              "writing thousands of tokens may need more (default: %(default)s)")
     parser.add_argument("--judge-max-tokens", type=_flag_type(int, lambda n: n >= 1, "an integer >= 1"),
@@ -224,6 +246,13 @@ def add_judge_arguments(parser) -> None:
                         help="a judgement that failed: 'exclude' leaves the sample out of the update and the "
                              "means, 'zero' scores it as a verdict of 0 as upstream did (default: %(default)s)")
 
+
+def judge_options(flags: argparse.Namespace) -> JudgeOptions:
+    """The JudgeOptions of the flags add_judge_arguments defined (the parsed namespace of train.py or eval.py)."""
+    settings = JudgeSettings(max_tokens=flags.judge_max_tokens, temperature=flags.judge_temperature,
+                             top_p=flags.judge_top_p, top_k=flags.judge_top_k, extra_body=flags.judge_extra_body,
+                             failure=flags.judge_failure)
+    return JudgeOptions(flags.judge, flags.judge_concurrency, flags.judge_timeout, settings)
 
 # ---------------------------------------------------------------------------
 # The rule judge

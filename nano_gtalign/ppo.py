@@ -10,8 +10,9 @@ the critic at lr 2e-6 and the actor at 1e-6, no KL, on the same welfare reward a
     critic     : clipped value loss against the returns                                 (value_loss)
     actor      : grpo.policy_loss with the per-token A (dual clip included), skipped for --critic-warmup steps
 
-Both updates run the same epochs -> mini-batches -> micro-batches as GRPO (update.train_passes), with the
-same loss aggregation over the whole mini-batch's token counts. Failed judgements are out of the loss mask,
+Both updates run the same epochs -> mini-batches -> micro-batches as GRPO (update.mini_batches and
+micro_batches), with the same loss aggregation over the whole mini-batch's token counts. The rewards are
+the rollout's (W, z-scored per data source with --normalize-by-source). Failed judgements are out of the loss mask,
 so they are out of GAE, the whitening and both losses.
 
 The critic is the policy's transformer with a scalar head: `Critic.forward` returns the value of the state
@@ -29,25 +30,18 @@ import torch
 import torch.nn as nn
 
 from nano_gtalign import grpo
-from nano_gtalign.distributed import Dist, all_sum, unwrap
+from nano_gtalign.config import TrainConfig
+from nano_gtalign.distributed import Dist, all_sum, grad_sync, unwrap
 from nano_gtalign.errors import UsageError
 from nano_gtalign.layout import completion_hidden, pack_rows
 from nano_gtalign.loader import load_pretrained
 from nano_gtalign.model import Transformer
-from nano_gtalign.policy import autocast
-from nano_gtalign.rollout import Rollout, normalized_across_ranks
-from nano_gtalign.update import UpdateConfig, empty_totals, micro_batches, train_passes, update
+from nano_gtalign.policy import autocast, compute_dtype
+from nano_gtalign.report import UpdateStats
+from nano_gtalign.rollout import Rollout
+from nano_gtalign.update import micro_batches, mini_batches, optimizer_params, optimizer_step, update
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # beside the critic's transformer in OUT_DIR/final_critic
-
-
-@dataclass
-class PPOConfig:
-    gamma: float = 1.0                # discount (upstream: 1)
-    lam: float = 1.0                  # GAE lambda (upstream: 1)
-    value_clip: float = 0.5           # verl's cliprange_value; 0 turns the clip off
-    critic_warmup: int = 0            # the first steps train only the critic
-    normalize_by_source: bool = False  # the rewards are W z-scored per data source, as the rollout did
 
 
 class Critic(nn.Module):
@@ -177,16 +171,16 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 # The step
 
 
-def forward_values(critic, ro: Rollout, lo: int, hi: int, cfg: UpdateConfig, pad_id: int, device: torch.device):
+def forward_values(critic, ro: Rollout, lo: int, hi: int, cfg: TrainConfig, pad_id: int, device: torch.device):
     """[rows, T] values of rollout rows lo:hi and their loss mask (the layout of update.forward_logp)."""
     ids, mask, P, T = pack_rows(ro.prompt_ids[lo:hi], ro.completion_ids[lo:hi], ro.attn_mask[lo:hi], pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    with autocast(device, cfg.compute_dtype):
+    with autocast(device, compute_dtype(cfg.dtype, device)):
         values = critic(ids, attention_mask=mask, prompt_len=P, completion_len=T)
     return values.view(hi - lo, T), ro.loss_mask[lo:hi, :T].to(device)
 
 
-def rollout_values(critic, ro: Rollout, cfg: UpdateConfig, pad_id: int, device: torch.device) -> torch.Tensor:
+def rollout_values(critic, ro: Rollout, cfg: TrainConfig, pad_id: int, device: torch.device) -> torch.Tensor:
     """[R, T] values of the whole rollout under the critic before its update (no grad)."""
     out = torch.zeros(ro.loss_mask.shape, dtype=torch.float32)
     with torch.no_grad():
@@ -196,64 +190,60 @@ def rollout_values(critic, ro: Rollout, cfg: UpdateConfig, pad_id: int, device: 
     return out
 
 
-def row_rewards(ro: Rollout, cfg: PPOConfig, d: Dist) -> torch.Tensor:
-    """[R] welfare per row (NaN where the judge failed), z-scored per source when the rollout was."""
-    welfare = [s.welfare for s in ro.scores]
-    if cfg.normalize_by_source:
-        welfare = normalized_across_ranks(welfare, [s.data_source for s in ro.scores], d)
-    return torch.tensor(welfare, dtype=torch.float32)
-
-
-def value_stats(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Sums over the valid tokens (summed over ranks later; report.step_metrics turns them into the mean
+def value_stats(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> UpdateStats:
+    """Sums over the valid tokens (combined over ranks later; report.step_metrics turns them into the mean
     value and the explained variance 1 - Var(G - V) / Var(G))."""
     m = mask.bool()
     v, g = values[m].double(), returns[m].double()
     e = g - v
-    return dict(value_tokens=float(m.sum()), value_sum=float(v.sum()), return_sum=float(g.sum()),
-                return_sq=float((g * g).sum()), error_sum=float(e.sum()), error_sq=float((e * e).sum()))
+    return UpdateStats(value_tokens=float(m.sum()), value_sum=float(v.sum()), return_sum=float(g.sum()),
+                       return_sq=float((g * g).sum()), error_sum=float(e.sum()), error_sq=float((e * e).sum()))
 
 
-def ppo_update(model, ref, optimizer, scheduler, critic: CriticTrainer, ro: Rollout, cfg: UpdateConfig,
-               ppo: PPOConfig, step: int, pad_id: int, d: Dist) -> dict:
-    """One PPO step after the rollout: values, GAE, the critic's update, then the actor's (after the warm-up).
-    `model` is the (wrapped) Policy, `ref` the frozen KL reference or None. Returns sums for report.step_metrics."""
+def ppo_update(model, ref, optimizer, scheduler, critic: CriticTrainer, ro: Rollout, cfg: TrainConfig,
+               step: int, pad_id: int, d: Dist) -> UpdateStats:
+    """One PPO step after the rollout: values, GAE on the rollout's rewards, the critic's update, then the
+    actor's (after the warm-up). `model` is the (wrapped) Policy, `ref` the frozen KL reference or None."""
     values = rollout_values(critic.module, ro, cfg, pad_id, d.device)
-    rewards = token_rewards(row_rewards(ro, ppo, d), ro.loss_mask)
-    adv, returns = gae_advantages(rewards, values, ro.loss_mask, ppo.gamma, ppo.lam)
-    totals = value_stats(values, returns, ro.loss_mask)
-    totals |= update_critic(critic, ro, values, returns, cfg, ppo.value_clip, pad_id, d)
-    if step <= ppo.critic_warmup:  # the actor waits until the values mean something
-        up = empty_totals()
+    rewards = token_rewards(ro.train_rewards, ro.loss_mask)
+    adv, returns = gae_advantages(rewards, values, ro.loss_mask, cfg.gamma, cfg.lam)
+    critic_stats = update_critic(critic, ro, values, returns, cfg, pad_id, d)
+    if step <= cfg.critic_warmup:  # the actor waits until the values mean something
+        stats = UpdateStats()
     else:
-        up = update(model, ref, optimizer, scheduler, replace(ro, advantages=whiten(adv, ro.loss_mask, d)), cfg,
-                    pad_id, d)
-    up["update_time"] += totals.pop("critic_time")  # one update time for both models (tokens/s of the update)
-    return totals | up
+        stats = update(model, ref, optimizer, scheduler, ro, whiten(adv, ro.loss_mask, d), cfg, pad_id, d)
+    step_values = value_stats(values, returns, ro.loss_mask)
+    return replace(stats, **{name: getattr(step_values, name) for name in VALUE_FIELDS},
+                   **{name: getattr(critic_stats, name) for name in CRITIC_FIELDS},
+                   update_time=stats.update_time + critic_stats.update_time)  # one time for both models
+
+
+VALUE_FIELDS = ("value_tokens", "value_sum", "return_sum", "return_sq", "error_sum", "error_sq")
+CRITIC_FIELDS = ("value_loss", "value_clip", "value_trained_tokens", "critic_grad_norm", "critic_opt_steps")
 
 
 def update_critic(critic: CriticTrainer, ro: Rollout, old_values: torch.Tensor, returns: torch.Tensor,
-                  cfg: UpdateConfig, clip: float, pad_id: int, d: Dist) -> dict:
+                  cfg: TrainConfig, pad_id: int, d: Dist) -> UpdateStats:
     """The critic's optimizer steps: the actor's epochs and mini-batches, the clipped value loss."""
     unwrap(critic.module).model.gradient_checkpointing = cfg.grad_checkpointing
     critic.module.train()
-    totals = dict(value_loss=0.0, value_clip=0.0, value_trained_tokens=0.0, critic_grad_norm=0.0,
-                  critic_opt_steps=0.0)
+    params = optimizer_params(critic.optimizer)
+    stats = UpdateStats()
     t0 = time.perf_counter()
-
-    def micro(lo: int, hi: int, counts: tuple, first: bool) -> None:
-        values, mask = forward_values(critic.module, ro, lo, hi, cfg, pad_id, d.device)
-        T = values.shape[1]
-        loss_tok, st = value_loss(values, old_values[lo:hi, :T].to(d.device), returns[lo:hi, :T].to(d.device),
-                                  mask, clip)
-        loss = grpo.reduce_loss(loss_tok, mask, cfg.loss_agg, global_token_count=counts[0],
-                                max_len=cfg.max_new_tokens, global_seq_count=counts[1])
-        (loss * d.world).backward()  # DDP/FSDP average over ranks; the loss is already a share of the sum
-        totals["value_loss"] += float(loss.detach())
-        totals["value_clip"] += float(st["clip_frac"]) * float(st["tokens"])
-        totals["value_trained_tokens"] += float(st["tokens"])
-
-    train_passes(critic.module, critic.optimizer, critic.scheduler, ro.loss_mask, cfg, d, micro, totals,
-                 prefix="critic_")
-    totals["critic_time"] = time.perf_counter() - t0
-    return totals
+    for _, lo, hi, n_tok, n_seq in mini_batches(ro.loss_mask, cfg, d):
+        for a, b in micro_batches(lo, hi, cfg.micro_batch_size):
+            with grad_sync(critic.module, b == hi, cfg.fsdp):
+                values, mask = forward_values(critic.module, ro, a, b, cfg, pad_id, d.device)
+                T = values.shape[1]
+                loss_tok, st = value_loss(values, old_values[a:b, :T].to(d.device), returns[a:b, :T].to(d.device),
+                                          mask, cfg.value_clip)
+                loss = grpo.reduce_loss(loss_tok, mask, cfg.loss_agg, global_token_count=n_tok,
+                                        max_len=cfg.max_new_tokens, global_seq_count=n_seq)
+                (loss * d.world).backward()  # DDP/FSDP average over ranks; the loss is already a share of the sum
+            stats.value_loss += float(loss.detach())
+            stats.value_clip += float(st["clip_frac"]) * float(st["tokens"])
+            stats.value_trained_tokens += float(st["tokens"])
+        stats.critic_grad_norm += optimizer_step(params, critic.optimizer, critic.scheduler, cfg.grad_clip)
+        stats.critic_opt_steps += 1
+    stats.update_time = time.perf_counter() - t0
+    return stats

@@ -1,13 +1,17 @@
-"""What a training run shows and keeps: the console lines, OUT_DIR/metrics.jsonl and the before/after table.
+"""What a training run measures, shows and keeps: the step's statistics (RolloutStats, UpdateStats), the
+console lines, OUT_DIR/metrics.jsonl and the before/after table.
 
-Every number is already summed over ranks (distributed.reduce_stats) when it gets here; rank 0 prints
-and writes.
+Each rank fills its own stats; `over_ranks` combines them (summed, the slowest rank's time, or a number
+every rank shares, as each field says); rank 0 prints and writes.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TypeVar
 
+from nano_gtalign.distributed import Dist, all_gather
 from nano_gtalign.errors import UsageError
 
 # (key, header, format, meaning) of the before/after table of held-out evaluations
@@ -24,8 +28,81 @@ EVAL_COLUMNS = (
 )
 
 
-# Update numbers that are the same on every rank (distributed.reduce_stats must not sum them).
-SAME_ON_EVERY_RANK = ("grad_norm", "opt_steps", "critic_grad_norm", "critic_opt_steps")
+def _slowest() -> float:
+    """A time: over ranks, the slowest rank's."""
+    return field(default=0.0, metadata={"over_ranks": "max"})
+
+
+def _shared() -> float:
+    """A number every rank computes alike (from the averaged gradients): over ranks, this rank's."""
+    return field(default=0.0, metadata={"over_ranks": "same"})
+
+
+@dataclass
+class RolloutStats:
+    """One rank's sums and counts from sampling and scoring; means are taken over the scored rows."""
+    rows: int = 0                  # completions
+    groups: int = 0                # prompts
+    completion_tokens: int = 0
+    scored: int = 0                # rows with a welfare (with --judge-failure zero a failure is scored)
+    W: float = 0.0
+    U: float = 0.0
+    L: float = 0.0
+    answer: float = 0.0
+    format: int = 0
+    DA: int = 0
+    CQ: int = 0
+    AQ: int = 0
+    truncated: int = 0
+    judge_failed: int = 0
+    zero_spread_groups: int = 0
+    train_rows: int = 0            # rows with at least one token in the loss
+    gen_time: float = _slowest()
+    score_time: float = _slowest()
+
+
+@dataclass
+class UpdateStats:
+    """One rank's sums from the update (token-weighted, so that they add up over micro-batches and ranks);
+    the critic_* and value numbers only with --algo ppo."""
+    tokens: float = 0.0            # loss tokens the fractions below are weighted by
+    clip: float = 0.0
+    approx_kl: float = 0.0
+    entropy: float = 0.0
+    kl: float = 0.0
+    loss: float = 0.0
+    mismatch: float = 0.0          # |logp - sampler logp| over the first mini-batch's tokens
+    mismatch_tokens: float = 0.0
+    update_time: float = _slowest()
+    grad_norm: float = _shared()
+    opt_steps: float = _shared()
+    value_loss: float = 0.0
+    value_clip: float = 0.0
+    value_trained_tokens: float = 0.0
+    value_tokens: float = 0.0      # the step's values and returns over the valid tokens (explained variance)
+    value_sum: float = 0.0
+    return_sum: float = 0.0
+    return_sq: float = 0.0
+    error_sum: float = 0.0
+    error_sq: float = 0.0
+    critic_grad_norm: float = _shared()
+    critic_opt_steps: float = _shared()
+
+
+Stats = TypeVar("Stats", RolloutStats, UpdateStats)
+
+
+def over_ranks(d: Dist, stats: Stats) -> Stats:
+    """The step's stats over every rank: sums, except the slowest rank's times and the shared numbers."""
+    if not d.on:
+        return stats
+    parts = all_gather(d, stats)
+    combined = {}
+    for f in fields(stats):
+        how = f.metadata.get("over_ranks", "sum")
+        values = [getattr(p, f.name) for p in parts]
+        combined[f.name] = getattr(stats, f.name) if how == "same" else max(values) if how == "max" else sum(values)
+    return replace(stats, **combined)
 
 
 def fmt_time(s: float) -> str:
@@ -33,48 +110,48 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def step_metrics(step: int, total: int, ro: dict, up: dict, *, lr: float, elapsed: float, step_time: float,
-                 eta: float, epochs: int, with_kl: bool) -> dict:
-    """One step's metrics.jsonl record from the rollout's (ro) and the update's (up) sums over ranks."""
-    n, tok, opt = ro["rows"], max(up["tokens"], 1), max(up["opt_steps"], 1)
+def step_metrics(step: int, total: int, ro: RolloutStats, up: UpdateStats, *, lr: float, elapsed: float,
+                 step_time: float, eta: float, epochs: int, with_kl: bool, with_critic: bool) -> dict:
+    """One step's metrics.jsonl record from the rollout's (ro) and the update's (up) stats over ranks."""
+    n, tok, opt = ro.rows, max(up.tokens, 1), max(up.opt_steps, 1)
 
-    def per_scored(key: str) -> float | None:  # a step whose judgements all failed has no welfare, not 0
-        return ro[key] / ro["scored"] if ro["scored"] else None
+    def per_scored(total: float) -> float | None:  # a step whose judgements all failed has no welfare, not 0
+        return total / ro.scored if ro.scored else None
     return {
         "kind": "train", "step": step, "steps": total, "lr": lr, "time": elapsed, "step_time": step_time,
-        "prompts_per_s": ro["groups"] / step_time, "tokens_per_s": ro["completion_tokens"] / step_time,
-        "gen_tokens_per_s": ro["completion_tokens"] / max(ro["gen_time"], 1e-9),
-        "update_tokens_per_s": ro["completion_tokens"] * epochs / max(up["update_time"], 1e-9),
-        "W": per_scored("W"), "U": per_scored("U"), "L": per_scored("L"),
-        "answer": per_scored("answer"), "format": ro["format"] / n,
-        "DA": ro["DA"] / n, "CQ": ro["CQ"] / n, "AQ": ro["AQ"] / n,
-        "completion_len": ro["completion_tokens"] / n, "truncated": ro["truncated"] / n,
-        "samples": n, "judge_failed": int(ro["judge_failed"]), "judge_failure_rate": ro["judge_failed"] / n,
-        "zero_spread_groups": int(ro["zero_spread_groups"]),
-        "train_rows": int(ro["train_rows"]),
-        "kl": up["kl"] / tok if with_kl else None,
-        "approx_kl": up["approx_kl"] / tok, "clip_frac": up["clip"] / tok, "entropy": up["entropy"] / tok,
-        "logp_mismatch": up["mismatch"] / max(up["mismatch_tokens"], 1), "grad_norm": up["grad_norm"] / opt,
-        "loss": up["loss"] / opt, "opt_steps": int(up["opt_steps"]),
-        "gen_time": ro["gen_time"], "score_time": ro["score_time"], "update_time": up["update_time"],
-        "eta_s": eta, **(critic_metrics(up) if "critic_opt_steps" in up else {}),
+        "prompts_per_s": ro.groups / step_time, "tokens_per_s": ro.completion_tokens / step_time,
+        "gen_tokens_per_s": ro.completion_tokens / max(ro.gen_time, 1e-9),
+        "update_tokens_per_s": ro.completion_tokens * epochs / max(up.update_time, 1e-9),
+        "W": per_scored(ro.W), "U": per_scored(ro.U), "L": per_scored(ro.L),
+        "answer": per_scored(ro.answer), "format": ro.format / n,
+        "DA": ro.DA / n, "CQ": ro.CQ / n, "AQ": ro.AQ / n,
+        "completion_len": ro.completion_tokens / n, "truncated": ro.truncated / n,
+        "samples": n, "judge_failed": int(ro.judge_failed), "judge_failure_rate": ro.judge_failed / n,
+        "zero_spread_groups": int(ro.zero_spread_groups),
+        "train_rows": int(ro.train_rows),
+        "kl": up.kl / tok if with_kl else None,
+        "approx_kl": up.approx_kl / tok, "clip_frac": up.clip / tok, "entropy": up.entropy / tok,
+        "logp_mismatch": up.mismatch / max(up.mismatch_tokens, 1), "grad_norm": up.grad_norm / opt,
+        "loss": up.loss / opt, "opt_steps": int(up.opt_steps),
+        "gen_time": ro.gen_time, "score_time": ro.score_time, "update_time": up.update_time,
+        "eta_s": eta, **(critic_metrics(up) if with_critic else {}),
     }
 
 
-def critic_metrics(up: dict) -> dict:
+def critic_metrics(up: UpdateStats) -> dict:
     """PPO's value-model numbers: the loss and clip fraction of its update, and, for the values the step's
     advantages were computed with, their mean and the explained variance 1 - Var(G - V) / Var(G) over the
     valid tokens (G: the GAE returns; 1 = perfect values, 0 = no better than their mean)."""
-    n, opt = max(up["value_tokens"], 1), max(up["critic_opt_steps"], 1)
+    n, opt = max(up.value_tokens, 1), max(up.critic_opt_steps, 1)
 
     def var(total: float, sq: float) -> float:
         return sq / n - (total / n) ** 2
-    var_g = var(up["return_sum"], up["return_sq"])
+    var_g = var(up.return_sum, up.return_sq)
     return {
-        "value_loss": up["value_loss"] / opt, "value_clip_frac": up["value_clip"] / max(up["value_trained_tokens"], 1),
-        "value_mean": up["value_sum"] / n, "return_mean": up["return_sum"] / n,
-        "explained_var": 1 - var(up["error_sum"], up["error_sq"]) / var_g if var_g > 1e-12 else None,
-        "critic_grad_norm": up["critic_grad_norm"] / opt, "critic_opt_steps": int(up["critic_opt_steps"]),
+        "value_loss": up.value_loss / opt, "value_clip_frac": up.value_clip / max(up.value_trained_tokens, 1),
+        "value_mean": up.value_sum / n, "return_mean": up.return_sum / n,
+        "explained_var": 1 - var(up.error_sum, up.error_sq) / var_g if var_g > 1e-12 else None,
+        "critic_grad_norm": up.critic_grad_norm / opt, "critic_opt_steps": int(up.critic_opt_steps),
     }
 
 

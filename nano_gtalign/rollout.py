@@ -15,44 +15,29 @@ import torch
 import torch.nn.functional as F
 
 from nano_gtalign import grpo
+from nano_gtalign.config import TrainConfig
 from nano_gtalign.distributed import Dist, all_gather, generation_mode
-from nano_gtalign.policy import autocast
+from nano_gtalign.policy import autocast, compute_dtype
+from nano_gtalign.report import RolloutStats
 from nano_gtalign.reward import normalize_by_source, score_batch
 from nano_gtalign.sampling import Generation, SamplingParams, generate
 
 
 @dataclass
-class RolloutConfig:
-    group_size: int                  # G completions per prompt
-    max_new_tokens: int
-    temperature: float
-    top_k: int = 0
-    top_p: float = 1.0
-    gen_batch_size: int = 0          # prompts per generate call (0: all of them in one call)
-    welfare: str = "cobb_douglas"
-    llm_reward: str = "main"
-    bleu: str = "char"
-    normalize_by_source: bool = False
-    adv_eps: float = 1e-6
-    adv_std: bool = True
-    drop_zero_spread: bool = False
-    mask_truncated: bool = False
-    judge_failure: str = "exclude"   # "zero": a failed judgement scored as a verdict of 0 (upstream)
-    fsdp: bool = False
-    compute_dtype: torch.dtype = torch.float32
-
-
-@dataclass
 class Rollout:
-    """One rank's share of a step: R = prompts * G rows, prompt-major (row i*G + g is sample g of prompt i)."""
+    """One rank's share of a step: R = prompts * G rows, prompt-major (row i*G + g is sample g of prompt i).
+    Everything is on the CPU."""
     prompt_ids: list[list[int]]
     completion_ids: torch.Tensor      # [R, T]
     attn_mask: torch.Tensor           # [R, T] the tokens generated (attention)
     loss_mask: torch.Tensor           # [R, T] the tokens trained on (drops failed / filtered rows)
     sampler_logp: torch.Tensor        # [R, T]
-    advantages: torch.Tensor          # [R]
+    rewards: torch.Tensor             # [R] the welfare W, NaN where the judge failed
+    train_rewards: torch.Tensor       # [R] what the advantages are computed from: W, z-scored per data source
+                                      #     over the step with --normalize-by-source (NaN where the judge failed)
+    advantages: torch.Tensor          # [R] group advantages of train_rewards (GRPO's; PPO computes its own)
     scores: list                      # reward.RewardBreakdown per row
-    stats: dict                       # sums and counts for the step's metrics (report.step_metrics)
+    stats: RolloutStats
 
 
 def concat_generations(gens: list[Generation], pad_id: int) -> Generation:
@@ -71,13 +56,13 @@ def concat_generations(gens: list[Generation], pad_id: int) -> Generation:
         texts=[t for g in gens for t in g.texts], finish_reasons=[r for g in gens for r in g.finish_reasons])
 
 
-def sample_groups(policy, tokenizer, prompts: list[list[int]], cfg: RolloutConfig, generator: torch.Generator,
+def sample_groups(policy, tokenizer, prompts: list[list[int]], cfg: TrainConfig, generator: torch.Generator,
                   device: torch.device) -> Generation:
     """G completions for each prompt, --gen-batch-size prompts per generate call (bounds the KV cache)."""
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_k=cfg.top_k, top_p=cfg.top_p)
     size = cfg.gen_batch_size or len(prompts)
-    with generation_mode(policy, cfg.fsdp), autocast(device, cfg.compute_dtype):
+    with generation_mode(policy, cfg.fsdp), autocast(device, compute_dtype(cfg.dtype, device)):
         gens = [generate(policy, tokenizer, prompts[s: s + size], params, num_samples=cfg.group_size,
                          generator=generator) for s in range(0, len(prompts), size)]
     return concat_generations(gens, tokenizer.pad_token_id)
@@ -107,7 +92,7 @@ def advantages_with_failures(rewards: torch.Tensor, group_size: int, eps: float,
     return grpo.group_advantages(filled, group_size, eps=eps, std_normalize=std_normalize), filled
 
 
-def rollout(policy, tokenizer, records: list[dict], prompts: list[list[int]], cfg: RolloutConfig, judge,
+def rollout(policy, tokenizer, records: list[dict], prompts: list[list[int]], cfg: TrainConfig, judge,
             generator: torch.Generator, d: Dist) -> Rollout:
     """Sample, score and compute advantages for this rank's prompts (records[i] goes with prompts[i])."""
     G = cfg.group_size
@@ -116,14 +101,16 @@ def rollout(policy, tokenizer, records: list[dict], prompts: list[list[int]], cf
     t1 = time.perf_counter()
     rows = [r for r in records for _ in range(G)]
     scores = score_batch(gen.texts, rows, judge, welfare=cfg.welfare, llm_reward=cfg.llm_reward, bleu=cfg.bleu,
-                         judge_failure=cfg.judge_failure)
+                         judge_failure=cfg.judge.settings.failure)
     t2 = time.perf_counter()
 
     welfare = [s.welfare for s in scores]  # NaN where the judge failed
+    train_welfare = welfare
     if cfg.normalize_by_source:
-        welfare = normalized_across_ranks(welfare, [r["data_source"] for r in rows], d)
-    # On the training device, so that on CUDA the group statistics run in the Triton kernel (nano_gtalign/kernels/advantage.py).
-    rewards = torch.tensor(welfare, dtype=torch.float32, device=d.device)
+        train_welfare = normalized_across_ranks(welfare, [r["data_source"] for r in rows], d)
+    # On the training device, so that on CUDA the group statistics run in the Triton kernel
+    # (nano_gtalign/kernels/advantage.py).
+    rewards = torch.tensor(train_welfare, dtype=torch.float32, device=d.device)
     failed = torch.isnan(rewards)
     adv, filled = advantages_with_failures(rewards, G, cfg.adv_eps, cfg.adv_std)
     zero_spread = grpo.zero_spread_groups(filled, G, tol=1e-6)
@@ -134,17 +121,17 @@ def rollout(policy, tokenizer, records: list[dict], prompts: list[list[int]], cf
     if cfg.mask_truncated:
         loss_mask = grpo.mask_truncated(loss_mask, gen.finish_reasons)
     stats = rollout_stats(scores, gen.finish_reasons, attn_mask, loss_mask, zero_spread, G)
-    stats.update(gen_time=t1 - t0, score_time=t2 - t1)
+    stats.gen_time, stats.score_time = t1 - t0, t2 - t1
     return Rollout(gen.prompt_ids, gen.completion_ids.cpu(), attn_mask, loss_mask, gen.logprobs.cpu(),
-                   adv, scores, stats)
+                   torch.tensor(welfare, dtype=torch.float32), rewards.cpu(), adv, scores, stats)
 
 
 def rollout_stats(scores: list, finish_reasons: list[str], attn_mask: torch.Tensor, loss_mask: torch.Tensor,
-                  zero_spread: torch.Tensor, group_size: int) -> dict:
-    """Sums and counts (summed over ranks later); means are taken over the scored rows only."""
+                  zero_spread: torch.Tensor, group_size: int) -> RolloutStats:
+    """Sums and counts (combined over ranks later); means are taken over the scored rows only."""
     scored = [s for s in scores if not math.isnan(s.welfare)]  # with --judge-failure zero a failure is scored
     strategies = [s.strategy for s in scores]
-    return dict(
+    return RolloutStats(
         completion_tokens=int(attn_mask.sum()), rows=len(scores),
         W=sum(s.welfare for s in scored), U=sum(s.user for s in scored), L=sum(s.llm for s in scored),
         scored=len(scored), format=sum(s.format for s in scores),

@@ -16,6 +16,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from nano_gtalign import grpo  # noqa: E402  (after TRITON_INTERPRET: the kernels decorate at import)
+
+grpo.CHECK_INPUTS = True  # policy_loss checks its inputs on every call under test; a run skips that
+
 
 def _interpreter_problem() -> str | None:
     """Why Triton's interpreter cannot run the kernels here (None when it can, or is not in use)."""

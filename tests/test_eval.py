@@ -282,7 +282,7 @@ class FailingJudge(CountingJudge):
 
 
 def use_judge(monkeypatch, judge):
-    monkeypatch.setattr(evaluate, "open_judge_from_flags", lambda flags, sources: judge)
+    monkeypatch.setattr(evaluate, "open_configured_judge", lambda options, sources: judge)
     return judge
 
 
@@ -323,10 +323,11 @@ def test_judge_options_reach_the_http_judge(tmp_path, monkeypatch, capsys):
     assert seen == [{"timeout": 2.5, "max_concurrency": 3, **paper}, {"timeout": 60.0, "max_concurrency": 32, **paper}]
     evaluate.main(url + ["--judge-max-tokens", "1024", "--judge-top-k", "0", "--judge-extra-body", "{}"])
     assert seen[-1]["max_tokens"] == 1024 and seen[-1]["top_k"] is None and seen[-1]["extra_body"] == {}
-    with pytest.raises(SystemExit, match="--judge-timeout must be > 0"):
-        evaluate.main(url + ["--judge-timeout", "0"])
-    with pytest.raises(SystemExit, match="--judge-concurrency must be >= 1"):
-        evaluate.main(url + ["--judge-concurrency", "0"])
+    for argv, words in ((["--judge-timeout", "0"], "argument --judge-timeout: must be a number > 0, got '0'"),
+                        (["--judge-concurrency", "0"], "argument --judge-concurrency: must be an integer >= 1")):
+        with pytest.raises(SystemExit):
+            evaluate.main(url + argv)
+        assert words in capsys.readouterr().err
 
 
 def test_judge_failure_zero_scores_failed_judgements(tmp_path, monkeypatch, capsys):

@@ -23,10 +23,11 @@ from nano_gtalign.errors import UsageError
 from nano_gtalign.loader import CheckpointError, load_pretrained
 from nano_gtalign.model import ModelConfig, Transformer
 from nano_gtalign.policy import Policy
-from nano_gtalign.ppo import (Critic, CriticTrainer, PPOConfig, gae_advantages, make_critic, ppo_update,
+from nano_gtalign.ppo import (Critic, CriticTrainer, gae_advantages, make_critic, ppo_update,
                               token_rewards, value_loss, whiten)
+from nano_gtalign.config import TrainConfig
+from nano_gtalign.report import RolloutStats
 from nano_gtalign.rollout import Rollout
-from nano_gtalign.update import UpdateConfig
 from tests.test_train import argv, fake_score_batch, setup  # noqa: F401 (setup: a fixture)
 
 NAN = float("nan")
@@ -172,20 +173,21 @@ def test_ppo_step_matches_a_naive_reference():
         for i in range(R):
             lp, _ = naive_row(policy, critic, prompts[i], completions[i])
             old[i, :len(lp)] = lp + 0.8 * torch.randn(len(lp))
-    ro = Rollout(prompts, ids, attn, loss_mask, old, torch.zeros(R),
-                 [SimpleNamespace(welfare=w, data_source="arith_demo") for w in welfare], {})
-    cfg = UpdateConfig(mini_batches=2, epochs=2, micro_batch_size=1, old_logp="sampler", grad_clip=0.0,
-                       max_new_tokens=8)
-    ppo = PPOConfig(gamma=0.9, lam=0.8, value_clip=0.02)
+    rewards = torch.tensor(welfare, dtype=torch.float32)
+    ro = Rollout(prompts, ids, attn, loss_mask, old, rewards, rewards, torch.zeros(R),
+                 [SimpleNamespace(welfare=w, data_source="arith_demo") for w in welfare], RolloutStats())
+    # 2 prompts x G 2 = the 4 rows, 2 mini-batches of 1 prompt each
+    cfg = TrainConfig(prompts_per_step=2, group_size=2, mini_batch_size=1, epochs=2, micro_batch_size=1,
+                      old_logp="sampler", grad_clip=0.0, max_new_tokens=8, gamma=0.9, lam=0.8, value_clip=0.02)
     ref_policy, ref_critic = copy.deepcopy(policy), copy.deepcopy(critic)
 
     def sgd(module):
         opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=LR)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    totals = ppo_update(policy, None, *sgd(policy), CriticTrainer(critic, *sgd(critic)), ro, cfg, ppo, step=1,
+    totals = ppo_update(policy, None, *sgd(policy), CriticTrainer(critic, *sgd(critic)), ro, cfg, step=1,
                         pad_id=0, d=Dist())
-    assert totals["clip"] > 0 and totals["value_clip"] > 0  # both clips were exercised
-    assert totals["opt_steps"] == 4 and totals["critic_opt_steps"] == 4
+    assert totals.clip > 0 and totals.value_clip > 0  # both clips were exercised
+    assert totals.opt_steps == 4 and totals.critic_opt_steps == 4
 
     # The reference: values before any update, GAE per row, whitening over the valid tokens of rows 0, 1, 3.
     kept = [0, 1, 3]

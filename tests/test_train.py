@@ -26,6 +26,7 @@ from nano_gtalign.layout import pack_rows
 from nano_gtalign.loader import CheckpointError, load_pretrained
 from nano_gtalign.policy import Policy, compute_dtype
 from nano_gtalign.reward import RewardBreakdown
+from nano_gtalign.config import TrainConfig
 from nano_gtalign.rollout import concat_generations
 from nano_gtalign.update import lr_factor
 from tests.tiny import make_hf_model
@@ -145,7 +146,7 @@ def test_micro_batching_does_not_change_the_update(setup, tmp_path, monkeypatch)
     # recomputed, ratios away from 1) and the KL to the frozen initial model.
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, betas, weight_decay: torch.optim.SGD(params, lr=lr))
     cases = {"token": ["--loss-agg", "token-mean"], "sumnorm": ["--loss-agg", "seq-mean-token-sum-norm"],
-             "kl-2ep": ["--loss-agg", "seq-mean-token-mean", "--kl-coef", "0.5", "--ppo-epochs", "2"]}
+             "kl-2ep": ["--loss-agg", "seq-mean-token-mean", "--kl-coef", "0.5", "--epochs", "2"]}
     for name, extra in cases.items():
         one = train.main(argv(setup, tmp_path / f"m1-{name}", "--steps", "1", "--micro-batch-size", "1",
                               "--device", "cpu", *extra))
@@ -327,7 +328,7 @@ def test_sampled_evaluation_is_repeatable(setup):
     # The same policy evaluated twice draws the same tokens: a before/after difference is the policy's.
     root, model, _, evals = setup
     from nano_gtalign.loader import load_tokenizer
-    cfg = evaluate.EvalConfig(max_new_tokens=8, temperature=1.0, samples=3)
+    cfg = TrainConfig(max_new_tokens=8, eval_temperature=1.0, eval_samples=3)
     tok = load_tokenizer(model)
     policy = Policy(load_pretrained(model), torch.float32, "auto")
     records = read_records(evals)
