@@ -60,8 +60,11 @@ from nano_gtalign.http_judge import open_configured_judge
 from nano_gtalign.judges import RULE_TASKS, add_judge_arguments, canonical_task, judge_options
 from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
 from nano_gtalign.metrics import (
-    breakdown_dict, compare, format_comparison, format_paper_comparison, format_paper_table, format_table, frontier,
-    metrics_by_source, paper_compare, paper_metrics_by_source, per_prompt_points, prompt_key,
+    breakdown_dict, compare, format_comparison, format_table, frontier, metrics_by_source, per_prompt_points,
+    prompt_key,
+)
+from nano_gtalign.paper_metrics import (
+    format_paper_comparison, format_paper_table, paper_compare, paper_metrics_by_source,
 )
 from nano_gtalign.reward import BLEUS, LLM_REWARDS, WELFARES
 from nano_gtalign.sampling import SamplingParams

@@ -29,8 +29,8 @@ from nano_gtalign.distributed import Dist, gather_lists, generation_mode
 from nano_gtalign.errors import UsageError
 from nano_gtalign.metrics import compare, group_metrics, sample_row
 from nano_gtalign.policy import autocast, compute_dtype
-from nano_gtalign.reward import score_batch
 from nano_gtalign.sampling import SamplingParams, generate
+from nano_gtalign.scoring import score_batch
 
 # The correct strategies per question type, for records that say their type (arith_demo): a clear (DQ)
 # question is served by answering (DA, AQ), a vague (VQ) one by a clarifying question (CQ).

@@ -400,7 +400,7 @@ def open_judge(spec: str, *, sources: list[str] = (), timeout: float | None = No
     source given, an HTTP judge only once its server answers (an unreachable judge would otherwise turn
     every sample into a failure). settings (None: HTTPJudge's own defaults, which are the same paper
     values) set how an HTTP judge samples; the rule judge samples nothing. settings.failure is the
-    reward's business: pass it to reward.score_batch as judge_failure. Raises UsageError naming the problem."""
+    reward's business: pass it to scoring.score_batch as judge_failure. Raises UsageError naming the problem."""
     if spec == "rule":
         unscorable = sorted({s for s in sources if canonical_task(s) not in RULE_TASKS})
         if unscorable:

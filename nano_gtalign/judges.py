@@ -98,7 +98,7 @@ def failed_verdict(error: str, raw: str = "") -> Verdict:
 # ---------------------------------------------------------------------------
 # Judge settings and the judge flags shared by train.py and eval.py
 
-JUDGE_FAILURES = ("exclude", "zero")   # what a failed verdict counts as (reward.score_batch)
+JUDGE_FAILURES = ("exclude", "zero")   # what a failed verdict counts as (scoring.score_batch)
 # What the paper's judge requests carried besides the sampling fields: Qwen3's thinking switched on.
 PAPER_EXTRA_BODY = {"chat_template_kwargs": {"enable_thinking": True}}
 # Request fields with a setting of their own; extra_body may not replace them behind that setting's back.
@@ -141,7 +141,7 @@ class JudgeSettings:
     thinking judge needs room, or its reply is cut before the verdict), temperature 0.6, top-p 0.95,
     top-k 20 (sent as the `top_k` field vLLM and sglang read; None: not sent) and extra_body, merged
     into every request, switching thinking on. failure: "exclude" (ours) leaves a failed judgement
-    out of the update; "zero" (upstream) scores it as a verdict of 0 (reward.score_batch). The rule
+    out of the update; "zero" (upstream) scores it as a verdict of 0 (scoring.score_batch). The rule
     judge samples nothing, so it ignores everything here except failure.
     """
     max_tokens: int = 32768

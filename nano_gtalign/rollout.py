@@ -19,8 +19,9 @@ from nano_gtalign.config import TrainConfig
 from nano_gtalign.distributed import Dist, all_gather, generation_mode
 from nano_gtalign.policy import autocast, compute_dtype
 from nano_gtalign.report import RolloutStats
-from nano_gtalign.reward import normalize_by_source, score_batch
+from nano_gtalign.reward import normalize_by_source
 from nano_gtalign.sampling import Generation, SamplingParams, generate
+from nano_gtalign.scoring import score_batch
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Rollout:
     train_rewards: torch.Tensor       # [R] what the advantages are computed from: W, z-scored per data source
                                       #     over the step with --normalize-by-source (NaN where the judge failed)
     advantages: torch.Tensor          # [R] group advantages of train_rewards (GRPO's; PPO computes its own)
-    scores: list                      # reward.RewardBreakdown per row
+    scores: list                      # scoring.RewardBreakdown per row
     stats: RolloutStats
 
 

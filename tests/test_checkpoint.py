@@ -310,7 +310,7 @@ def tiny_run(tmp_path, monkeypatch):
     tests/test_train.py: a random model never writes the four blocks) so the update has a gradient."""
     import train
     from nano_gtalign import evaluate, rollout
-    from nano_gtalign.reward import RewardBreakdown
+    from nano_gtalign.scoring import RewardBreakdown
     from tests.tiny import make_hf_model
 
     def score(completions, records, judge, **kwargs):

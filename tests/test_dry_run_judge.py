@@ -29,7 +29,7 @@ _spec.loader.exec_module(dry)
 
 ANALYZE = ("Pareto-optimal: DQ_DA (3.3, 3.0) and VQ_CQ (0.9, 1.2); the rest are beaten by DQ_DA. "
            "chosen: DQ_DA, the largest LLM + user.")
-# One request per kind our judges send to an LLM, shaped as reward._prepare builds them. The math answers
+# One request per kind our judges send to an LLM, shaped as scoring._prepare builds them. The math answers
 # are wrong by the rule, so the HTTP judge asks the server about them too (rule_first).
 REQUESTS = [
     JudgeRequest("math-hard", "What is 1/2 + 1/4?", "1/2 + 1/4 = \\boxed{\\frac{2}{3}}", "\\frac{3}{4}"),

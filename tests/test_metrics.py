@@ -1,11 +1,11 @@
-"""nano_gtalign/metrics.py against hand-computed numbers."""
+"""nano_gtalign/metrics.py and nano_gtalign/paper_metrics.py against hand-computed numbers."""
 import math
 import random
 from types import SimpleNamespace
 
 import pytest
 
-from nano_gtalign import metrics
+from nano_gtalign import metrics, paper_metrics
 from nano_gtalign.game import KEYS
 
 PAY = ('{"DQ_AQ": {"LLM": 2, "user": 2}, "DQ_CQ": {"LLM": 1, "user": 1}, "DQ_DA": {"LLM": 3, "user": 3}, '
@@ -221,16 +221,16 @@ def test_paper_response_chars(completion, chars):
 
 
 def test_paper_format_score_and_answer():
-    assert metrics.paper_format_score(1.0, 0.75) == pytest.approx(0.1 + 0.15 * 0.75)   # 0.2125
-    assert metrics.paper_format_score(0.0, 0.5) == pytest.approx(0.075)
-    assert metrics.paper_format_score(1.0, 0.75, llm_reward="ablation") == 1.0           # the plain check
+    assert paper_metrics.paper_format_score(1.0, 0.75) == pytest.approx(0.1 + 0.15 * 0.75)   # 0.2125
+    assert paper_metrics.paper_format_score(0.0, 0.5) == pytest.approx(0.075)
+    assert paper_metrics.paper_format_score(1.0, 0.75, llm_reward="ablation") == 1.0           # the plain check
     medium = {"data_source": "medium", "judge_failed": False, "answer_user": 0.6, "answer_llm": 0.25}
-    assert metrics.paper_answer(medium) == 0.6                                           # max(BLEU, 1/4)
-    assert metrics.paper_answer({**medium, "answer_user": 0.1, "answer_llm": 0.75}) == 0.75
-    assert metrics.paper_answer({**medium, "data_source": "math-hard"}) == 0.25          # A_llm elsewhere
-    assert metrics.paper_answer({**medium, "judge_failed": True, "answer_user": None, "answer_llm": None}) is None
+    assert paper_metrics.paper_answer(medium) == 0.6                                           # max(BLEU, 1/4)
+    assert paper_metrics.paper_answer({**medium, "answer_user": 0.1, "answer_llm": 0.75}) == 0.75
+    assert paper_metrics.paper_answer({**medium, "data_source": "math-hard"}) == 0.25          # A_llm elsewhere
+    assert paper_metrics.paper_answer({**medium, "judge_failed": True, "answer_user": None, "answer_llm": None}) is None
     # a failure scored as a verdict of 0 (upstream's way) has finite terms: max(BLEU, 0)
-    assert metrics.paper_answer({**medium, "judge_failed": True, "answer_llm": 0.0}) == 0.6
+    assert paper_metrics.paper_answer({**medium, "judge_failed": True, "answer_llm": 0.0}) == 0.6
 
 
 def paper_row(src, fmt, spread, a_user, a_llm, total, resp, failed=False):
@@ -248,7 +248,7 @@ PAPER_ROWS = [
 
 
 def test_paper_run_metrics_by_hand():
-    m = metrics.paper_metrics_by_source(PAPER_ROWS)
+    m = paper_metrics.paper_metrics_by_source(PAPER_ROWS)
     o = m["overall"]
     assert (o["n"], o["n_kept"], o["n_answered"]) == (5, 4, 3)
     # format over the 4 kept: 0.1 + 0.15, 0 + 0.075, 0.1 + 0.1125, 0.1 + 0.15
@@ -262,10 +262,10 @@ def test_paper_run_metrics_by_hand():
     assert (math_hard["answer"], math_hard["total_chars"], math_hard["response_ratio"]) == (0.5, 300.0, 0.25)
     assert math_hard["answer_per_1k_chars"] == pytest.approx(1000 * 0.5 / 300)
     assert (medium["answer"], medium["n_answered"], medium["response_ratio"]) == (0.6, 1, 0.5)
-    assert metrics.paper_run_metrics(PAPER_ROWS, llm_reward="ablation")["format"] == 0.75   # (1 + 0 + 1 + 1) / 4
-    empty = metrics.paper_run_metrics([PAPER_ROWS[4]])
+    assert paper_metrics.paper_run_metrics(PAPER_ROWS, llm_reward="ablation")["format"] == 0.75   # (1 + 0 + 1 + 1) / 4
+    empty = paper_metrics.paper_run_metrics([PAPER_ROWS[4]])
     assert empty["n_kept"] == 0 and empty["format"] is None and empty["answer_per_1k_chars"] is None
-    table = metrics.format_paper_table(m).splitlines()
+    table = paper_metrics.format_paper_table(m).splitlines()
     assert table[0].startswith("the paper's definitions") and "without <response> dropped" in table[1]
     assert table[2].split() == ["paper", "n", "kept", "format", "answer", "total_ch", "resp_ch", "answer/1k_ch",
                                 "resp/total"]
@@ -276,38 +276,38 @@ def test_paper_fields_from_an_older_per_sample_line():
     # a line written before rows carried payoff_spread / paper_response_chars: breakdown and completion
     old = {k: v for k, v in PAPER_ROWS[0].items() if k not in ("payoff_spread", "paper_response_chars")}
     old |= {"breakdown": {"payoff_spread": 1.0}, "completion": "<response>" + "x" * 100 + "</response>"}
-    assert metrics.paper_run_metrics([old]) == metrics.paper_run_metrics([PAPER_ROWS[0]])
+    assert paper_metrics.paper_run_metrics([old]) == paper_metrics.paper_run_metrics([PAPER_ROWS[0]])
     with pytest.raises(ValueError, match="re-score"):
-        metrics.paper_run_metrics([{k: v for k, v in old.items() if k != "completion"}])
+        paper_metrics.paper_run_metrics([{k: v for k, v in old.items() if k != "completion"}])
 
 
 def test_paper_frontier_metrics_by_hand():
     # hypervolume as published: the frontier U descending, each width from the previous (larger) U,
     # so only the first rectangle counts
-    assert metrics.paper_frontier([(1, 3), (3, 1), (1, 1), (3, 1)]) == [(3, 1), (1, 3)]
-    assert metrics.paper_hypervolume([(3, 1), (1, 3)], (0, 0)) == 3.0          # true area 3 + 3 - 1 = 5
+    assert paper_metrics.paper_frontier([(1, 3), (3, 1), (1, 1), (3, 1)]) == [(3, 1), (1, 3)]
+    assert paper_metrics.paper_hypervolume([(3, 1), (1, 3)], (0, 0)) == 3.0          # true area 3 + 3 - 1 = 5
     assert metrics.hypervolume([(3, 1), (1, 3)], (0, 0)) == 5.0
-    assert metrics.paper_hypervolume([(1, 0), (0.5, 0.5), (0, 1)], (0, 0)) == 0.0   # true area 0.25
-    assert metrics.paper_hypervolume([(2, 3)], (0, 0)) == 6.0                   # one point: they agree
-    assert metrics.paper_hypervolume([], (0, 0)) == 0.0
+    assert paper_metrics.paper_hypervolume([(1, 0), (0.5, 0.5), (0, 1)], (0, 0)) == 0.0   # true area 0.25
+    assert paper_metrics.paper_hypervolume([(2, 3)], (0, 0)) == 6.0                   # one point: they agree
+    assert paper_metrics.paper_hypervolume([], (0, 0)) == 0.0
     # eps-coverage: share of the run's points within eps (relative to the ranges) of a frontier point
     front, ranges = [(0.7, 0.6), (0.4, 0.9)], (0.4, 0.5)
     run = [(0.69, 0.6), (0.6, 0.6), (0.4, 0.9)]   # 0.01/0.4 = 0.025 <= 0.05; 0.1/0.4 = 0.25; on it
-    assert metrics.paper_eps_coverage(run, front, ranges) == pytest.approx(2 / 3)
-    assert metrics.paper_eps_coverage(run, front, ranges, eps=0.0) == pytest.approx(1 / 3)
-    assert metrics.paper_eps_coverage(run, front, ranges, eps=0.3) == 1.0
+    assert paper_metrics.paper_eps_coverage(run, front, ranges) == pytest.approx(2 / 3)
+    assert paper_metrics.paper_eps_coverage(run, front, ranges, eps=0.0) == pytest.approx(1 / 3)
+    assert paper_metrics.paper_eps_coverage(run, front, ranges, eps=0.3) == 1.0
     # regret: nearest frontier point in the normalised L-inf shortfall. (0.5, 0.5): against (0.7, 0.6)
     # max(0.2/0.4, 0.1/0.5) = 0.5, against (0.4, 0.9) max(0, 0.4/0.5) = 0.8 -> 0.5; (0.4, 0.9): 0
-    assert metrics.paper_linf_regret([(0.5, 0.5), (0.4, 0.9)], front, ranges) == pytest.approx(0.25)
+    assert paper_metrics.paper_linf_regret([(0.5, 0.5), (0.4, 0.9)], front, ranges) == pytest.approx(0.25)
     # a zero range divides by 1
-    assert metrics._paper_ranges([(0.5, 0.2), (0.5, 0.6)]) == (1.0, pytest.approx(0.4))
+    assert paper_metrics._paper_ranges([(0.5, 0.2), (0.5, 0.6)]) == (1.0, pytest.approx(0.4))
 
 
 def test_paper_compare_by_hand():
     # docs/metrics.md's worked example: a (0.6, 0.5), (0.3, 0.9), (0.5, 0.7); b (0.7, 0.6), (0.4, 0.6), (0.5, 0.7)
     a = [cmp_row("p1", 0.6, 0.5), cmp_row("p2", 0.3, 0.9), cmp_row("p3", 0.5, 0.7)]
     b = [cmp_row("p1", 0.7, 0.6), cmp_row("p2", 0.4, 0.6), cmp_row("p3", 0.5, 0.7), cmp_row("p4", 1, 1)]
-    c = metrics.paper_compare(a, b)
+    c = paper_metrics.paper_compare(a, b)
     assert (c["n_matched"], c["frontier_size"], c["eps"]) == (3, 3, 0.05)
     assert c["ranges"] == (pytest.approx(0.4), pytest.approx(0.4)) and c["ref"] == (0.3, 0.5)
     # a: (0.6, 0.5) is 0.25 short of (0.7, 0.6) on both axes -> not covered, regret 0.25; the others on it
@@ -319,8 +319,8 @@ def test_paper_compare_by_hand():
     # b's (0.7, 0.6): 0.4 x 0.1 = 0.04 (true 0.06)
     assert c["a"]["hypervolume_published"] == 0.0 and c["a"]["hypervolume_true"] == pytest.approx(0.04)
     assert c["b"]["hypervolume_published"] == pytest.approx(0.04) and c["b"]["hypervolume_true"] == pytest.approx(0.06)
-    text = metrics.format_paper_comparison(c, "base", "new")
+    text = paper_metrics.format_paper_comparison(c, "base", "new")
     assert text.startswith("the paper's definitions") and "hv_pub(BUG): the hypervolume as published is a bug" in text
     assert text.splitlines()[3].split() == ["base", "0.667", "0.667", "0.0833", "0.00000", "0.04000"]
-    empty = metrics.paper_compare(a, [cmp_row("zz", 1, 1)])
-    assert empty["n_matched"] == 0 and "matched prompts: 0" in metrics.format_paper_comparison(empty)
+    empty = paper_metrics.paper_compare(a, [cmp_row("zz", 1, 1)])
+    assert empty["n_matched"] == 0 and "matched prompts: 0" in paper_metrics.format_paper_comparison(empty)

@@ -12,7 +12,7 @@ from nano_gtalign.prompts import (
     GAME_INSTRUCTION, advbench_judge_prompt, ambiguity_label, build_user_message, judge_prompt,
     safety_judge_prompt,
 )
-from nano_gtalign.reward import score_batch
+from nano_gtalign.scoring import score_batch
 
 PAY = ('{"DQ_AQ": {"LLM": 2.0, "user": 3.0}, "DQ_CQ": {"LLM": 1.0, "user": 1.5}, '
        '"DQ_DA": {"LLM": 3.0, "user": 2.0}, "VQ_AQ": {"LLM": 1.5, "user": 2.0}, '

@@ -19,9 +19,10 @@ import pytest
 
 from nano_gtalign.judges import JudgeRequest, RuleJudge, Verdict
 from nano_gtalign.reward import (
-    ABLATION_MAIN_L_SOURCES, WELFARES, RewardBreakdown, band, bleu, brevity, llm_reward, normalize_by_source,
-    payoff_spread, score_batch, score_completion, sentence_bleu, user_reward, welfare,
+    ABLATION_MAIN_L_SOURCES, WELFARES, band, bleu, brevity, llm_reward, normalize_by_source, payoff_spread,
+    sentence_bleu, user_reward, welfare,
 )
+from nano_gtalign.scoring import RewardBreakdown, score_batch, score_completion
 
 S0, S24, S25, SM01, S12, S125 = 0.5, 0.9168273035, 0.9241418200, 0.4750208125, 0.7685247835, 0.7772998612
 E3 = 0.0497870684

@@ -476,13 +476,13 @@ def test_compiled_decode_step_has_no_graph_breaks_and_gives_the_eager_tokens(tmp
     # torch.compile(fullgraph=True) of the GPU path's step, on the CPU. The backend is aot_eager: dynamo
     # (which refuses any graph break under fullgraph) and AOTAutograd's functionalisation of the in-place
     # cache writes, without inductor's C++ build (a minute here). Inductor itself runs in bench/gpu_check.sh.
-    from nano_gtalign import sampling
+    from nano_gtalign import static_decode
 
     dynamo = pytest.importorskip("torch._dynamo", reason="this torch has no torch.compile")
     if not dynamo.is_dynamo_supported():
         pytest.skip(f"torch.compile is not supported on this platform (python {sys.version.split()[0]})")
-    monkeypatch.setattr(sampling, "COMPILE_BACKEND", "aot_eager")
-    monkeypatch.setattr(sampling, "_COMPILED", {})
+    monkeypatch.setattr(static_decode, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(static_decode, "_COMPILED", {})
     dynamo.reset()
     dynamo.utils.counters.clear()
     path = make_hf_model(tmp_path / "m", arch="qwen3", seed=4)

@@ -25,9 +25,9 @@ from nano_gtalign.http_judge import make_judge
 from nano_gtalign.layout import pack_rows
 from nano_gtalign.loader import CheckpointError, load_pretrained
 from nano_gtalign.policy import Policy, compute_dtype
-from nano_gtalign.reward import RewardBreakdown
 from nano_gtalign.config import TrainConfig
 from nano_gtalign.rollout import concat_generations
+from nano_gtalign.scoring import RewardBreakdown
 from nano_gtalign.update import lr_factor
 from tests.tiny import make_hf_model
 

@@ -19,7 +19,7 @@ import torch
 import train
 from nano_gtalign import evaluate, rollout
 from nano_gtalign.errors import UsageError
-from nano_gtalign.reward import RewardBreakdown
+from nano_gtalign.scoring import RewardBreakdown
 from tests.processes import running
 from tests.test_train import argv, fake_score_batch, final_params, setup  # noqa: F401 (setup: a fixture)
 
