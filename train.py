@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     demo, ppo = known.model is None, known.algo == "ppo"
     if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
         demo = ppo = False  # --help lists the real-run defaults; the epilog lists the demo's and PPO's overrides
-    preset = (DEMO_DEFAULTS if demo else {}) | (PPO_DEFAULTS if ppo else {}) | (DEMO_PPO_DEFAULTS if demo and ppo else {})
+    preset = ((DEMO_DEFAULTS if demo else {}) | (PPO_DEFAULTS if ppo else {}) |
+              (DEMO_PPO_DEFAULTS if demo and ppo else {}))
     return parse_config(
         argv, replace(TrainConfig(), **preset),
         description="GRPO training with the GTAlign welfare reward (no --model: the built-in demo).",
@@ -169,17 +170,19 @@ def run(cfg: TrainConfig, d: Dist) -> RunResult:
     train, train_ids, evals, eval_ids = encode_for_run(
         train, evals, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, eval_size=cfg.eval_size, seed=cfg.seed,
         prompts_per_step=cfg.prompts_per_step, max_new_tokens=cfg.max_new_tokens,
-        max_positions=model.config.max_position_embeddings, evaluate=cfg.eval_every >= 0, log=lambda m: print0(d, m))
+        max_positions=model.config.max_position_embeddings, evaluate=cfg.eval_every >= 0,
+        log=lambda msg: print0(d, msg))
     total_steps = cfg.steps or len(train) // cfg.prompts_per_step
     print0(d, f"data: {len(train)} train records, {len(evals)} eval records, {total_steps} steps")
 
-    trained, ref, critic_module = build_policy(model, cfg, dtype, d)
-    policy = unwrap(trained)  # what samples; `trained` (the DDP wrapper under torchrun) is what the optimizer steps
+    policy, ref, critic_module = build_policy(model, cfg, dtype, d)
+    # `policy` is what the optimizer steps (DDP/FSDP-wrapped under torchrun); the bare Policy is what samples.
+    sampling_policy = unwrap(policy)
     opt_per_step = cfg.mini_batches * cfg.epochs
     actor_steps = total_steps - (cfg.critic_warmup if cfg.algo == "ppo" else 0)  # --critic-warmup: no actor steps
     adamw = dict(betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                  schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
-    optimizer, scheduler = make_optimizer(trained, lr=cfg.lr, total_steps=max(actor_steps, 0) * opt_per_step, **adamw)
+    optimizer, scheduler = make_optimizer(policy, lr=cfg.lr, total_steps=max(actor_steps, 0) * opt_per_step, **adamw)
     critic = None if critic_module is None else CriticTrainer(critic_module, *make_optimizer(
         critic_module, lr=cfg.critic_lr, total_steps=total_steps * opt_per_step, **adamw))
     # Per-rank sampling stream; its state is checkpointed so a resumed run draws the same tokens.
@@ -187,7 +190,7 @@ def run(cfg: TrainConfig, d: Dist) -> RunResult:
     cursor, start = Cursor(), 0
     if cfg.resume:
         state, path = load_checkpoint(cfg.resume, out_dir)
-        cursor, start = restore(state, trained, optimizer, scheduler, generator, cfg.fsdp, d, critic), state["step"]
+        cursor, start = restore(state, policy, optimizer, scheduler, generator, cfg.fsdp, d, critic), state["step"]
         changed = {k: (state["args"].get(k), v) for k, v in flags.items()
                    if k not in RESUMABLE_FLAGS and state["args"].get(k) != v}
         print0(d, f"resumed from {path} at step {start}" + (f"; changed flags: {changed}" if changed else ""))
@@ -196,9 +199,9 @@ def run(cfg: TrainConfig, d: Dist) -> RunResult:
     def do_eval(step: int) -> None:
         if not evals:
             return
-        m = evaluate_policy(policy, tokenizer, evals, eval_ids, cfg, judge, d)
-        log.write({"kind": "eval", "step": step, **m})
-        for line in eval_lines(step, m):
+        metrics = evaluate_policy(sampling_policy, tokenizer, evals, eval_ids, cfg, judge, d)
+        log.write({"kind": "eval", "step": step, **metrics})
+        for line in eval_lines(step, metrics):
             print0(d, line)
 
     # ---- the loop: prompts -> generate -> score -> advantages -> update -> log / evaluate / checkpoint
@@ -214,38 +217,42 @@ def run(cfg: TrainConfig, d: Dist) -> RunResult:
             idx = next_prompts(cursor, len(train), cfg.prompts_per_step, cfg.seed)
             share = cfg.prompts_per_step // d.world
             mine = idx[d.rank * share: (d.rank + 1) * share]
-            ro = rollout(policy, tokenizer, [train[i] for i in mine], [train_ids[i] for i in mine], cfg, judge,
-                         generator, d)
+            batch = rollout(sampling_policy, tokenizer, [train[i] for i in mine], [train_ids[i] for i in mine], cfg,
+                            judge, generator, d)
             if critic is None:
-                advantages = ro.advantages[:, None].expand(ro.loss_mask.shape)  # one per completion, on each token
-                up = update(trained, ref, optimizer, scheduler, ro, advantages, cfg, tokenizer.pad_token_id, d)
+                # each completion's group advantage on every one of its tokens
+                advantages = batch.advantages[:, None].expand(batch.loss_mask.shape)
+                update_stats = update(policy, ref, optimizer, scheduler, batch, advantages, cfg,
+                                      tokenizer.pad_token_id, d)
             else:
-                up = ppo_update(trained, ref, optimizer, scheduler, critic, ro, cfg, step, tokenizer.pad_token_id, d)
+                update_stats = ppo_update(policy, ref, optimizer, scheduler, critic, batch, cfg, step,
+                                          tokenizer.pad_token_id, d)
             now, done = time.perf_counter(), step - start
-            m = step_metrics(step, total_steps, over_ranks(d, ro.stats), over_ranks(d, up),
-                             lr=scheduler.get_last_lr()[0], elapsed=now - t_start, step_time=now - t0,
-                             eta=(now - t_start) / done * (total_steps - step), epochs=cfg.epochs,
-                             with_kl=cfg.kl_coef > 0, with_critic=critic is not None)
-            history.append(m)
-            log.write(m)
-            print0(d, console_line(m))
+            metrics = step_metrics(step, total_steps, over_ranks(d, batch.stats), over_ranks(d, update_stats),
+                                   lr=scheduler.get_last_lr()[0], elapsed=now - t_start, step_time=now - t0,
+                                   eta=(now - t_start) / done * (total_steps - step), epochs=cfg.epochs,
+                                   with_kl=cfg.kl_coef > 0, with_critic=critic is not None)
+            history.append(metrics)
+            log.write(metrics)
+            print0(d, console_line(metrics))
             if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != total_steps:
                 do_eval(step)
             # Stop early, with a checkpoint: a persistently failing judge, a signal, or --halt-after.
             failing = judge_failure_rate(history, cfg.judge_failure_window)
             if failing is not None and failing > cfg.max_judge_failures:
-                example = next((s.judge_error for s in ro.scores if s.judge_failed), None)
-                stopped, exit_code = (f"stopped after step {step}: the judge failed on {failing:.0%} of the last "
-                                      f"{cfg.judge_failure_window} steps' samples (over --max-judge-failures "
-                                      f"{cfg.max_judge_failures:g}); {example or 'see judge_failed in metrics.jsonl'}. "
-                                      "Fix the judge, then continue with --resume"), 3
+                example = next((s.judge_error for s in batch.scores if s.judge_failed), None)
+                stopped = (f"stopped after step {step}: the judge failed on {failing:.0%} of the last "
+                           f"{cfg.judge_failure_window} steps' samples (over --max-judge-failures "
+                           f"{cfg.max_judge_failures:g}); {example or 'see judge_failed in metrics.jsonl'}. "
+                           "Fix the judge, then continue with --resume")
+                exit_code = 3
             elif signals.requested(d):
                 stopped = f"interrupted by {signals.name} after step {step}; continue with --resume"
                 exit_code = signals.exit_code
             elif cfg.halt_after is not None and done == cfg.halt_after and step != total_steps:
                 stopped = f"halted after {done} steps; continue with --resume"
             if stopped or (cfg.save_every > 0 and step % cfg.save_every == 0):
-                saved = save_checkpoint(out_dir, step, trained, optimizer, scheduler, cursor, generator, flags,
+                saved = save_checkpoint(out_dir, step, policy, optimizer, scheduler, cursor, generator, flags,
                                         cfg.fsdp, d, critic)
                 if saved:
                     print0(d, f"saved {saved}")
@@ -258,10 +265,10 @@ def run(cfg: TrainConfig, d: Dist) -> RunResult:
     if not stopped:
         if cfg.eval_every >= 0 and step == total_steps and (step != start or not cfg.resume):
             do_eval(total_steps)
-        final = export(cfg, trained, critic, tokenizer, out_dir, d)
+        final = export(cfg, policy, critic, tokenizer, out_dir, d)
         table = before_after_table(cfg, log.evals(), len(evals), d)
     log.close()
-    return RunResult(trained, history, log.evals(), table, out_dir, final, exit_code, critic_module)
+    return RunResult(policy, history, log.evals(), table, out_dir, final, exit_code, critic_module)
 
 
 def export(cfg: TrainConfig, trained: nn.Module, critic: CriticTrainer | None, tokenizer, out_dir: Path,
