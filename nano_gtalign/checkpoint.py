@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import random
 import tempfile
 import re
@@ -39,7 +40,9 @@ from nano_gtalign.loader import CheckpointError, default_file_mode, save_pretrai
 from nano_gtalign.model import Transformer
 
 MANIFEST = "checkpoints.json"
-CHECKPOINT_FORMAT = 2  # 2: the SHA-256 header; 1 was a bare torch.save file
+# 3: loaded with torch.load(weights_only=True), numpy's RNG state kept as plain lists; 2: the SHA-256 header,
+# loaded with full unpickling; 1: a bare torch.save file.
+CHECKPOINT_FORMAT = 3
 KEEP = 2  # checkpoints kept: the newest and the one before it
 MAGIC = b"nano-gtalign checkpoint\n"
 HEADER_BYTES = 256  # fixed, so the header can be written after the payload it describes
@@ -132,6 +135,10 @@ def _read_header(f, path: Path) -> tuple[dict, bytes]:
             raise TypeError
     except (ValueError, KeyError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"{path}: corrupt checkpoint (SHA-256 header damaged)") from None
+    if info.get("format") == 2:
+        raise CheckpointError(f"{path}: written by an older train.py (checkpoint format 2), whose files must be "
+                              "unpickled in full and so could run code; this version refuses them: resume with "
+                              "the train.py that wrote it, or start the run again")
     if info.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a train.py checkpoint (format {CHECKPOINT_FORMAT}): "
                               f"its header says format {info.get('format')}")
@@ -189,8 +196,13 @@ def _load_verified(path: Path, entry: dict | None) -> dict:
             raise CheckpointError(f"{path}: checkpoint file is missing")
         with open(path, "rb") as f:
             _verify(f, path, entry)
-            try:  # our own verified file: the RNG states are pickled, so weights_only=False
-                state = torch.load(io.BufferedReader(_Payload(f)), map_location="cpu", weights_only=False)
+            # A valid SHA-256 proves the file is intact, not who wrote it: only tensors and plain values load.
+            try:
+                state = torch.load(io.BufferedReader(_Payload(f)), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                first = " ".join(str(e).split()).split(". ")[0][:160]
+                raise CheckpointError(f"{path}: refused: the checkpoint holds something other than tensors and "
+                                      f"plain values, which could run code when loaded ({first})") from None
             except Exception as e:  # torch raises several types for a damaged zip/pickle
                 raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: "
                                       f"{' '.join(str(e).split())[:200]})") from None
@@ -244,14 +256,19 @@ def _entry_problem(entry) -> str | None:
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every random stream's state in types torch.load(weights_only=True) reads (numpy's as plain lists)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                   "gauss": float(gauss)}
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "sampler": generator.get_state()}
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

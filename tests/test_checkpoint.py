@@ -350,3 +350,51 @@ def test_train_refuses_a_corrupt_stray_copy_and_resumes_beside_a_corrupt_manifes
     res = train.main(argv + ["--steps", "3", "--resume", str(out / "step_000002.pt")])
     assert [m["step"] for m in res.history] == [3] and res.final_dir is not None
     assert [e["file"] for e in json.loads((out / MANIFEST).read_text())["checkpoints"]] == ["step_000003.pt"]
+
+
+# ---------------------------------------------------------------- a checkpoint is untrusted input
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint from anywhere could hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "step_000001.pt"
+    # A valid header and SHA-256 over a payload that carries a __reduce__ call: integrity, not origin.
+    atomic_write_bytes(bad, lambda f: ckpt._write_checkpoint(f, {"format": CHECKPOINT_FORMAT, "step": 1,
+                                                                 "x": _RunsCode(marker)}))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(str(bad), tmp_path)
+    assert not marker.exists(), "loading the checkpoint ran its payload"
+    assert one_line(info).startswith(f"{bad}: refused: the checkpoint holds something other than tensors")
+
+
+def test_a_real_checkpoint_loads_without_unpickling_code(run_dir, monkeypatch):
+    loads = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", spy)
+    state, _ = load_checkpoint("latest", run_dir)
+    assert loads == [True] and state["step"] == 3
+    generator = torch.Generator()
+    ckpt.set_rng_state(state["rng"][0], generator)  # numpy's state too, kept without numpy objects
+
+
+def test_the_previous_format_is_refused_before_unpickling(tmp_path, no_torch_load, monkeypatch):
+    old = tmp_path / "step_000001.pt"
+    monkeypatch.setattr(ckpt, "CHECKPOINT_FORMAT", 2)
+    atomic_write_bytes(old, lambda f: ckpt._write_checkpoint(f, {"format": 2, "step": 1}))
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(str(old), tmp_path)
+    assert "format 2" in one_line(info) and "could run code" in one_line(info)
