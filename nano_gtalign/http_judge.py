@@ -130,14 +130,12 @@ class _DeadlineHTTPSHandler(_DeadlineHandlerMixin, urllib.request.HTTPSHandler):
     pass
 
 
-class _DeadlineRedirectHandler(urllib.request.HTTPRedirectHandler):
-    """A redirect is a new Request: it keeps the first one's deadline."""
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: it would carry the Authorization header to whatever host the reply names and
+    turn a POST into a GET without the prompt. The 3xx stays an HTTPError, a failed request."""
 
-    def redirect_request(self, req, *args, **kwargs):
-        new = super().redirect_request(req, *args, **kwargs)
-        if new is not None:
-            new.deadline = req.deadline
-        return new
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 class _HTTPStatus(Exception):
@@ -254,8 +252,7 @@ class HTTPJudge:
         self.api_key = api_key if api_key is not None else os.environ.get("JUDGE_API_KEY")
         self.extra_body = check_extra_body(PAPER_EXTRA_BODY if extra_body is None else extra_body)
         self._rule = RuleJudge()
-        self._opener = urllib.request.build_opener(_DeadlineHTTPHandler, _DeadlineHTTPSHandler,
-                                                   _DeadlineRedirectHandler)
+        self._opener = urllib.request.build_opener(_DeadlineHTTPHandler, _DeadlineHTTPSHandler, _NoRedirects)
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -282,6 +279,9 @@ class HTTPJudge:
                     snippet = ""
                 finally:
                     e.close()
+                if 300 <= e.code < 400:
+                    snippet = (f"redirect to {e.headers.get('Location')} refused (the judge client follows no "
+                               "redirects: give --judge the URL that answers)")
                 raise _HTTPStatus(e.code, snippet) from None
         except (_HTTPStatus, _BadReply, *TRANSPORT_ERRORS) as e:
             error = e
@@ -298,7 +298,8 @@ class HTTPJudge:
         try:
             body = json.loads(self._fetch(url))
         except _HTTPStatus as e:
-            raise JudgeUnavailableError(f"judge server at {url} answered HTTP {e.code}") from None
+            why = f": {e.snippet}" if 300 <= e.code < 400 else ""
+            raise JudgeUnavailableError(f"judge server at {url} answered HTTP {e.code}{why}") from None
         except (_BadReply, ValueError, RecursionError, *TRANSPORT_ERRORS) as e:
             raise JudgeUnavailableError(f"judge server at {url} is unreachable: {_describe(e, self.timeout)}") from None
         served = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)] if isinstance(body, dict) else []

@@ -538,19 +538,40 @@ def test_http_check_reports_transport_faults_as_unavailable(serve):
 
 
 
-def test_http_check_follows_a_redirect(serve):
-    server = serve(lambda payload, n: (200, "\\boxed{1}"))
+def redirect_to(location: str, code: int = 302):
+    """A handler method that answers every request with a redirect to `location`."""
+    def answer(handler):
+        if handler.command == "POST":
+            handler.rfile.read(int(handler.headers["Content-Length"]))
+        handler.send_response(code)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    return answer
 
-    def do_get(handler):
-        if handler.path == "/v1/models":   # a redirect is a new request: it must keep the deadline
-            handler.send_response(302)
-            handler.send_header("Location", "/v1/models/")
-            handler.send_header("Content-Length", "0")
-            handler.end_headers()
-        else:
-            handler._send(200, {"data": [{"id": "test-model"}]})
-    server.httpd.RequestHandlerClass.do_GET = do_get
-    fast(server.url).check()
+
+def test_http_check_refuses_a_redirect_and_sends_nothing_elsewhere(serve):
+    elsewhere = serve(lambda payload, n: (200, "\\boxed{1}"))
+    seen = []
+    elsewhere.httpd.RequestHandlerClass.do_GET = lambda handler: (seen.append(dict(handler.headers)),
+                                                                  handler._send(200, {"data": []}))
+    server = serve(lambda payload, n: (200, "\\boxed{1}"))
+    server.httpd.RequestHandlerClass.do_GET = redirect_to(elsewhere.url + "/models")
+    with pytest.raises(JudgeUnavailableError) as info:
+        fast(server.url, api_key="sk-secret").check()
+    msg = str(info.value)
+    assert "answered HTTP 302" in msg and f"redirect to {elsewhere.url}/models refused" in msg, msg
+    assert seen == []  # the token never left for the other server
+
+
+def test_http_judge_refuses_a_redirected_post(serve):
+    elsewhere = serve(lambda payload, n: (200, "\\boxed{1}"))
+    server = serve(lambda payload, n: (200, "\\boxed{1}"))
+    server.httpd.RequestHandlerClass.do_POST = redirect_to(elsewhere.url + "/chat/completions", code=307)
+    v = fast(server.url, api_key="sk-secret").judge("medium", "q", "r", "ref")
+    assert v.failed and "HTTP 307" in v.error and "refused" in v.error, v.error
+    assert elsewhere.requests == 0
+
 
 # ---------------------------------------------------------------------------
 # The timeout bounds the whole request, not each socket read
