@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import random
 import sys
 import time
@@ -41,8 +42,9 @@ import torch
 import torch.nn as nn
 
 from data.demo import DEMO_OUT_DIR
-from nano_gtalign.checkpoint import export_final, load_checkpoint, prepare_out_dir, restore, save_checkpoint
-from nano_gtalign.config import TrainConfig, applicable_flags, parse_config
+from nano_gtalign.checkpoint import (export_final, load_checkpoint, prepare_out_dir, remove_stale_temporaries,
+                                     restore, save_checkpoint)
+from nano_gtalign.config import MAY_CHANGE_ON_RESUME, TrainConfig, applicable_flags, parse_config
 from nano_gtalign.data import Cursor, encode_for_run, next_prompts, read_splits
 from nano_gtalign.distributed import (Dist, exit_after_torchrun, print0, setup_distributed, teardown, unwrap,
                                       wrap_for_training)
@@ -51,6 +53,7 @@ from nano_gtalign.evaluate import evaluate_policy
 from nano_gtalign.http_judge import open_configured_judge
 from nano_gtalign.interrupts import StopOnSignal
 from nano_gtalign.loader import CheckpointError, export_defaults, load_pretrained, load_tokenizer
+from nano_gtalign.outdir import check_fresh_start, check_resume, data_fingerprint, exclusive
 from nano_gtalign.policy import Policy, compute_dtype
 from nano_gtalign.ppo import VALUE_HEAD_FILE, CriticTrainer, make_critic, ppo_update
 from nano_gtalign.report import (MetricsLog, console_line, eval_lines, format_eval_table, judge_failure_rate,
@@ -75,8 +78,6 @@ PPO_DEFAULTS = dict(group_size=1)
 # vague questions), and the critic's lr scaled up with the actor's as upstream scales it (at upstream's own
 # value the value model does not move in 40 steps and the run is REINFORCE with whitened rewards).
 DEMO_PPO_DEFAULTS = dict(prompts_per_step=128, critic_lr=1e-3)
-# Flags that may differ between a run and its resumption without a warning.
-RESUMABLE_FLAGS = ("resume", "halt_after", "steps", "eval_every", "save_every", "wandb", "device")
 
 
 def flag_list(defaults: dict) -> str:
@@ -155,23 +156,26 @@ def run(cfg: TrainConfig, d: Dist) -> RunResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
-    if d.main:
-        for stale in prepare_out_dir(out_dir):
-            print0(d, f"removed {stale} (left by an interrupted save)")
+    log_line = functools.partial(print0, d)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    flags = cfg.flags()   # all of them go into checkpoints and metrics.jsonl; the console shows what applies
+    # Every flag, and the training data's SHA-256, go into checkpoints and metrics.jsonl; the console shows
+    # the flags that apply.
+    flags = cfg.flags() | {"data_sha256": data_fingerprint(cfg.data)}
     print0(d, "config: " + " ".join(f"{k}={v}" for k, v in applicable_flags(cfg).items()))
     print0(d, f"ranks {d.world} | device {d.device} | compute {str(dtype).removeprefix('torch.')} | "
               f"{'FSDP2' if cfg.fsdp else 'DDP' if d.on else 'single process'}")
+    if cfg.resume:  # before any work: a resume that would continue another run is refused at once
+        state, path = load_checkpoint(cfg.resume, out_dir)
+        check_resume(state["args"], flags, MAY_CHANGE_ON_RESUME, cfg.accept_changed_data, log_line)
     model, tokenizer, train, evals = load_model_and_data(cfg, d)
     judge = open_configured_judge(cfg.judge, sources=[r["data_source"] for r in train + evals])
     train, train_ids, evals, eval_ids = encode_for_run(
         train, evals, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, eval_size=cfg.eval_size, seed=cfg.seed,
         prompts_per_step=cfg.prompts_per_step, max_new_tokens=cfg.max_new_tokens,
         max_positions=model.config.max_position_embeddings, evaluate=cfg.eval_every >= 0,
-        log=lambda msg: print0(d, msg))
+        log=log_line)
     total_steps = cfg.steps or len(train) // cfg.prompts_per_step
     print0(d, f"data: {len(train)} train records, {len(evals)} eval records, {total_steps} steps")
 
@@ -189,11 +193,9 @@ def run(cfg: TrainConfig, d: Dist) -> RunResult:
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000 + d.rank)
     cursor, start = Cursor(), 0
     if cfg.resume:
-        state, path = load_checkpoint(cfg.resume, out_dir)
         cursor, start = restore(state, policy, optimizer, scheduler, generator, cfg.fsdp, d, critic), state["step"]
-        changed = {k: (state["args"].get(k), v) for k, v in flags.items()
-                   if k not in RESUMABLE_FLAGS and state["args"].get(k) != v}
-        print0(d, f"resumed from {path} at step {start}" + (f"; changed flags: {changed}" if changed else ""))
+        print0(d, f"resumed from {path} at step {start}")
+        del state
     log = MetricsLog(out_dir / "metrics.jsonl", start if cfg.resume else None, d.main, cfg.wandb, flags)
 
     def do_eval(step: int) -> None:
@@ -246,6 +248,11 @@ def run(cfg: TrainConfig, d: Dist) -> RunResult:
                            f"{cfg.max_judge_failures:g}); {example or 'see judge_failed in metrics.jsonl'}. "
                            "Fix the judge, then continue with --resume")
                 exit_code = 3
+            elif update_stats.nonfinite:
+                stopped = (f"stopped at step {step}: the loss or the gradient norm is not finite (NaN or inf), so "
+                           "this update was not applied (is --lr too large?); the checkpoint holds the last "
+                           "finite weights")
+                exit_code = 4
             elif signals.requested(d):
                 stopped = f"interrupted by {signals.name} after step {step}; continue with --resume"
                 exit_code = signals.exit_code
@@ -265,7 +272,13 @@ def run(cfg: TrainConfig, d: Dist) -> RunResult:
     if not stopped:
         if cfg.eval_every >= 0 and step == total_steps and (step != start or not cfg.resume):
             do_eval(total_steps)
-        final = export(cfg, policy, critic, tokenizer, out_dir, d)
+        try:
+            final = export(cfg, policy, critic, tokenizer, out_dir, d)
+        except CheckpointError as e:  # a full disk, say: keep the finished training resumable
+            saved = save_checkpoint(out_dir, step, policy, optimizer, scheduler, cursor, generator, flags,
+                                    cfg.fsdp, d, critic)
+            raise CheckpointError(f"{e}; the finished training is saved in {saved or out_dir}: fix the cause, "
+                                  "then run the same command with --resume to export it") from None
         table = before_after_table(cfg, log.evals(), len(evals), d)
     log.close()
     return RunResult(policy, history, log.evals(), table, out_dir, final, exit_code, critic_module)
@@ -303,7 +316,15 @@ def main(argv: list[str] | None = None) -> RunResult:
     cfg = parse_args(argv)
     d = setup_distributed(cfg.device)
     try:
-        return run(cfg, d)
+        out_dir = Path(cfg.out_dir)
+        prepare_out_dir(out_dir)  # exists and is writable, before any work that would be lost
+        with exclusive(out_dir, d, log=functools.partial(print0, d)):  # one run at a time in an out-dir
+            if d.main:
+                for stale in remove_stale_temporaries(out_dir):
+                    print0(d, f"removed {stale} (left by an interrupted save)")
+            if not cfg.resume:
+                check_fresh_start(out_dir, cfg.overwrite, log=functools.partial(print0, d), remove=d.main)
+            return run(cfg, d)
     finally:
         teardown(d)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import save as safetensors_bytes
 
 from nano_gtalign.data import Cursor
@@ -424,10 +425,12 @@ def restore(state: dict, model: nn.Module, optimizer, scheduler, generator: torc
         algo = "ppo" if "critic" in state else "grpo"
         raise CheckpointError(f"checkpoint was written with --algo {algo} ({'with' if algo == 'ppo' else 'without'} "
                               f"a value model); resume with --algo {algo}")
+    _check_shapes(model, state["model"], "policy")
     load_full_state(model, optimizer, state["model"], state["optimizer"], fsdp)
     scheduler.load_state_dict(state["scheduler"])
     if critic is not None:
         c = state["critic"]
+        _check_shapes(critic.module, c["model"], "value model")
         load_full_state(critic.module, critic.optimizer, c["model"], c["optimizer"], fsdp)
         critic.scheduler.load_state_dict(c["scheduler"])
     if state["world"] == d.world:
@@ -436,6 +439,20 @@ def restore(state: dict, model: nn.Module, optimizer, scheduler, generator: torc
         print0(d, f"warning: checkpoint was written by {state['world']} ranks, this run has {d.world}: "
                   "sampling RNG streams restart (the run continues, but not bit for bit)")
     return Cursor(**state["cursor"])
+
+
+def _check_shapes(model: nn.Module, saved: dict, what: str) -> None:
+    """One line naming the first tensor whose shape (or presence) differs between the checkpoint and this
+    run's model: the checkpoint was written for another architecture (another --model, or the demo with
+    other settings)."""
+    # Parameters' .shape is the full shape under FSDP2 too (DTensors); buffers are not checkpointed apart.
+    own = {name: tuple(t.shape) for name, t in unwrap(model).state_dict().items()}
+    for name in sorted(set(own) | set(saved)):
+        mine, theirs = own.get(name), tuple(saved[name].shape) if name in saved else None
+        if mine != theirs:
+            raise CheckpointError(f"the checkpoint's {what} does not fit this run's model: {name} is "
+                                  f"{theirs or 'absent'} there and {mine or 'absent'} here (written for another "
+                                  "architecture: resume with the --model and settings that wrote it)")
 
 
 def export_final(model: nn.Module, tokenizer, path: Path, fsdp: bool, d: Dist,
@@ -451,25 +468,30 @@ def export_final(model: nn.Module, tokenizer, path: Path, fsdp: bool, d: Dist,
     state = full_model_state(model, fsdp)
     if not d.main:
         return
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # never export weights no one can use
+        raise CheckpointError(f"{path}: not exported: the trained weights are not finite ({bad} holds NaN or inf)")
     config = unwrap(model).model.config
     with torch.device("meta"):
         plain = Transformer(config)
     plain.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")},
                           assign=True)
     plain.init_buffers("cpu")
-    save_pretrained(plain, tokenizer, path, dtype=dtype, generation_config=generation_config)
+    try:
+        save_pretrained(plain, tokenizer, path, dtype=dtype, generation_config=generation_config)
+    except (OSError, SafetensorError) as e:  # a full disk, say: leave no half-written folder behind
+        shutil.rmtree(path.with_name(f".{path.name}.tmp-{os.getpid()}"), ignore_errors=True)
+        raise CheckpointError(f"{path}: exporting failed ({getattr(e, 'strerror', None) or e})") from None
     if head_file is not None:
         head = {k: v.contiguous() for k, v in state.items() if not k.startswith("model.")}
         atomic_write_bytes(path / head_file, lambda f: f.write(safetensors_bytes(head, metadata={"format": "pt"})))
 
 
-def prepare_out_dir(path: Path) -> list[Path]:
-    """Create OUT_DIR, check that files can be written there before any work that would be lost, and remove
-    the temporary files a killed run left behind (returned, to be reported)."""
+def prepare_out_dir(path: Path) -> None:
+    """Create OUT_DIR and check that files can be written there, before any work that would be lost."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
         raise UsageError(f"--out-dir {path}: cannot write there ({e.strerror or e})") from None
-    return remove_stale_temporaries(path)

@@ -129,8 +129,13 @@ class TrainConfig:
     eval_temperature: float = option(0.0, "0: greedy evaluation", EVAL, NON_NEGATIVE)
     eval_samples: int = option(1, "completions per held-out prompt (with sampling)", EVAL, AT_LEAST_1)
     save_every: int = option(50, "checkpoint every K steps (0: only when halting)", EVAL, AT_LEAST_0)
-    resume: str | None = option(None, "continue from OUT_DIR's latest checkpoint, or from the given checkpoint file",
+    resume: str | None = option(None, "continue from OUT_DIR's latest checkpoint, or from the given checkpoint file "
+                                      "(the flags listed below may change; any other changed flag is refused)",
                                 EVAL, nargs="?", const="latest")
+    overwrite: bool = option(False, "start a new run in an --out-dir that holds an earlier run's checkpoints "
+                                    "(they are removed)", EVAL)
+    accept_changed_data: bool = option(False, "--resume even though a --data file changed since the checkpoint "
+                                              "(a warning names it)", EVAL)
     halt_after: int | None = option(None, "stop after this many steps of this run, with a checkpoint (for "
                                           "time-limited jobs)", EVAL, AT_LEAST_1)
     wandb: str | None = option(None, "also log to Weights & Biases", EVAL, metavar="PROJECT")
@@ -149,6 +154,12 @@ class TrainConfig:
         return values | self.judge.flags()
 
 
+# What a resumed run may change: how long it runs, how it reports and saves, where and with what it runs.
+# Each takes effect when changed (--steps also re-spans the learning-rate schedule); every other flag is the
+# run itself, and a change is refused (outdir.check_resume).
+MAY_CHANGE_ON_RESUME = ("resume", "steps", "halt_after", "eval_every", "save_every", "wandb", "device", "threads",
+                        "grad_checkpointing", "export_dtype", "out_dir", "overwrite", "accept_changed_data", "judge",
+                        "judge_concurrency", "judge_timeout", "max_judge_failures", "judge_failure_window")
 DEMO_ONLY = ("demo_train_size", "sft_steps")
 PPO_ONLY = ("critic_model", "critic_lr", "value_clip", "gamma", "lam", "critic_warmup")
 

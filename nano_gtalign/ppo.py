@@ -22,6 +22,7 @@ inside the module's forward so that DDP and FSDP2 see it (see policy.py).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -213,7 +214,8 @@ def ppo_update(model, ref, optimizer, scheduler, critic: CriticTrainer, ro: Roll
     else:
         stats = update(model, ref, optimizer, scheduler, ro, whiten(adv, ro.loss_mask, d), cfg, pad_id, d)
     step_values = value_stats(values, returns, ro.loss_mask)
-    return replace(stats, **{name: getattr(step_values, name) for name in VALUE_FIELDS},
+    return replace(stats, nonfinite=stats.nonfinite or critic_stats.nonfinite,
+                   **{name: getattr(step_values, name) for name in VALUE_FIELDS},
                    **{name: getattr(critic_stats, name) for name in CRITIC_FIELDS},
                    update_time=stats.update_time + critic_stats.update_time)  # one time for both models
 
@@ -243,7 +245,11 @@ def update_critic(critic: CriticTrainer, ro: Rollout, old_values: torch.Tensor, 
             stats.value_loss += float(loss.detach())
             stats.value_clip += float(st["clip_frac"]) * float(st["tokens"])
             stats.value_trained_tokens += float(st["tokens"])
-        stats.critic_grad_norm += optimizer_step(params, critic.optimizer, critic.scheduler, cfg.grad_clip)
+        norm = optimizer_step(params, critic.optimizer, critic.scheduler, cfg.grad_clip)
+        stats.critic_grad_norm += norm
         stats.critic_opt_steps += 1
+        if not math.isfinite(norm):  # not applied; train.py stops the run with the weights as they were
+            stats.nonfinite = True
+            break
     stats.update_time = time.perf_counter() - t0
     return stats

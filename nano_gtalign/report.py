@@ -87,6 +87,7 @@ class UpdateStats:
     error_sq: float = 0.0
     critic_grad_norm: float = _shared()
     critic_opt_steps: float = _shared()
+    nonfinite: bool = field(default=False, metadata={"over_ranks": "same"})  # a NaN/inf gradient stopped it
 
 
 Stats = TypeVar("Stats", RolloutStats, UpdateStats)

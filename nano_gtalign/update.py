@@ -134,8 +134,12 @@ def update(model, ref, optimizer, scheduler, ro: Rollout, advantages: torch.Tens
                 sampler = ro.sampler_logp[a:b, :T].to(d.device)
                 stats.mismatch += float(((logp.detach() - sampler).abs() * mask).sum())
                 stats.mismatch_tokens += k
-        stats.grad_norm += optimizer_step(params, optimizer, scheduler, cfg.grad_clip)
+        norm = optimizer_step(params, optimizer, scheduler, cfg.grad_clip)
+        stats.grad_norm += norm
         stats.opt_steps += 1
+        if not math.isfinite(norm):  # not applied; train.py stops the run with the weights as they were
+            stats.nonfinite = True
+            break
     stats.update_time = time.perf_counter() - t0
     return stats
 
@@ -149,10 +153,11 @@ def optimizer_params(optimizer) -> list:
 
 def optimizer_step(params: list, optimizer, scheduler, grad_clip: float) -> float:
     """Clip the gradients (grad_clip 0: off), step the optimizer and the schedule; returns the norm before
-    clipping."""
+    clipping. A NaN or inf norm (a non-finite loss or gradient) never reaches the weights: no step is taken."""
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
-    optimizer.step()
-    scheduler.step()
+    if math.isfinite(norm):
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm

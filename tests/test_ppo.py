@@ -265,7 +265,7 @@ def test_ppo_resume_continues_exactly(setup, tmp_path):
     train.main(argv(setup, tmp_path / "full", *common))
     halted = train.main(argv(setup, tmp_path / "split", *common, "--halt-after", "1"))
     assert halted.final_dir is None
-    with pytest.raises(CheckpointError, match="resume with --algo ppo"):
+    with pytest.raises(UsageError, match="--algo was 'ppo' in the checkpoint, 'grpo' now"):
         train.main(argv(setup, tmp_path / "split", *common[2:], "--resume"))
     train.main(argv(setup, tmp_path / "split", *common, "--resume"))
     full, split = train_lines(tmp_path / "full"), train_lines(tmp_path / "split")

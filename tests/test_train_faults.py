@@ -92,7 +92,7 @@ def test_a_torn_metrics_line_does_not_block_resume(setup, tmp_path, capsys):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
     with pytest.raises(UsageError, match=r"metrics.jsonl:2: not valid JSON"):
-        train.main(argv(setup, out, "--steps", "4", "--resume"))
+        train.main(argv(setup, out, "--steps", "4", "--lr-schedule", "cosine", "--resume"))
 
 
 def worker(out: str, args: list[str]) -> None:
