@@ -213,7 +213,7 @@ def run(cfg: TrainConfig, d: Dist) -> RunResult:
     stopped, exit_code = None, 0   # why the run stopped before its last step, and the exit code that says so
     t_start = time.perf_counter()
     step = start
-    with StopOnSignal() as signals:
+    with StopOnSignal(log_line) as signals:
         for step in range(start + 1, total_steps + 1):
             t0 = time.perf_counter()
             idx = next_prompts(cursor, len(train), cfg.prompts_per_step, cfg.seed)

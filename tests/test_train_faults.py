@@ -121,6 +121,8 @@ def test_a_signal_saves_a_checkpoint_and_resume_is_exact(setup, tmp_path, signum
         assert proc.wait(timeout=120) == 128 + signum, "".join(lines)
     text = "".join(lines)
     assert f"interrupted by {signal.Signals(signum).name} after step" in text and "continue with --resume" in text
+    said = f"{signal.Signals(signum).name} received: the run stops after this step, with a checkpoint"
+    assert said in text and text.index(said) < text.index("interrupted by")  # said when the signal came
     stopped = int(text.split("interrupted by")[1].split("after step ")[1].split(";")[0])
     assert 1 <= stopped < 6 and (out / f"step_{stopped:06d}.pt").exists()
     resumed = train.main(argv(setup, out, *common, "--resume"))
