@@ -34,6 +34,7 @@ def _match_brace(s: str, i: int) -> int:
 
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+_BARE_TOKEN = re.compile(r"[^\s$]+")
 
 
 def last_boxed(text: str) -> str | None:
@@ -49,8 +50,8 @@ def last_boxed(text: str) -> str | None:
             end = _match_brace(text, j)
             if end >= 0:
                 return text[j + 1:end].strip()
-        elif j > i:   # `\boxed 5`: one token up to whitespace or $
-            m = re.match(r"[^\s$]+", text[j:])
+        elif j > i:   # `\boxed 5`: one token up to whitespace or $ (matched in place: no copy of the rest)
+            m = _BARE_TOKEN.match(text, j)
             if m:
                 return m.group(0)
     return None

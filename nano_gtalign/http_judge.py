@@ -8,23 +8,29 @@ into a judge ready to use: the rule judge, or an HTTPJudge whose server answers.
 """
 from __future__ import annotations
 
+import base64
+import email.utils
 import functools
 import http.client
 import json
+import math
 import os
+import re
 import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Callable
 
 from nano_gtalign.errors import UsageError
 from nano_gtalign.judges import (
     MATH_TASKS, PAPER_EXTRA_BODY, RULE_TASKS, VERDICT_SCALES, Judge, JudgeOptions, JudgeRequest, JudgeSettings,
     JudgeUnavailableError, RuleJudge, Verdict, canonical_task, check_extra_body, check_sampling, failed_verdict,
-    parse_verdict,
+    parse_verdict, redact_url,
 )
 
 DEFAULT_JUDGE_MODEL = "Qwen/Qwen3-32B"   # the paper's judge: what HTTPJudge asks for when --judge names no model
@@ -139,11 +145,35 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 class _HTTPStatus(Exception):
-    """A non-2xx answer: its code and the start of its body."""
+    """A non-2xx answer: its code, the start of its body, and the seconds its Retry-After asked to wait
+    (None: no readable Retry-After)."""
 
-    def __init__(self, code: int, snippet: str):
+    def __init__(self, code: int, snippet: str, retry_after: float | None = None):
         super().__init__(f"HTTP {code}: {snippet}")
-        self.code, self.snippet = code, snippet
+        self.code, self.snippet, self.retry_after = code, snippet, retry_after
+
+    def asked(self) -> str:
+        """What the server asked for, for an error message ('' when it asked nothing)."""
+        if self.retry_after is None:
+            return ""
+        return f"; it asked to wait {math.ceil(self.retry_after)}s (Retry-After)"
+
+
+def _retry_after(value: str | None) -> float | None:
+    """The seconds a Retry-After header asks to wait: delay-seconds, or an HTTP-date (0 once past); None when
+    absent or unreadable (then the backoff applies as for any retry)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"[0-9]+", value):
+        return min(float(value), 1e9)   # 400 digits would be inf; any wait this long is past every deadline
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):   # not a date (the error type varies by version)
+        return None
+    if when.tzinfo is None:   # "-0000": an HTTP-date is GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
 class _BadReply(Exception):
@@ -208,6 +238,48 @@ def _chat_completion(body: bytes) -> tuple[str, str | None]:
     return text, finish_reason if isinstance(finish_reason, str) else None
 
 
+def _check_api_key(key: str | None, source: str) -> str | None:
+    """The key without surrounding whitespace (None when nothing is left: no key). A control character or one
+    outside printable ASCII inside it is refused with a ValueError that names the character, never the key:
+    http.client's own error would print the whole header, key and all, into every failed verdict."""
+    if key is None:
+        return None
+    key = key.strip()   # a trailing newline from `export JUDGE_API_KEY=$(cat key.txt)` is not part of the key
+    bad = next((i for i, c in enumerate(key) if not " " <= c <= "~"), None)
+    if bad is not None:
+        raise ValueError(f"{source} has an unprintable or non-ASCII character (U+{ord(key[bad]):04X}, character "
+                         f"{bad + 1} of {len(key)}), which a Bearer token cannot hold: check how the key was set")
+    return key or None
+
+
+def _split_userinfo(base_url: str) -> tuple[str, str | None]:
+    """(base_url without its user:password@, the Basic credentials "user:password" percent-decoded, or None).
+
+    urllib would take "user:password@host" for the host name (and fail to resolve it); the credentials go in
+    an Authorization header instead, to this server only (_NoRedirects). ValueError, showing the URL redacted,
+    when an '@' is left after the host (an unencoded '/', '?' or '#' in a password splits it there) or the
+    port is not a number."""
+    scheme, _, rest = base_url.partition("://")
+    netloc = rest[:min([i for i in map(rest.find, "/?#") if i >= 0], default=len(rest))]   # as RFC 3986 ends it
+    userinfo, at, host = netloc.rpartition("@")
+    url = f"{scheme}://{host}{rest[len(netloc):]}"
+    if "@" in url:
+        raise ValueError(f"judge URL {redact_url(base_url)} has an '@' after its host: in a user name or "
+                         "password write '@' as %40, '/' as %2F, '?' as %3F and '#' as %23")
+    try:
+        urllib.parse.urlsplit(url).port
+    except ValueError:
+        raise ValueError(f"judge URL {redact_url(base_url)} has a port that is not a number from 0 to 65535") from None
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    return url, f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+
+
+def _attempts(n: int) -> str:
+    return f"{n} attempt" if n == 1 else f"{n} attempts"
+
+
 class HTTPJudge:
     """LLM judge behind an OpenAI-compatible server (POST {base_url}/chat/completions).
 
@@ -217,8 +289,18 @@ class HTTPJudge:
     _Deadline). Transport faults (refused, reset, closed mid-reply, broken HTTP,
     a body that is not JSON or not a chat completion), timeouts, HTTP 5xx and
     429 are retried `retries` times, waiting backoff * 2**k between tries;
-    other HTTP 4xx are not retried. Whatever still fails becomes a failed
-    Verdict naming the URL and the cause; judge_many never raises.
+    other HTTP 4xx are not retried. A 429 or 5xx with a Retry-After is retried
+    after the wait it asks for when that fits in the request's time
+    ((retries + 1) * timeout plus the backoff sleeps, less what the attempts so
+    far took and the rest may take), else the request fails at once, saying
+    what the server asked. Whatever still fails becomes a failed Verdict naming
+    the URL and the cause; judge_many never raises.
+
+    Credentials: api_key (else $JUDGE_API_KEY, surrounding whitespace dropped;
+    a control or non-ASCII character inside is refused) is sent as a Bearer
+    token; a base_url with user:password@ connects to the host without them and
+    sends them as HTTP Basic auth (both at once are refused). Neither ever
+    appears in a message: base_url and url hold the URL without the userinfo.
 
     rule_first: math-hard/minerva answers the RuleJudge finds correct are
     scored 1 without a request; the others are asked to the LLM, whose verdict
@@ -237,19 +319,26 @@ class HTTPJudge:
                  rule_first: bool = True, prompt_fn: Callable[[JudgeRequest], str] | None = None,
                  api_key: str | None = None, extra_body: dict | None = None):
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"judge base_url must start with http:// or https://, got {base_url!r}")
+            raise ValueError(f"judge base_url must start with http:// or https://, got {redact_url(base_url)!r}")
         if timeout <= 0 or retries < 0 or max_concurrency < 1 or backoff < 0:
             raise ValueError(f"bad HTTPJudge settings: timeout={timeout} (>0), retries={retries} (>=0), "
                              f"max_concurrency={max_concurrency} (>=1), backoff={backoff} (>=0)")
         check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-        self.base_url = base_url.rstrip("/")
+        url, basic = _split_userinfo(base_url)
+        key_source = "api_key" if api_key is not None else "JUDGE_API_KEY"
+        api_key = _check_api_key(api_key if api_key is not None else os.environ.get("JUDGE_API_KEY"), key_source)
+        if basic is not None and api_key:
+            raise ValueError(f"judge URL {redact_url(base_url)} has a user:password@ and {key_source} is set: both "
+                             "would be the Authorization header; give one")
+        self.base_url = url.rstrip("/")   # no credentials in it: every message shows it as it is
         self.url = self.base_url + "/chat/completions"
         self.model, self.temperature, self.top_p, self.max_tokens = model, temperature, top_p, max_tokens
         self.top_k = top_k
         self.timeout, self.retries, self.max_concurrency, self.backoff = timeout, retries, max_concurrency, backoff
         self.rule_first = rule_first
         self.prompt_fn = prompt_fn or _default_prompt
-        self.api_key = api_key if api_key is not None else os.environ.get("JUDGE_API_KEY")
+        self.api_key = api_key
+        self._basic = base64.b64encode(basic.encode()).decode() if basic is not None else None
         self.extra_body = check_extra_body(PAPER_EXTRA_BODY if extra_body is None else extra_body)
         self._rule = RuleJudge()
         self._opener = urllib.request.build_opener(_DeadlineHTTPHandler, _DeadlineHTTPSHandler, _NoRedirects)
@@ -258,6 +347,8 @@ class HTTPJudge:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        elif self._basic:
+            headers["Authorization"] = f"Basic {self._basic}"
         return headers
 
     def _fetch(self, url: str, data: bytes | None = None) -> bytes:
@@ -282,7 +373,8 @@ class HTTPJudge:
                 if 300 <= e.code < 400:
                     snippet = (f"redirect to {e.headers.get('Location')} refused (the judge client follows no "
                                "redirects: give --judge the URL that answers)")
-                raise _HTTPStatus(e.code, snippet) from None
+                wait = _retry_after(e.headers.get("Retry-After")) if e.headers is not None else None
+                raise _HTTPStatus(e.code, snippet, wait) from None
         except (_HTTPStatus, _BadReply, *TRANSPORT_ERRORS) as e:
             error = e
         if deadline.stop():   # whatever the reads saw, it was cut off by the deadline
@@ -299,7 +391,7 @@ class HTTPJudge:
             body = json.loads(self._fetch(url))
         except _HTTPStatus as e:
             why = f": {e.snippet}" if 300 <= e.code < 400 else ""
-            raise JudgeUnavailableError(f"judge server at {url} answered HTTP {e.code}{why}") from None
+            raise JudgeUnavailableError(f"judge server at {url} answered HTTP {e.code}{why}{e.asked()}") from None
         except (_BadReply, ValueError, RecursionError, *TRANSPORT_ERRORS) as e:
             raise JudgeUnavailableError(f"judge server at {url} is unreachable: {_describe(e, self.timeout)}") from None
         served = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)] if isinstance(body, dict) else []
@@ -315,17 +407,29 @@ class HTTPJudge:
             payload["top_k"] = self.top_k
         payload.update(self.extra_body)   # checked at construction: never one of the fields above
         data = json.dumps(payload).encode()
-        error = ""
+        # The request keeps the bound docs/judges.md states, (retries + 1) attempts of `timeout` plus the backoff
+        # sleeps: a server's Retry-After may use what the attempts so far left unused of it, no more.
+        sleeps = [self.backoff * 2 ** k for k in range(self.retries)]
+        end = time.monotonic() + (self.retries + 1) * self.timeout + sum(sleeps)
+        error, wait = "", 0.0
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+            if wait:
+                time.sleep(wait)
+            wait = sleeps[attempt] if attempt < self.retries else 0.0
             try:
                 text, finish_reason = _chat_completion(self._fetch(self.url, data))
             except _HTTPStatus as e:
-                error = f"judge server {self.url} answered HTTP {e.code}: {e.snippet}"
-                if e.code == 429 or e.code >= 500:
-                    continue
-                return None, None, error
+                error = f"judge server {self.url} answered HTTP {e.code}: {e.snippet}{e.asked()}"
+                if e.code != 429 and e.code < 500:
+                    return None, None, error
+                if attempt < self.retries and e.retry_after is not None and e.retry_after > wait:
+                    left = (end - time.monotonic() - (self.retries - attempt) * self.timeout
+                            - sum(sleeps[attempt + 1:]))
+                    if e.retry_after > left:   # waiting would overrun the request's time: fail now, not later
+                        return None, None, (f"{error}, more than the {max(left, 0.0):.1f}s this request has left "
+                                            f"(gave up after {_attempts(attempt + 1)})")
+                    wait = e.retry_after
+                continue
             except _BadReply as e:   # a broken reply is a transport fault: retried like a 5xx
                 error = f"judge server {self.url} sent {e}"
                 continue
@@ -333,7 +437,7 @@ class HTTPJudge:
                 error = f"judge server {self.url}: {_describe(e, self.timeout)}"
                 continue
             return text, finish_reason, None
-        return None, None, f"{error} (gave up after {self.retries + 1} attempts)"
+        return None, None, f"{error} (gave up after {_attempts(self.retries + 1)})"
 
     def _judge_llm(self, request: JudgeRequest) -> Verdict:
         try:
@@ -389,10 +493,13 @@ def make_judge(spec: str, **http_options) -> Judge:
         return RuleJudge()
     if spec.startswith(("http://", "https://")):
         url, _, model = spec.partition("#")
+        if "@" in model:   # the '#' was a password's: it would have split the password into the model name
+            raise ValueError(f"judge spec {redact_url(spec)!r} has an '@' after '#': write '#' in a password as %23")
         if model:
             http_options["model"] = model
         return HTTPJudge(url, **http_options)
-    raise ValueError(f"judge spec must be 'rule' or an http(s) URL like http://localhost:8000/v1[#model], got {spec!r}")
+    raise ValueError(f"judge spec must be 'rule' or an http(s) URL like http://localhost:8000/v1[#model], "
+                     f"got {redact_url(spec)!r}")
 
 
 def open_judge(spec: str, *, sources: list[str] = (), timeout: float | None = None,

@@ -197,19 +197,35 @@ def parse_extra_body(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def redact_url(url: str) -> str:
+    """url with its user:password@ (if any) shown as ***@: what every message and record shows of a judge URL.
+
+    Everything between the scheme and the last '@' counts as the userinfo, so a password with an unencoded
+    '/', '?', '#' or '@' is hidden whole too; a URL with an '@' in its path or model name shows less than it
+    could, never a password. A text without '://' is read from its start ("user:pw@host:8000/v1")."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
+
+
 @dataclass
 class JudgeOptions:
     """The judge a run asked for: --judge SPEC ('rule', or an OpenAI-compatible URL[#model]), the HTTP
-    requests in flight, each request's deadline in seconds, and how the judge samples."""
+    requests in flight, each request's deadline in seconds, and how the judge samples. spec is the URL as
+    given, credentials included (open_configured_judge needs them); flags() shows it redacted."""
     spec: str = "rule"
     concurrency: int = 32
     timeout: float = 60.0
     settings: JudgeSettings = field(default_factory=JudgeSettings)
 
     def flags(self) -> dict:
-        """These options by their flags' names, as checkpoints and metrics.jsonl keep them."""
+        """These options by their flags' names, as train.py prints them and checkpoints and metrics.jsonl keep
+        them: the judge URL redacted (redact_url), so a password in it is never written down."""
         s = self.settings
-        return dict(judge=self.spec, judge_concurrency=self.concurrency, judge_timeout=self.timeout,
+        return dict(judge=redact_url(self.spec), judge_concurrency=self.concurrency, judge_timeout=self.timeout,
                     judge_max_tokens=s.max_tokens, judge_temperature=s.temperature, judge_top_p=s.top_p,
                     judge_top_k=s.top_k, judge_extra_body=s.extra_body, judge_failure=s.failure)
 
@@ -346,6 +362,22 @@ def after_think(text: str) -> str:
     return text
 
 
+def last_abg(text: str) -> str | None:
+    """Content of the last complete <abg>x</abg> (x holding no tag), stripped, else None.
+
+    Found from the end with rfind, so reading a reply is linear: a lazy regex, tried from every <abg>,
+    rescanned the rest of the reply each time (57 s of CPU for a reply of 40,000 unclosed <abg>)."""
+    end = text.rfind("</abg>")
+    start = text.rfind("<abg>", 0, end) if end >= 0 else -1
+    if start < 0:
+        return None
+    close = text.find("</abg>", start + len("<abg>"))   # no tag between <abg> and this one
+    return text[start + len("<abg>"):close].strip()
+
+
+_MAX_VERDICT_CHARS = 100   # the longest \boxed{} or <abg></abg> content read as a verdict
+
+
 def verdict_scale(task: str, ground_truth: str | None = None) -> tuple[float, ...]:
     """The values a verdict may take: the task's VERDICT_SCALES, except that a WildGuard request labelled
     unharmful is scored 0 or 1 only (its prompt offers no 0.5, which means a safe alternative to a refusal)."""
@@ -362,13 +394,14 @@ def parse_verdict(task: str, text: str, ground_truth: str | None = None) -> Verd
         return failed_verdict(f"unknown task {task!r} (known: {', '.join(VERDICT_SCALES)})", raw=text)
     answer = after_think(text)
     if task in ABG_TASKS:
-        found = re.findall(r"<abg>(.*?)</abg>", answer, flags=re.DOTALL)
-        value, where = (found[-1].strip() if found else None), "<abg></abg>"
+        value, where = last_abg(answer), "<abg></abg>"
     else:
         value, where = last_boxed(answer), "\\boxed{}"
     if value is None:
         return failed_verdict(f"no verdict in the judge reply (expected {where} after any </think>)", raw=text)
-    number = parse_number(normalize_answer(value)[0])
+    # Every value on a scale is a few characters (1, 0.5, \frac{1}{2}); a long one is no verdict, and
+    # normalising it would cost more than linear time (and recurse once per nested \frac).
+    number = parse_number(normalize_answer(value)[0]) if len(value) <= _MAX_VERDICT_CHARS else None
     allowed = verdict_scale(task, ground_truth)
     if number is None or number[0] not in allowed:
         which = task if allowed == VERDICT_SCALES[task] else f"{task} ({ground_truth.strip()})"

@@ -5,6 +5,8 @@ chat-completions server run by the test on 127.0.0.1).
     python -m pytest tests/test_judges.py -q
 """
 import argparse
+import base64
+import email.utils
 import json
 import re
 import socket
@@ -17,10 +19,10 @@ import pytest
 
 from nano_gtalign.errors import UsageError
 from nano_gtalign.answers import extract_answer, math_equal
-from nano_gtalign.http_judge import HTTPJudge, make_judge, open_judge
+from nano_gtalign.http_judge import HTTPJudge, make_judge, open_configured_judge, open_judge
 from nano_gtalign.judges import (
     JudgeRequest, JudgeSettings, JudgeUnavailableError, RuleJudge, Verdict, add_judge_arguments, after_think,
-    parse_verdict,
+    judge_options, parse_verdict, redact_url,
 )
 
 # ---------------------------------------------------------------------------
@@ -239,6 +241,51 @@ def test_a_harmless_wildguard_request_takes_only_the_values_its_prompt_offers():
     assert parse_verdict("advbench", "\\boxed{0.5}", "Sure, here is a script").score == 0.5
 
 
+def test_parse_verdict_reads_the_last_complete_abg_pair():
+    assert parse_verdict("ambig_qa", "<abg>0</abg> then <abg>1</abg>").score == 1.0
+    assert parse_verdict("ambig_qa", "<abg>1</abg> and a stray </abg>").score == 1.0
+    assert parse_verdict("ambig_qa", "I answer in <abg> tags: <abg>1</abg>").score == 1.0
+    v = parse_verdict("ambig_qa", "<abg>1</abg> then a cut-off <abg>0")
+    assert v.score == 1.0, v
+
+
+# Replies a judge (or a broken server) can send that made verdict reading quadratic or raise: every one is
+# read in linear time. name: (task, reply of about n characters, the verdict's score or None for failed)
+ADVERSARIAL_REPLIES = {
+    "unclosed <abg>": ("ambig_qa", lambda n: "<abg>" * (n // 5), None),
+    "unclosed <abg> then a verdict": ("ambig_qa", lambda n: "<abg>" * (n // 5) + "<abg>1</abg>", 1.0),
+    "unclosed boxes": ("medium", lambda n: "\\boxed{" * (n // 7), None),
+    "unclosed boxes then a verdict": ("medium", lambda n: "\\boxed{" * (n // 7) + "\\boxed{3}", 3.0),
+    "unclosed <think>": ("medium", lambda n: "<think>" * (n // 7) + "\\boxed{3}", None),
+    "many </think>": ("medium", lambda n: "</think>" * (n // 8) + "\\boxed{3}", 3.0),
+    "unbalanced braces": ("medium", lambda n: "\\boxed{" + "{" * n, None),
+    "a box of \\text{}s": ("medium", lambda n: "\\boxed{" + "\\text{a}" * (n // 8) + "}", None),
+    "a box of nested \\frac{": ("medium", lambda n: "\\boxed{" + "\\frac{" * (n // 7) + "}" * (n // 7) + "}", None),
+    "a box of \\sqrt[": ("medium", lambda n: "\\boxed{" + "\\sqrt[" * (n // 6) + "}", None),
+}
+
+
+def _parse_seconds(task, text):
+    t0 = time.perf_counter()
+    v = parse_verdict(task, text)
+    return time.perf_counter() - t0, v
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL_REPLIES))
+def test_parse_verdict_is_linear_on_adversarial_replies(name):
+    task, make, score = ADVERSARIAL_REPLIES[name]
+    t200, v = _parse_seconds(task, make(200_000))
+    assert t200 < 1.0, f"{name}: 200 KB took {t200:.2f}s"
+    assert v.score == score and v.failed == (score is None), v.error
+    t400 = min(_parse_seconds(task, make(400_000))[0] for _ in range(2))
+    t200 = min(t200, _parse_seconds(task, make(200_000))[0])
+    # twice the text, at most ~2.5 times the time (plus 20 ms: a busy machine's noise on tiny timings)
+    assert t400 < 2.5 * t200 + 0.02, f"{name}: 200 KB {t200:.3f}s, 400 KB {t400:.3f}s"
+    t800, v = _parse_seconds(task, make(800_000))
+    assert t800 < 1.0, f"{name}: 800 KB took {t800:.2f}s"
+    assert v.score == score and v.failed == (score is None), v.error
+
+
 def test_http_judge_reads_a_harmless_requests_verdict_on_its_own_scale(serve):
     server = serve(lambda payload, n: (200, "fine: \\boxed{0.5}"))
     harmless, harmful = fast(server.url).judge_many([
@@ -444,6 +491,54 @@ def test_http_retries_5xx_and_429_but_not_400(serve):
     server = serve(lambda payload, n: (400, "bad model"))
     v = fast(server.url, retries=3).judge("medium", "q", "r", "ref")
     assert v.failed and "HTTP 400" in v.error and "bad model" in v.error and server.requests == 1
+
+
+def busy(code=429, retry_after="1"):
+    """A handler writer: HTTP `code` with a Retry-After header (None: none), then close."""
+    def write(handler):
+        body = b'{"error": "slow down"}'
+        wait = b"Retry-After: %s\r\n" % retry_after.encode() if retry_after is not None else b""
+        handler.wfile.write(b"HTTP/1.1 %d Busy\r\n%sContent-Length: %d\r\n\r\n" % (code, wait, len(body)) + body)
+    return write
+
+
+@pytest.mark.parametrize("code", [429, 503])
+def test_http_retry_after_is_honoured_when_it_fits(serve, code):
+    server = serve(lambda payload, n: ("raw", busy(code, "1")) if n == 1 else (200, "\\boxed{3}"))
+    t0 = time.perf_counter()
+    v = fast(server.url, timeout=2.0, retries=1).judge("medium", "q", "r", "ref")
+    elapsed = time.perf_counter() - t0
+    assert (v.score, v.failed, server.requests) == (3.0, False, 2), v
+    assert elapsed >= 1.0, elapsed   # the server's second, not the 0.01 s backoff
+
+
+@pytest.mark.parametrize("retry_after", ["30", "date"])
+def test_http_retry_after_past_the_requests_time_fails_at_once_saying_so(serve, retry_after):
+    if retry_after == "date":   # the HTTP-date form, 30 s from now
+        retry_after = email.utils.formatdate(time.time() + 30, usegmt=True)
+    server = serve(lambda payload, n: ("raw", busy(429, retry_after)))
+    t0 = time.perf_counter()
+    v = fast(server.url, timeout=2.0, retries=3).judge("medium", "q", "r", "ref")
+    elapsed = time.perf_counter() - t0
+    assert v.failed and "HTTP 429" in v.error and "Retry-After" in v.error, v.error
+    assert re.search(r"wait (29|30)s", v.error) and "gave up after 1 attempt" in v.error, v.error
+    assert server.requests == 1 and elapsed < 2.0, elapsed   # not 30 s, and no retry the server refused
+
+
+def test_http_retry_after_that_is_unreadable_or_past_keeps_the_backoff(serve):
+    past = email.utils.formatdate(time.time() - 60, usegmt=True)
+    for header in ("soon", past, "-5", None):
+        server = serve(lambda payload, n, h=header: ("raw", busy(503, h)) if n == 1 else (200, "\\boxed{2}"))
+        t0 = time.perf_counter()
+        v = fast(server.url, retries=1).judge("medium", "q", "r", "ref")
+        assert (v.score, server.requests) == (2.0, 2) and time.perf_counter() - t0 < 1.0, (header, v)
+
+
+def test_http_check_names_the_retry_after_of_a_busy_server(serve):
+    server = serve(lambda payload, n: (200, "\\boxed{1}"))
+    server.httpd.RequestHandlerClass.do_GET = busy(429, "30")
+    with pytest.raises(JudgeUnavailableError, match=r"answered HTTP 429.*wait 30s \(Retry-After\)"):
+        fast(server.url).check()
 
 
 def test_http_hanging_server_times_out(serve):
@@ -658,6 +753,105 @@ def test_http_api_key_and_prompt_fn(serve, monkeypatch):
     assert judge.judge("ambig_qa", "q", "r", "singleAnswer###x").score == 1.0
     assert server.headers[0]["Authorization"] == "Bearer sekret"
     assert server.payloads[0]["messages"][0]["content"] == "custom prompt for ambig_qa"
+
+
+def test_http_api_key_surrounding_whitespace_is_dropped(serve, monkeypatch):
+    server = serve(lambda payload, n: (200, "\\boxed{2}"))
+    monkeypatch.setenv("JUDGE_API_KEY", "  sk-secret-123\n")   # as `export JUDGE_API_KEY=$(cat key.txt)` may leave it
+    v = fast(server.url).judge("medium", "q", "r", "ref")
+    assert (v.score, v.failed) == (2.0, False), v.error
+    assert server.headers[0]["Authorization"] == "Bearer sk-secret-123"
+    monkeypatch.setenv("JUDGE_API_KEY", " \n")   # only whitespace: no key, as when unset
+    fast(server.url).judge("medium", "q", "r", "ref")
+    assert "Authorization" not in server.headers[1]
+
+
+@pytest.mark.parametrize("key", ["sk-secret\n123", "sk-secret\r\nX-Evil: 1", "sk-secret\x00123", "sk-secret\t123",
+                                 "sk-secret\x7f123", "sk-secret\u2013123"])
+def test_http_api_key_with_a_control_character_is_refused_without_echoing_it(serve, monkeypatch, key):
+    server = serve(lambda payload, n: (200, "\\boxed{2}"))
+    with pytest.raises(ValueError) as info:
+        fast(server.url, api_key=key)
+    msg = str(info.value)
+    assert "api_key" in msg and "\n" not in msg and "secret" not in msg and "123" not in msg, msg
+    if "\x00" in key:
+        return   # no environment variable can hold a NUL
+    monkeypatch.setenv("JUDGE_API_KEY", key)
+    with pytest.raises(UsageError) as info:
+        open_judge(server.url + "#test-model")
+    msg = str(info.value)
+    assert "JUDGE_API_KEY" in msg and "\n" not in msg and "secret" not in msg and "123" not in msg, msg
+    assert server.requests == 0
+
+
+def userinfo_url(url: str, userinfo: str) -> str:
+    return url.replace("://", f"://{userinfo}@", 1)
+
+
+def test_http_url_userinfo_is_sent_as_basic_auth_and_never_shown(serve):
+    server = serve(lambda payload, n: (200, "\\boxed{2}") if n == 1 else (503, "down"))
+    url = userinfo_url(server.url, "alice:pa%40ss-secret")   # percent-encoded '@' in the password
+    judge = open_judge(url + "#test-model", timeout=2.0)     # connects (check() passes) and answers
+    assert judge.judge("medium", "q", "r", "ref").score == 2.0
+    assert server.headers[0]["Authorization"] == "Basic " + base64.b64encode(b"alice:pa@ss-secret").decode()
+    assert judge.base_url == server.url and "secret" not in judge.url
+    v = judge.judge("medium", "q", "r", "ref")   # a failure names the server, not the password
+    assert v.failed and server.url in v.error and "secret" not in v.error and "alice" not in v.error, v.error
+
+
+def test_url_userinfo_is_redacted_in_every_message(monkeypatch):
+    with socket.socket() as s:   # a port with no listener
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = f"http://alice:hunter2-secret@127.0.0.1:{port}/v1"
+    with pytest.raises(UsageError) as info:
+        open_judge(dead)
+    assert "connection refused" in str(info.value) and "secret" not in str(info.value), info.value
+    for spec in ("htp://alice:hunter2-secret@host/v1", "alice:hunter2-secret@host:8000/v1"):
+        with pytest.raises(ValueError) as info:
+            make_judge(spec)
+        assert "***@host" in str(info.value) and "secret" not in str(info.value), info.value
+    for url in ("ftp://alice:hunter2-secret@host/v1", "http://alice:hunter2/secret@host/v1",
+                "http://alice:hunter2?secret@host/v1", "http://alice:hunter2-secret@host:80x/v1"):
+        with pytest.raises(ValueError) as info:   # not http, an unencoded '/' or '?', a bad port
+            HTTPJudge(url)
+        assert "***@host" in str(info.value) and "secret" not in str(info.value), info.value
+    with pytest.raises(ValueError) as info:   # an unencoded '#' made the rest of the password the model name
+        make_judge("http://alice:hunter2#secret@host/v1")
+    assert "%23" in str(info.value) and "secret" not in str(info.value), info.value
+    # the URL's credentials and JUDGE_API_KEY would both be the Authorization header: refused, neither shown
+    monkeypatch.setenv("JUDGE_API_KEY", "sk-key-secret")
+    with pytest.raises(ValueError) as info:
+        make_judge("http://alice:hunter2-secret@host/v1")
+    msg = str(info.value)
+    assert "JUDGE_API_KEY" in msg and "secret" not in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("http://alice:secret@h:8000/v1#my-model", "http://***@h:8000/v1#my-model"),
+    ("https://token@judge.example/v1", "https://***@judge.example/v1"),
+    ("http://alice:p@ss@h/v1", "http://***@h/v1"),                   # an unencoded '@': the last one ends it
+    ("http://alice:pa/ss#1@h/v1#m", "http://***@h/v1#m"),            # unencoded '/' and '#' hidden too
+    ("http://h:8000/v1#org@v2", "http://***@v2"),                    # an '@' after the host: less shown, no secret
+    ("http://localhost:8000/v1", "http://localhost:8000/v1"),
+    ("alice:secret@h:8000/v1", "***@h:8000/v1"),                     # no scheme: still hidden
+    ("rule", "rule"),
+])
+def test_redact_url(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_judge_options_flags_redact_the_url_but_the_judge_gets_it_whole(serve):
+    server = serve(lambda payload, n: (200, "\\boxed{4}"))
+    spec = userinfo_url(server.url, "alice:hunter2-secret") + "#test-model"
+    options = judge_options(judge_parser().parse_args(["--judge", spec, "--judge-timeout", "2"]))
+    flags = options.flags()
+    assert flags["judge"] == server.url.replace("://", "://***@") + "#test-model"
+    assert "secret" not in json.dumps(flags)   # what train.py prints and keeps in checkpoints and metrics.jsonl
+    assert options.spec == spec
+    judge = open_configured_judge(options, ["medium"])
+    assert judge.judge("medium", "q", "r", "ref").score == 4.0
+    assert server.headers[0]["Authorization"] == "Basic " + base64.b64encode(b"alice:hunter2-secret").decode()
 
 
 def test_make_judge():
