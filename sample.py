@@ -36,6 +36,10 @@ The prompt goes through the checkpoint's chat template as a user message (after 
 optional --system message) unless --raw is given. --json prints one JSON object
 (text, token_ids, logprobs, finish_reason, prompt_token_ids) and sends the config
 lines to stderr, so stdout stays machine-readable.
+
+A checkpoint that cannot be used (a bad config.json, NaN weights, a tokenizer file that does not parse, a
+chat template that does not compile or fails to render) is one line naming the file, and exit status 2, as
+train.py exits on one.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -99,6 +104,12 @@ def params_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def checkpoint_failed(message) -> NoReturn:
+    """A checkpoint that cannot be used (its chat template included): one line and exit 2, as train.py."""
+    print(f"sample.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def load_model(model_dir: str, device: str, dtype: str):
     """(model, tokenizer) or exit with a one-line message saying what is wrong."""
     path = Path(model_dir)
@@ -110,7 +121,7 @@ def load_model(model_dir: str, device: str, dtype: str):
         model = load_pretrained(path, dtype=DTYPES[dtype], device=device)
         tokenizer = load_tokenizer(path)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"sample.py: cannot load {model_dir}: {e}")
+        checkpoint_failed(f"cannot load {model_dir}: {e}")
     return model.eval(), tokenizer
 
 
@@ -217,6 +228,8 @@ def main_price(args, params: SamplingParams, log, record: list[dict] | None) -> 
     try:
         result = steer(model, tokenizer, messages, pricing, params, generate_fn=generate, rule=args.rule,
                        rng=random.Random(args.seed))   # no --seed: a fresh draw, as upstream's random.choice
+    except CheckpointError as e:  # the chat template failed to render (a ValueError too: caught first)
+        checkpoint_failed(e)
     except ValueError as e:  # e.g. prompt + max_new_tokens longer than the model's context
         sys.exit(f"sample.py: {e}")
     if args.json:
@@ -242,10 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.price is not None:
         return main_price(args, params, log, record)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
-    if record is not None:
-        ids = tokenizer.encode_chat(record, add_generation_prompt=True)
-    else:
-        ids = prompt_ids(tokenizer, args.prompt, args.system, args.raw)
+    try:
+        if record is not None:
+            ids = tokenizer.encode_chat(record, add_generation_prompt=True)
+        else:
+            ids = prompt_ids(tokenizer, args.prompt, args.system, args.raw)
+    except CheckpointError as e:  # the chat template failed to render
+        checkpoint_failed(e)
     t0 = time.perf_counter()
     try:
         result = generate_text(model, tokenizer, ids, params)

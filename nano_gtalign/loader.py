@@ -6,7 +6,9 @@ transformers and vLLM unchanged, with the modes of normal files (0644 under umas
 a shared model. A model trained in fp32 from a bf16 checkpoint is exported as the checkpoint was: its dtype
 and its generation_config.json (sampling defaults) are read with `export_defaults` and passed to
 `save_pretrained`. Every problem with a checkpoint is a one-line CheckpointError naming the file, an unreadable
-one included ("permission denied reading FILE").
+one included ("permission denied reading FILE"): impossible config.json values (ModelConfig.from_hf checks
+each field), shards named outside the directory, and NaN or inf weights are refused here, at load time, so
+nothing later (the model, the sampler, training) has to check for them.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nano_gtalign.errors import CheckpointError
 from nano_gtalign.model import ModelConfig, Transformer
 from nano_gtalign.tokenizer import Tokenizer
 
@@ -32,10 +35,6 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # The files Tokenizer.from_pretrained reads (those present).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-
-
-class CheckpointError(ValueError):
-    """A model directory that cannot be loaded; the message names the file and the problem."""
 
 
 def _one_line(e: Exception) -> str:
@@ -71,12 +70,16 @@ def _check_readable(file: Path) -> None:
 
 
 def _read_json(file: Path) -> dict:
+    """A JSON object file (config.json, the shard index, generation_config.json), or a CheckpointError."""
     if not file.is_file():
         raise CheckpointError(f"{file}: file is missing")
     try:
-        return json.loads(file.read_text())
+        value = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: not a JSON object (the file holds a {type(value).__name__})")
+    return value
 
 
 @_reports_permission
@@ -100,6 +103,8 @@ def weight_files(path: Path) -> tuple[Path, list[Path]]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no weight_map")
+        for name in weight_map.values():
+            _check_shard_name(index, name)
         files = [path / name for name in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
@@ -108,6 +113,32 @@ def weight_files(path: Path) -> tuple[Path, list[Path]]:
     if (path / SINGLE).is_file():
         return path / SINGLE, [path / SINGLE]
     raise CheckpointError(f"{path / SINGLE}: no weights ({SINGLE} and {INDEX} are both missing)")
+
+
+def _check_shard_name(index: Path, name) -> None:
+    """A shard the index names must be a relative path inside the model directory: "../other/x.safetensors"
+    or an absolute path would make loading read (and a later save trust) some other model's file. The name is
+    checked, not where it leads: the Hugging Face cache links each file of a snapshot to ../../blobs/."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index}: shard {name!r} is not a file name")
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        raise CheckpointError(f"{index}: shard {name!r} is outside the model directory")
+
+
+def _check_finite(file: Path, name: str, stored: torch.Tensor, loaded: torch.Tensor) -> None:
+    """NaN or inf in a weight makes the logits NaN: greedy sample.py printed <|endoftext|> (token 0) and exited
+    0, so such a checkpoint is refused here, naming the tensor. A sum is finite only if every element is (a
+    NaN or inf anywhere makes it NaN or inf), and one reduction is far cheaper than an elementwise mask; only
+    when it is not (a real non-finite value, or a sum that merely overflows) is every element looked at."""
+    if torch.isfinite(loaded.sum()) or bool(torch.isfinite(loaded).all()):
+        return
+    if bool(torch.isfinite(stored).all()):  # finite in the file: the requested dtype cannot hold it
+        want, have = (str(t.dtype).removeprefix("torch.") for t in (loaded, stored))
+        raise CheckpointError(f"{file}: weight {name!r} is not finite in {want} (its values exceed the range of "
+                              f"{want}); load it in {have}")
+    bad = int((~torch.isfinite(stored)).sum())
+    raise CheckpointError(f"{file}: weight {name!r} is not finite ({bad} of {stored.numel()} values are NaN or "
+                          "inf): the checkpoint is corrupt or its training diverged")
 
 
 # safetensors' dtype names -> torch's, for the dtypes a model is stored in
@@ -180,6 +211,7 @@ def load_pretrained(path, dtype=None, device="cpu") -> Transformer:
                                               f"config.json implies {tuple(expected[name])}")
                     dtype = dtype or t.dtype  # a mixed-dtype checkpoint is cast to its first tensor's dtype
                     state[name] = t.to(dtype)
+                    _check_finite(file, name, t, state[name])
         except SafetensorError as e:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({_one_line(e)})") from None
     missing = [name for name in expected if name not in state]

@@ -9,6 +9,7 @@ Qwen3 differs from Qwen2 only in: RMSNorm on each q/k head before RoPE, no q/k/v
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,12 @@ from einops import repeat
 from torch.utils.checkpoint import checkpoint
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# The largest size config.json may give: several times the largest published dense models (hidden 16384, 126
+# layers, 256k vocabulary, 10M positions). A bigger number is a corrupt file, and building it would hang (a
+# Python loop over 10**9 layers) or ask for terabytes, so from_hf refuses it before anything is built.
+SIZE_LIMITS = {"vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**18, "num_hidden_layers": 1024,
+               "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024,
+               "max_position_embeddings": 2**24}
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5; GPU machines may run older torch.
 SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -53,40 +60,60 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
-        """Read a Hugging Face config.json dict; refuse anything this model would compute differently."""
+        """Read a Hugging Face config.json dict; refuse anything this model would compute differently, and
+        every value it could not compute with (wrong type, out of range, heads not a multiple of kv heads),
+        with a ValueError naming the field and the value."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json must be a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type")
-        if model_type not in ARCHITECTURES:
-            raise ValueError(f"unsupported model_type {model_type!r} (supported: qwen2, qwen3)")
+        if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+            raise ValueError(f"unsupported model_type {_show(model_type)} (supported: qwen2, qwen3)")
         archs = d.get("architectures") or [ARCHITECTURES[model_type]]
         if archs != [ARCHITECTURES[model_type]]:
-            raise ValueError(f"unsupported architectures {archs!r} (expected [{ARCHITECTURES[model_type]!r}])")
+            raise ValueError(f"unsupported architectures {_show(archs)} (expected [{ARCHITECTURES[model_type]!r}])")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (only 'silu')")
+            raise ValueError(f"unsupported hidden_act {_show(d['hidden_act'])} (only 'silu')")
         # rope: newer configs nest it in rope_parameters, older ones use top-level rope_theta (+ rope_scaling).
+        for key in ("rope_parameters", "rope_scaling"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ValueError(f"{key}={_show(d[key])}: must be a JSON object or null")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"unsupported rope_type {rope_type!r} in rope_parameters/rope_scaling (only 'default')")
-        rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or []):
+            raise ValueError(f"unsupported rope_type {_show(rope_type)} in rope_parameters/rope_scaling "
+                             "(only 'default')")
+        rope_theta = _positive("rope_theta", rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+        layer_types = d.get("layer_types") or []
+        if not isinstance(layer_types, list):
+            raise ValueError(f"layer_types={_show(layer_types)}: must be a list")
+        if _flag(d, "use_sliding_window") or "sliding_attention" in layer_types:
             raise ValueError("unsupported use_sliding_window=true / layer_types with sliding_attention "
                              "(only full attention)")
-        if model_type == "qwen3" and d.get("attention_bias"):
+        # Qwen2 has q/k/v biases whatever attention_bias says (as in transformers); Qwen3 has none.
+        if _flag(d, "attention_bias") and model_type == "qwen3":
             raise ValueError("unsupported attention_bias=true for qwen3")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in d:
-                raise ValueError(f"config field {key!r} is missing")
-        heads = d["num_attention_heads"]
+        for key in ("torch_dtype", "dtype"):  # not read (the weights' own dtype is), but a wrong one is a bad file
+            if d.get(key) not in (None, "auto") and not _names_float_dtype(d[key]):
+                raise ValueError(f"{key}={_show(d[key])}: must name a float dtype, such as 'bfloat16' or 'float32'")
+
+        vocab_size, hidden, heads = _size(d, "vocab_size"), _size(d, "hidden_size"), _size(d, "num_attention_heads")
+        kv_heads = _size(d, "num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+        if d.get("head_dim") is None and hidden < heads:
+            raise ValueError(f"hidden_size={hidden} is smaller than num_attention_heads={heads} (with no head_dim, "
+                             "head_dim is hidden_size // num_attention_heads)")
         return cls(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
-            max_position_embeddings=d.get("max_position_embeddings", 32768),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=_size(d, "intermediate_size"),
+            num_hidden_layers=_size(d, "num_hidden_layers"), num_attention_heads=heads, num_key_value_heads=kv_heads,
+            head_dim=_size(d, "head_dim", hidden // heads),
+            rms_norm_eps=_positive("rms_norm_eps", d.get("rms_norm_eps", 1e-6), below=1.0), rope_theta=rope_theta,
+            max_position_embeddings=_size(d, "max_position_embeddings", 32768),
+            tie_word_embeddings=_flag(d, "tie_word_embeddings"),
             attention_bias=model_type == "qwen2", qk_norm=model_type == "qwen3", model_type=model_type,
-            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
+            bos_token_id=_token_ids(d, "bos_token_id", vocab_size),
+            eos_token_id=_token_ids(d, "eos_token_id", vocab_size, several=True),
+            pad_token_id=_token_ids(d, "pad_token_id", vocab_size),
         )
 
     def to_hf(self) -> dict:
@@ -108,6 +135,61 @@ class ModelConfig:
         if self.model_type == "qwen3":
             d["attention_bias"] = False
         return d
+
+
+def _show(value) -> str:
+    """A config value for an error message: its repr, cut short (a corrupt file can hold anything)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _size(d: dict, key: str, default: int | None = None) -> int:
+    """config.json's `key`: a whole number from 1 to SIZE_LIMITS[key]. Absent or null gives `default`
+    (checked the same way: it may be computed from other fields); None: the field is required."""
+    value = d.get(key)
+    if value is None:
+        if default is None:
+            raise ValueError(f"config field {key!r} is missing")
+        value = default
+    if isinstance(value, float) and value.is_integer():  # 64.0 is 64; 64.5 is refused below
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= SIZE_LIMITS[key]:
+        raise ValueError(f"{key}={_show(value)}: must be a whole number from 1 to {SIZE_LIMITS[key]}")
+    return value
+
+
+def _positive(key: str, value, below: float = math.inf) -> float:
+    """A finite number above 0 (and below `below`): NaN, inf and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < below):
+        bound = "" if below == math.inf else f" and below {below:g}"
+        raise ValueError(f"{key}={_show(value)}: must be a finite number above 0{bound}")
+    return float(value)
+
+
+def _flag(d: dict, key: str, default: bool = False) -> bool:
+    """true or false (null: `default`); a string such as "false" would otherwise count as true."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={_show(value)}: must be true or false")
+    return value
+
+
+def _token_ids(d: dict, key: str, vocab_size: int, several: bool = False):
+    """A token id in [0, vocab_size), or null; with `several`, a list of them is allowed too."""
+    value = d.get(key)
+    ids = value if several and isinstance(value, list) else [value]
+    if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
+                                     for i in ids):
+        what = "a token id or a list of them" if several else "a token id or null"
+        raise ValueError(f"{key}={_show(value)}: must be {what}, from 0 to {vocab_size - 1} (vocab_size)")
+    return value
+
+
+def _names_float_dtype(name) -> bool:
+    return isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) \
+        and getattr(torch, name).is_floating_point
 
 
 class KVCache:

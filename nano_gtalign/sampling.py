@@ -120,13 +120,21 @@ def sample_tokens(
     """Draw one token per row from fp32 logits [R, V]; return (tokens [R], log-probs [R]).
 
     temperature 0 is greedy: argmax, with the log-prob under softmax(logits).
+
+    Whatever the logits, every token is an id in [0, V). A model that diverges or overflows gives NaN or inf
+    logits: NaN counts as impossible and +inf as the largest float, so a +inf token takes all the mass (shared
+    among several). A row with no usable logit at all (every one NaN or -inf) has no distribution: it gets
+    an id in range and a NaN log-prob, which says so. Finite logits (-inf included) give the same tokens and
+    log-probs as without this guard: one elementwise pass, no host sync.
     """
     if temperature == 0.0:
+        logits = _finite_or_minus_inf(logits)
         # One max pass gives both the argmax and the logsumexp shift: log p = m - lse = -log sum exp(x - m).
         top, tokens = logits.max(dim=-1)
         logprobs = -(logits - top[:, None]).exp().sum(dim=-1).log()
         return tokens, logprobs
-    scores = logits / temperature
+    # After the division: a finite logit over a small temperature can overflow to inf too.
+    scores = _finite_or_minus_inf(logits / temperature)
     index = None
     if 0 < top_k < logits.shape[-1]:  # work on the k candidates only
         scores, index = scores.topk(top_k, dim=-1)
@@ -141,7 +149,8 @@ def sample_tokens(
         # faster than torch.sort sorts values with indices.
         desc = _sorted_descending(probs)
         before = desc.double().cumsum(dim=-1) - desc
-        n_keep = (before < top_p).sum(dim=-1, keepdim=True)
+        # At least 1: a row with no distribution (NaN probabilities) would otherwise gather at -1.
+        n_keep = (before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
         tau = desc.gather(-1, n_keep - 1)
         probs = torch.where(probs >= tau, probs, 0.0)
     # Cumulative sums in float64, so rounding never shifts a draw. Inverse-CDF draw with one uniform per row
@@ -151,10 +160,19 @@ def sample_tokens(
     total = cdf[:, -1:].contiguous()
     u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
     choice = torch.minimum(torch.searchsorted(cdf, u, right=True), torch.searchsorted(cdf, total))
+    # A row with no distribution has a NaN cdf, and searchsorted puts NaN after everything: index V (or k),
+    # one past the end ("index 300 is out of bounds"; on CUDA a device-side assert). Never on finite scores.
+    choice = choice.clamp(max=scores.shape[-1] - 1)
     # Renormalising over the kept tokens is a shift by log(total) (log 1 = 0 without top-p).
     logprobs = logp.gather(-1, choice)[:, 0] - total[:, 0].log().float()
     tokens = choice[:, 0] if index is None else index.gather(-1, choice)[:, 0]
     return tokens, logprobs
+
+
+def _finite_or_minus_inf(x: torch.Tensor) -> torch.Tensor:
+    """x with NaN as -inf (never drawn) and +inf as the largest float (drawn before any finite score).
+    The identity on finite values and -inf."""
+    return torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max, neginf=float("-inf"))
 
 
 def _sorted_descending(x: torch.Tensor) -> torch.Tensor:

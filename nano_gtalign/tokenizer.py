@@ -5,6 +5,11 @@ generation_config.json; the chat template is rendered with jinja2 the way transf
 `apply_chat_template(..., tokenize=False)` renders it, so prompts match what the model was trained on.
 Decoding never applies `clean_up_tokenization_spaces` (Qwen checkpoints turn it off; it corrupts BPE text).
 
+The chat template is the checkpoint's own code, run in jinja2's sandbox: a template that does not compile is
+refused at load time, and one that fails while rendering (refused by the sandbox, an undefined name, its own
+raise_exception) is a one-line CheckpointError naming the file it came from, as is any tokenizer file that is
+not what it should be (tokenizer.json that does not parse, a config that is not a JSON object, ...).
+
 Saving writes a tokenizer_config.json that makes transformers' AutoTokenizer tokenize exactly as we do
 (`exact_load_config`): transformers 5 builds every qwen2 checkpoint's tokenizer as Qwen2Tokenizer, which
 replaces tokenizer.json's normalizer and pre-tokenizer with Qwen2's own, so a tokenizer that splits text
@@ -19,6 +24,8 @@ from pathlib import Path
 import jinja2
 import jinja2.sandbox
 import tokenizers
+
+from nano_gtalign.errors import CheckpointError
 
 # Used when a checkpoint has no template of its own (plain ChatML, no default system prompt).
 CHATML_TEMPLATE = (
@@ -76,6 +83,51 @@ def _token_text(value) -> str | None:
     return value
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _read_json_object(file: Path) -> dict:
+    """tokenizer_config.json or generation_config.json as a dict, or a CheckpointError naming the file."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: not a JSON object (the file holds a {type(value).__name__})")
+    return value
+
+
+def _read_tokenizer_json(file: Path) -> tokenizers.Tokenizer:
+    # tokenizers raises a bare Exception ("EOF while parsing a value at line 1 column 0") that names no file.
+    try:
+        return tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a valid tokenizer.json ({_one_line(e)})") from None
+
+
+def _config_template(config: dict, config_file: Path) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} (the "default" one)."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: use the default one
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in template):
+            raise CheckpointError(f"{config_file}: chat_template is a list whose entries are not all "
+                                  '{"name": ..., "template": ...}')
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{config_file}: chat_template must be a string, got {type(template).__name__}")
+    return template
+
+
+def _generation_eos_ids(gen_file: Path) -> list[int]:
+    extra = _read_json_object(gen_file).get("eos_token_id")
+    ids = [extra] if isinstance(extra, int) else (extra or [])
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise CheckpointError(f"{gen_file}: eos_token_id must be a token id or a list of them, got {extra!r}")
+    return ids
+
+
 def _raise_exception(message: str):
     raise jinja2.exceptions.TemplateError(message)
 
@@ -96,13 +148,20 @@ def compile_template(source: str) -> jinja2.Template:
 
 class Tokenizer:
     def __init__(self, tok: tokenizers.Tokenizer, config: dict, eos_token_ids: list[int], pad_token_id: int,
-                 chat_template: str | None):
+                 chat_template: str | None, template_file: str | Path | None = None):
+        """template_file: where chat_template came from, named when it fails (None: passed in code)."""
         self.tok = tok
         self.config = config  # tokenizer_config.json contents, written back by save_pretrained
         self.eos_token_ids = eos_token_ids
         self.pad_token_id = pad_token_id
         self.chat_template = chat_template or CHATML_TEMPLATE
-        self._template = compile_template(self.chat_template)
+        self._where = f"{template_file}: " if template_file is not None and chat_template else ""
+        try:
+            self._template = compile_template(self.chat_template)
+        except Exception as e:  # TemplateSyntaxError mostly; the source is the checkpoint's, so anything
+            line = f"line {e.lineno}: " if getattr(e, "lineno", None) else ""
+            raise CheckpointError(f"{self._where}chat template does not compile: {line}"
+                                  f"{_one_line(getattr(e, 'message', None) or e)}") from None
         # Templates may refer to {{ eos_token }} etc.; unset ones stay undefined, as in transformers.
         self.special_tokens = {k: _token_text(config.get(k)) for k in SPECIAL_TOKEN_KEYS
                                if _token_text(config.get(k)) is not None}
@@ -119,15 +178,21 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path / 'tokenizer.json'}: no such file")
-        tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        tok = _read_tokenizer_json(path / "tokenizer.json")
         config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        config = _read_json_object(config_file) if config_file.is_file() else {}
+        for key in SPECIAL_TOKEN_KEYS:
+            if not isinstance(_token_text(config.get(key)), (str, type(None))):
+                raise CheckpointError(f"{config_file}: {key} must be a token string, got {config[key]!r}")
         # Newer checkpoints keep the template in its own file; it wins over tokenizer_config.json.
         template_file = path / "chat_template.jinja"
-        template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
-        if isinstance(template, list):  # several named templates: use the default one
-            named = {t["name"]: t["template"] for t in template}
-            template = named.get("default")
+        if template_file.is_file():
+            try:
+                template = template_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{template_file}: not UTF-8 text ({_one_line(e)})") from None
+        else:
+            template, template_file = _config_template(config, config_file), config_file
         config.pop("chat_template", None)
 
         eos_ids = []
@@ -135,8 +200,7 @@ class Tokenizer:
             eos_ids.append(_lookup(tok, _token_text(config["eos_token"]), config_file))
         gen_file = path / "generation_config.json"
         if gen_file.is_file():  # chat models often stop on several ids (e.g. <|im_end|> and <|endoftext|>)
-            extra = json.loads(gen_file.read_text()).get("eos_token_id")
-            for i in [extra] if isinstance(extra, int) else (extra or []):
+            for i in _generation_eos_ids(gen_file):
                 if i not in eos_ids:
                     eos_ids.append(i)
         if not eos_ids:
@@ -144,7 +208,7 @@ class Tokenizer:
                              "no eos_token_id in generation_config.json)")
         pad = _token_text(config.get("pad_token"))
         pad_id = _lookup(tok, pad, config_file) if pad is not None else eos_ids[0]
-        return cls(tok, config, eos_ids, pad_id, template)
+        return cls(tok, config, eos_ids, pad_id, template, template_file)
 
     @classmethod
     def from_tokenizers(cls, tok: tokenizers.Tokenizer, eos_token: str, pad_token: str | None = None,
@@ -164,8 +228,13 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         # transformers drops None-valued keys first (content=None from chat APIs) so templates see them as unset.
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        return self._template.render(messages=messages, tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        try:
+            return self._template.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        except Exception as e:  # the template is the checkpoint's code: whatever it raises is its failure
+            # (the sandbox refusing an attribute, an undefined name, its own raise_exception, a TypeError)
+            what = _one_line(e) if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: {_one_line(e)}"
+            raise CheckpointError(f"{self._where}chat template failed to render: {what}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))

@@ -1,5 +1,6 @@
 """Loader: HF model directories in and out, and a one-line CheckpointError naming the file for every bad input
-(unreadable files included); saved files get normal modes. Also data.read_records' encoding errors.
+(unreadable files, impossible config.json values, shards outside the directory, NaN/inf weights included);
+saved files get normal modes. Also data.read_records' encoding errors.
 
 Run: python -m pytest tests/test_loader.py -q
 """
@@ -450,3 +451,146 @@ def test_non_utf8_data_file_names_the_line(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_bytes(json.dumps(record | {"note": "caf\u00e9 \u2713"}, ensure_ascii=False).encode() + b"\r\n")
     assert read_records(good)[0]["note"] == "caf\u00e9 \u2713"
+
+
+# ---------------------------------------------------------------- shards outside the directory
+
+def write_index(path, shard_names):
+    """Point the index's first entries at `shard_names` (the rest stay as transformers wrote them)."""
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    names = sorted(index["weight_map"])
+    for name, shard in zip(names, shard_names):
+        index["weight_map"][name] = shard
+    index_file.write_text(json.dumps(index))
+    return index_file
+
+
+@pytest.mark.parametrize("shard", ["../other/model.safetensors", "sub/../../other/model.safetensors",
+                                   "ABSOLUTE", "..", "", 5, None, ["model-00001-of-00011.safetensors"]])
+def test_shard_outside_the_model_directory_is_refused(dirs, tmp_path, shard):
+    # A real file outside the directory: the loader must not read it even though it exists and is valid.
+    outside = copy(dirs["qwen2"], tmp_path / "other")
+    path = copy(dirs["qwen2_sharded"], tmp_path / "m")
+    if shard == "ABSOLUTE":
+        shard = str(outside / "model.safetensors")
+    index_file = write_index(path, [shard])
+    msg = expect_error(path, str(index_file), "shard")
+    assert repr(shard)[:20] in msg, msg
+
+
+def test_shards_linked_from_a_cache_still_load(dirs, tmp_path):
+    """The Hugging Face cache links each file of a snapshot to ../../blobs/: names are checked, links are not
+    followed, so such a directory still loads."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for f in dirs["qwen2_sharded"].iterdir():
+        shutil.copy(f, blobs / f.name)
+        (snapshot / f.name).symlink_to(Path("../..") / "blobs" / f.name)
+    assert torch.equal(logits(load_pretrained(snapshot)), logits(load_pretrained(dirs["qwen2_sharded"])))
+
+
+@pytest.mark.parametrize("content", ["[]", "null", "3", '{"weight_map": ["model-00001-of-00011.safetensors"]}'])
+def test_index_that_is_not_an_object_is_one_line(dirs, tmp_path, content):
+    path = copy(dirs["qwen2_sharded"], tmp_path / "m")
+    (path / "model.safetensors.index.json").write_text(content)
+    expect_error(path, str(path / "model.safetensors.index.json"))
+
+
+# ---------------------------------------------------------------- impossible config.json values
+
+BAD_CONFIG = [  # (change to the tiny qwen2 config.json, the field the error must name)
+    ({"num_attention_heads": 0}, "num_attention_heads"), ({"num_attention_heads": -4}, "num_attention_heads"),
+    ({"num_attention_heads": 4.5}, "num_attention_heads"), ({"num_attention_heads": "4"}, "num_attention_heads"),
+    ({"num_attention_heads": True}, "num_attention_heads"), ({"num_key_value_heads": 0}, "num_key_value_heads"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"), ({"num_key_value_heads": 8}, "num_key_value_heads"),
+    ({"num_key_value_heads": -2}, "num_key_value_heads"),
+    ({"hidden_size": 0}, "hidden_size"), ({"hidden_size": -64}, "hidden_size"),
+    ({"hidden_size": 64.5}, "hidden_size"), ({"hidden_size": 10**12}, "hidden_size"),
+    ({"hidden_size": "64"}, "hidden_size"), ({"hidden_size": [64]}, "hidden_size"),
+    ({"hidden_size": 2}, "hidden_size"),  # smaller than the 4 heads: head_dim would be 0
+    ({"intermediate_size": 0}, "intermediate_size"), ({"intermediate_size": -128}, "intermediate_size"),
+    ({"intermediate_size": 1.5}, "intermediate_size"), ({"intermediate_size": 10**12}, "intermediate_size"),
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers"), ({"num_hidden_layers": 0}, "num_hidden_layers"),
+    ({"num_hidden_layers": -2}, "num_hidden_layers"), ({"num_hidden_layers": 2.5}, "num_hidden_layers"),
+    ({"vocab_size": 0}, "vocab_size"), ({"vocab_size": 10**12}, "vocab_size"), ({"vocab_size": None}, "vocab_size"),
+    ({"head_dim": 0}, "head_dim"), ({"head_dim": 15}, "head_dim"), ({"head_dim": -16}, "head_dim"),
+    ({"head_dim": 10**9}, "head_dim"), ({"head_dim": "16"}, "head_dim"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings"),
+    ({"max_position_embeddings": -1}, "max_position_embeddings"),
+    ({"max_position_embeddings": 10**12}, "max_position_embeddings"),
+    ({"max_position_embeddings": "512"}, "max_position_embeddings"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps"), ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps"), ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"rms_norm_eps": 2.0}, "rms_norm_eps"),
+    ({"rope_parameters": None, "rope_theta": 0}, "rope_theta"),
+    ({"rope_parameters": None, "rope_theta": -1e4}, "rope_theta"),
+    ({"rope_parameters": None, "rope_theta": "1e4"}, "rope_theta"),
+    ({"rope_parameters": None, "rope_theta": float("inf")}, "rope_theta"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}}, "rope_theta"),
+    ({"rope_parameters": ["default"]}, "rope_parameters"), ({"rope_parameters": "default"}, "rope_parameters"),
+    ({"rope_parameters": None, "rope_scaling": ["linear"]}, "rope_scaling"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings"), ({"tie_word_embeddings": 1}, "tie_word_embeddings"),
+    ({"use_sliding_window": "no"}, "use_sliding_window"), ({"layer_types": 5}, "layer_types"),
+    ({"torch_dtype": 5}, "torch_dtype"), ({"torch_dtype": "float33"}, "torch_dtype"), ({"dtype": "int8"}, "dtype"),
+    ({"eos_token_id": "2"}, "eos_token_id"), ({"eos_token_id": -1}, "eos_token_id"),
+    ({"eos_token_id": 10**6}, "eos_token_id"), ({"eos_token_id": [2, "x"]}, "eos_token_id"),
+    ({"bos_token_id": 1.5}, "bos_token_id"), ({"pad_token_id": True}, "pad_token_id"),
+    ({"model_type": ["qwen2"]}, "model_type"), ({"architectures": "Qwen2ForCausalLM"}, "architectures"),
+]
+
+
+@pytest.mark.parametrize("change, field", BAD_CONFIG, ids=[f"{f}={v!r}"[:60] for c, f in BAD_CONFIG
+                                                           for v in [c.get(f)]])
+def test_impossible_config_value_is_one_line_naming_field_and_value(dirs, tmp_path, change, field):
+    path = copy(dirs["qwen2"], tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (path / "config.json").write_text(json.dumps(cfg))
+    msg = expect_error(path, str(path / "config.json"), field)
+    value = change.get(field)
+    if value is not None:
+        assert repr(value)[:20] in msg, msg
+
+
+@pytest.mark.parametrize("content", ["[]", '["model_type", "qwen2"]', "null", "3", '"qwen2"'])
+def test_config_that_is_not_an_object_is_one_line(dirs, tmp_path, content):
+    path = copy(dirs["qwen2"], tmp_path / "m")
+    (path / "config.json").write_text(content)
+    expect_error(path, str(path / "config.json"), "not a JSON object")
+
+
+def test_largest_published_shapes_pass_validation():
+    from nano_gtalign.model import ModelConfig
+    # Qwen2.5-72B-Instruct's config.json (the sizes that matter): the limits must leave real models alone.
+    d = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 8192,
+         "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+         "vocab_size": 152064, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+         "torch_dtype": "bfloat16", "tie_word_embeddings": False, "use_sliding_window": False,
+         "bos_token_id": 151643, "eos_token_id": 151645, "rope_scaling": None, "sliding_window": 131072}
+    c = ModelConfig.from_hf(d)
+    assert (c.head_dim, c.num_hidden_layers, c.rope_theta) == (128, 80, 1e6)
+
+
+# ---------------------------------------------------------------- non-finite weights
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weight_is_refused_naming_the_tensor(dirs, tmp_path, bad):
+    path = copy(dirs["qwen2"], tmp_path / "m")
+
+    def poison(state):
+        state["model.layers.1.mlp.up_proj.weight"][3, 5] = bad
+    rewrite_weights(path, poison)
+    expect_error(path, str(path / "model.safetensors"), "'model.layers.1.mlp.up_proj.weight'", "not finite")
+
+
+def test_weight_that_overflows_the_requested_dtype_is_named(dirs, tmp_path):
+    path = copy(dirs["qwen2"], tmp_path / "m")
+    rewrite_weights(path, lambda s: s["model.norm.weight"].__setitem__(0, 1e6))  # fine in fp32, inf in fp16
+    load_pretrained(path)  # the stored fp32 weights are finite
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(path, dtype="float16")
+    msg = str(info.value)
+    assert "'model.norm.weight'" in msg and "float16" in msg and "\n" not in msg, msg

@@ -1,5 +1,6 @@
 """sample.py end to end in a subprocess: --json output equals the library's greedy generation,
-plain output prints the text, and a missing model directory is a clear one-line error."""
+plain output prints the text, a missing model directory is a clear one-line error, and a bad checkpoint
+(its chat template included) is one line naming the file, with exit status 2."""
 import json
 import os
 import subprocess
@@ -137,3 +138,56 @@ def test_price_says_which_system_prompt_it_uses(model_dir, tmp_path):
     assert "--game-prompt demo:" not in proc.stderr
     assert json.loads(proc.stdout)["messages"] == [{"role": "system", "content": "System 2."},
                                                    {"role": "user", "content": "What is 2 + 1?"}]
+
+
+# ---------------------------------------------------------------- a bad checkpoint: one line, exit 2
+
+def broken_copy(model_dir, tmp_path, fault: str) -> tuple[Path, str]:
+    """A copy of the model with one fault, and the file the error line must name."""
+    import shutil
+    path = Path(shutil.copytree(model_dir, tmp_path / "m"))
+    if fault == "sandbox_escape":  # refused by jinja2's sandbox when rendered
+        (path / "chat_template.jinja").write_text("{{ cycler.__init__.__globals__.os.popen('id').read() }}")
+        return path, "chat_template.jinja"
+    if fault == "template_raises":
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = "{{ raise_exception('system messages are not supported') }}"
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+        return path, "tokenizer_config.json"
+    if fault == "template_syntax":
+        (path / "chat_template.jinja").write_text("{% for m in messages %}")
+        return path, "chat_template.jinja"
+    if fault == "tokenizer_json":
+        (path / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+        return path, "tokenizer.json"
+    if fault == "zero_heads":
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 0}))
+        return path, "config.json"
+    if fault == "nan_weight":
+        from safetensors.torch import load_file, save_file
+        state = load_file(path / "model.safetensors")
+        state["lm_head.weight"][4, 2] = float("nan")
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+        return path, "model.safetensors"
+    raise ValueError(fault)
+
+
+# Load-time faults with --prompt; the template's render-time faults also with --record and --price, which
+# render the chat template elsewhere in sample.py (and in steering.steer).
+BAD_CHECKPOINTS = [("prompt", fault) for fault in ("sandbox_escape", "template_raises", "template_syntax",
+                                                   "tokenizer_json", "zero_heads", "nan_weight")] + \
+    [(how, fault) for how in ("record", "price") for fault in ("sandbox_escape", "template_raises")]
+
+
+@pytest.mark.parametrize("how, fault", BAD_CHECKPOINTS)
+def test_bad_checkpoint_is_one_line_and_exit_2(model_dir, tmp_path, fault, how):
+    path, file = broken_copy(model_dir, tmp_path, fault)
+    args = {"prompt": ["--prompt", "Hi"], "record": ["--record", f"{write_records(tmp_path / 'r.jsonl')}:1"],
+            "price": ["--prompt", "Hi", "--price", "none"]}[how]
+    proc = run_sample("--model", str(path), *args, "--temperature", "0", "--max-new-tokens", "3")
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("sample.py: ") and str(path / file) in last, proc.stderr
+    assert "finish_reason" not in proc.stdout and "response (" not in proc.stdout  # nothing was generated

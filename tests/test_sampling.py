@@ -514,3 +514,108 @@ def test_cuda_graph_decode_gives_the_static_and_eager_tokens(tmp_path, mode):
         refs = ("static", "eager") if fields["temperature"] == 0.0 else ("static",)
         for ref in refs if mode == "graph" else ("eager",):
             assert_same_generation(generate(model, tok, prompts, params, num_samples=2, decode=ref), graph)
+
+
+# ---------------------------------------------------------------------------- non-finite logits
+
+
+NAN, INF = float("nan"), float("inf")
+MODES = {"greedy": dict(temperature=0.0), "plain": dict(temperature=1.0), "low_temperature": dict(temperature=1e-3),
+         "top_k": dict(temperature=1.0, top_k=5), "top_p": dict(temperature=1.0, top_p=0.9),
+         "top_k_top_p": dict(temperature=0.7, top_k=50, top_p=0.5)}
+
+
+def non_finite_rows(V: int) -> tuple[torch.Tensor, list[set[int] | None]]:
+    """Rows of logits [R, V] with NaN / inf in them, and for each the tokens that may be drawn (None: any id)."""
+    g = torch.Generator().manual_seed(0)
+    rows, allowed = [], []
+
+    def add(row, ok):
+        rows.append(row)
+        allowed.append(ok)
+    add(torch.full((V,), NAN), None)                    # no distribution at all: any id in range
+    add(torch.full((V,), -INF), None)
+    add(torch.full((V,), INF), None)
+    base = torch.randn(V, generator=g)
+    row = base.clone(); row[::2] = NAN                  # NaN is never drawn
+    add(row, set(range(1, V, 2)))
+    row = base.clone(); row[7] = INF                    # +inf takes all the mass
+    add(row, {7})
+    row = base.clone(); row[[3, 9]] = INF; row[4] = NAN
+    add(row, {3, 9})
+    row = torch.full((V,), NAN); row[V - 1] = 0.0       # one usable token, the last one
+    add(row, {V - 1})
+    row = base.clone(); row[1] = -INF; row[2] = INF; row[0] = NAN
+    add(row, {2})
+    row = base * 1e38                                   # finite, but overflows once divided by a small temperature
+    add(row, None)
+    return torch.stack(rows), allowed
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_logits_never_give_an_id_outside_the_vocabulary(mode):
+    # NaN logits made the cdf NaN, searchsorted then returned V ("index 300 is out of bounds"; on CUDA a
+    # device-side assert), top-p gathered at -1 and top-k at k.
+    V = 300
+    logits, allowed = non_finite_rows(V)
+    for seed in range(5):
+        tokens, logprobs = sample_tokens(logits, generator=torch.Generator().manual_seed(seed), **MODES[mode])
+        assert tokens.dtype == torch.long and tokens.shape == (len(allowed),)
+        assert ((tokens >= 0) & (tokens < V)).all(), tokens
+        for r, ok in enumerate(allowed):
+            if ok is not None:  # NaN never drawn, +inf takes the mass; the log-prob is a log-prob, never NaN
+                assert tokens[r].item() in ok and logprobs[r].item() <= 0.0, (r, tokens[r].item(), logprobs[r])
+
+
+def test_finite_logits_give_the_same_tokens_and_logprobs_as_before():
+    """The NaN guard leaves finite logits (-inf included) alone: draws pinned from the code before it (the
+    tokens exactly; the log-probs to float32 rounding, which another CPU's vector width may change)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=g) * 3
+    logits[0, :10] = -INF  # masked tokens stay masked
+    for kw, (want_tokens, want_logprobs) in PINNED_DRAWS.items():
+        tokens, logprobs = sample_tokens(logits, generator=torch.Generator().manual_seed(4), **dict(kw))
+        assert tokens.tolist() == want_tokens, kw
+        torch.testing.assert_close(logprobs, torch.tensor(want_logprobs), rtol=1e-6, atol=1e-7)
+
+
+PINNED_DRAWS = {  # sample_tokens before the NaN guard, generator seed 4: (tokens, exact fp32 log-probs)
+    (('temperature', 0.0),):
+        ([30, 34, 30, 9, 20, 7], [-0.8652412295341492, -0.6530774831771851, -0.9346381425857544, -0.6541464328765869,
+         -0.3902423679828644, -0.39364346861839294]),
+    (('temperature', 1.0),):
+        ([30, 34, 16, 45, 45, 7], [-0.8652412295341492, -0.6530774831771851, -1.5958101749420166, -3.9993746280670166,
+         -3.365800619125366, -0.3936435282230377]),
+    (('temperature', 0.05),):
+        ([30, 34, 30, 9, 20, 7], [-2.2053334760130383e-05, -6.661338147750939e-16, -0.0014153579249978065,
+         -2.0562713753946582e-09, 0.0, -4.567457523307894e-13]),
+    (('temperature', 0.8), ('top_k', 7)):
+        ([30, 19, 30, 41, 47, 7], [-0.7294542193412781, -2.5846669673919678, -0.7952033877372742, -3.1428468227386475,
+         -3.864686965942383, -0.2013990730047226]),
+    (('temperature', 1.2), ('top_p', 0.6)):
+        ([30, 34, 25, 32, 20, 7], [-0.4934047758579254, -0.5030531883239746, -0.8391463756561279, -1.1944243907928467,
+         -0.1750982105731964, -0.267021507024765]),
+    (('temperature', 0.9), ('top_k', 20), ('top_p', 0.8)):
+        ([30, 19, 30, 30, 7, 7], [-0.7046220302581787, -2.298091411590576, -0.7766728401184082, -1.8621723651885986,
+         -2.309384346008301, -0.1875285804271698]),
+}
+
+
+def test_a_model_with_nan_weights_samples_ids_in_the_vocabulary(tmp_path):
+    # load_pretrained refuses NaN weights; a model that diverges in memory (training) must still sample in range.
+    path = make_hf_model(tmp_path / "m", arch="qwen2")
+    model, tok = load_pretrained(path), load_tokenizer(path)
+    with torch.no_grad():
+        model.lm_head.weight[5:] = float("nan")
+    prompts = encode_all(tok)
+    for params in [SamplingParams(max_new_tokens=6, temperature=0.0, eos_token_ids=()),
+                   SamplingParams(max_new_tokens=6, temperature=1.0, eos_token_ids=(), seed=0),
+                   SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, eos_token_ids=(), seed=0),
+                   SamplingParams(max_new_tokens=6, temperature=1.0, top_k=20, eos_token_ids=(), seed=0)]:
+        gen = generate(model, tok, prompts, params, num_samples=2)
+        assert ((gen.completion_ids >= 0) & (gen.completion_ids < 5)).all(), gen.completion_ids
+    with torch.no_grad():
+        model.lm_head.weight[:] = float("nan")  # nothing usable at all: still in range, log-probs say NaN
+    gen = generate(model, tok, prompts, SamplingParams(max_new_tokens=4, temperature=1.0, eos_token_ids=(), seed=0))
+    assert ((gen.completion_ids >= 0) & (gen.completion_ids < model.config.vocab_size)).all()
+    assert gen.logprobs.isnan().all()

@@ -1,4 +1,5 @@
-"""Tokenizer: ids and chat templates identical to transformers' tokenizer on the same files.
+"""Tokenizer: ids and chat templates identical to transformers' tokenizer on the same files; a broken tokenizer
+file or a chat template that fails (to compile, or in the sandbox while rendering) is one line naming its file.
 
 Run: python -m pytest tests/test_tokenizer.py -q
 
@@ -9,10 +10,10 @@ which would compare a different tokenizer.
 import json
 from datetime import datetime
 
-import jinja2
 import pytest
 import tokenizers
 
+from nano_gtalign.loader import CheckpointError, load_tokenizer
 from nano_gtalign.tokenizer import CHATML_TEMPLATE, Tokenizer
 from tests.tiny import make_tokenizer
 
@@ -93,8 +94,8 @@ def test_template_environment_matches_transformers(tok_dir, hf_tok):
     assert '"a <b> & \\"c\\" é"<|im_end|>' in got and "dropped" not in got
 
     bad = Tokenizer(ours.tok, ours.config, [2], 0, "{{ raise_exception('only user and assistant roles') }}")
-    with pytest.raises(jinja2.exceptions.TemplateError, match="only user and assistant roles"):
-        bad.apply_chat_template(msgs)
+    with pytest.raises(CheckpointError, match="chat template failed to render: only user and assistant roles"):
+        bad.apply_chat_template(msgs)  # transformers raises jinja2's TemplateError; ours is one line for the scripts
     dated = Tokenizer(ours.tok, ours.config, [2], 0, "{{ strftime_now('%Y') }}")
     assert dated.apply_chat_template(msgs) == str(datetime.now().year)
 
@@ -158,3 +159,95 @@ def test_from_tokenizers_and_save_round_trip(tok_dir, tmp_path):
     assert hf.eos_token_id == 2 and hf.pad_token_id == 0
     for text in TEXTS:
         assert back.encode(text) == ours.encode(text) == hf.encode(text, add_special_tokens=False)
+
+
+# ---------------------------------------------------------------- broken files and templates: one line naming the file
+
+def tokenizer_dir(tmp_path):
+    return make_tokenizer(tmp_path / "tok")
+
+
+def one_line_error(path, file):
+    """load_tokenizer's CheckpointError (and Tokenizer.from_pretrained's ValueError) names `file`, on one line."""
+    with pytest.raises(CheckpointError) as info:
+        load_tokenizer(path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(file) in msg, msg
+    with pytest.raises(ValueError) as info:
+        Tokenizer.from_pretrained(path)
+    assert "\n" not in str(info.value) and str(file) in str(info.value), str(info.value)
+    return msg
+
+
+@pytest.mark.parametrize("content", ["", "not json", "TRUNCATED", "[]", "{}", "null", b"\xff\xfe\x00garbage"])
+def test_broken_tokenizer_json_is_one_line_naming_it(tmp_path, content):
+    path = tokenizer_dir(tmp_path)
+    file = path / "tokenizer.json"
+    if content == "TRUNCATED":
+        content = file.read_text()[:len(file.read_text()) // 2]
+    file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    one_line_error(path, file)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("tokenizer_config.json", "{oops"), ("tokenizer_config.json", "[]"), ("tokenizer_config.json", b"\xff\xfe"),
+    ("tokenizer_config.json", '{"eos_token": "<|im_end|>", "chat_template": 5}'),
+    ("tokenizer_config.json", '{"eos_token": "<|im_end|>", "chat_template": [{"name": "default"}]}'),
+    ("tokenizer_config.json", '{"eos_token": "<|im_end|>", "chat_template": ["{{ x }}"]}'),
+    ("tokenizer_config.json", '{"eos_token": 5}'),
+    ("generation_config.json", "{"), ("generation_config.json", "[2]"),
+    ("generation_config.json", '{"eos_token_id": "2"}'), ("generation_config.json", '{"eos_token_id": [2, null]}'),
+    ("chat_template.jinja", b"\xff\xfe{{ x }}"),
+])
+def test_broken_tokenizer_side_files_are_one_line_naming_them(tmp_path, name, content):
+    path = tokenizer_dir(tmp_path)
+    (path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    one_line_error(path, path / name)
+
+
+# Each is refused by jinja2's sandbox (a SecurityError); none may run, and none may end in a traceback. (The
+# sandbox renders an unsafe attribute on its own, `{{ f.__globals__ }}`, as nothing; using it raises.)
+SANDBOX_ESCAPES = [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ messages.__class__.__base__.__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "{{ joiner.__init__.__globals__ }}",
+    "{{ namespace.__init__.__globals__ }}",
+    "{{ lipsum.__globals__['os'].system('id') }}",
+    "{{ raise_exception.__globals__['os'] }}",
+    "{{ messages.append({'role': 'user', 'content': 'x'}) }}",
+    "{{ (messages[0]).update({'role': 'x'}) }}",
+    "{{ strftime_now.__code__.co_code }}",
+]
+
+
+@pytest.mark.parametrize("template", SANDBOX_ESCAPES + [
+    "{{ raise_exception('only user and assistant roles are supported') }}",  # the template refuses the messages
+    "{{ undefined_thing.attribute }}",        # UndefinedError
+    "{{ messages + 1 }}",                     # TypeError inside the template
+    "{% for i in range(10**9) %}{% endfor %}",  # the sandbox's range limit
+    "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",  # unbounded recursion
+])
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_template_that_fails_to_render_is_one_line_naming_its_file(tmp_path, template, where):
+    path = tokenizer_dir(tmp_path)
+    if where == "chat_template.jinja":
+        (path / where).write_text(template)
+    else:
+        cfg = json.loads((path / where).read_text())
+        (path / where).write_text(json.dumps({**cfg, "chat_template": template}))
+    tok = load_tokenizer(path)  # the template compiles; it fails on rendering
+    with pytest.raises(CheckpointError) as info:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{path / where}: chat template failed to render"), msg
+    with pytest.raises(CheckpointError):
+        tok.encode_chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("template", ["{% for %}", "{{ messages[0] ", "{% if x %}no endif", "{% bogus %}"])
+def test_template_that_does_not_compile_is_one_line_at_load(tmp_path, template):
+    path = tokenizer_dir(tmp_path)
+    (path / "chat_template.jinja").write_text(template)
+    msg = one_line_error(path, path / "chat_template.jinja")
+    assert "chat template does not compile" in msg, msg
