@@ -29,7 +29,10 @@ them (docs/metrics.md#the-papers-definitions): per run, its format score, answer
 completions lacking <response> dropped; with --compare, its eps-coverage, regret and hypervolume on the
 joint frontier (the published hypervolume is a bug, flagged next to the number).
 
-Faults: every input record and output path is checked before the first judge call. --per-sample holds
+Faults: every flag's range, then every input record and output path, are checked before the first judge
+call, each problem one line naming the flag or the file and line. Each --per-sample line says what generated
+its completion ("generation": the model path, a fingerprint of its weights and tokenizer, and the sampling
+settings), and --resume refuses a file another model, tokenizer or setting wrote. --per-sample holds
 each generated completion before it is scored (a "pending" line) and each scored line as its chunk is
 scored (one process generates and scores a few batches at a time), so Ctrl-C (exit 130) or a scoring that
 fails loses no generation: --resume scores only the rest, without generating the pending ones again, and
@@ -49,16 +52,17 @@ from pathlib import Path
 import torch
 
 from data.demo import DEMO_MODEL, DEMO_TEST_DATA, missing_data_hint, missing_model_hint
-from nano_gtalign.data import read_records, stratified_subset
+from nano_gtalign.config import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, Check
+from nano_gtalign.data import json_type, parse_json_line, read_records_at, stratified_subset
 from nano_gtalign.distributed import Dist, all_gather, exit_after_torchrun, gather_lists, setup_distributed, teardown
 from nano_gtalign.errors import UsageError
 from nano_gtalign.evaluate import (
-    Key, SampleLog, check_scorable, check_writable, compare_by_source, format_comparison_by_source,
-    generate_completions, judge_failures, json_safe, sample_keys, score_completions,
+    Key, SampleLog, check_sample_line, check_scorable, check_writable, checkpoint_identity, compare_by_source,
+    format_comparison_by_source, generate_completions, judge_failures, json_safe, sample_keys, score_completions,
 )
 from nano_gtalign.http_judge import open_configured_judge
-from nano_gtalign.judges import RULE_TASKS, add_judge_arguments, canonical_task, judge_options
-from nano_gtalign.loader import CheckpointError, load_pretrained, load_tokenizer
+from nano_gtalign.judges import RULE_TASKS, add_judge_arguments, canonical_task, judge_options, redact_url
+from nano_gtalign.loader import CheckpointError, load_config, load_pretrained, load_tokenizer
 from nano_gtalign.metrics import (
     breakdown_dict, compare, format_comparison, format_table, frontier, metrics_by_source, per_prompt_points,
     prompt_key,
@@ -72,6 +76,16 @@ from nano_gtalign.sampling import SamplingParams
 SCORE_CHUNK = 256                      # completions per score_batch call (bounds memory, shows progress)
 JUDGE_FAILED_EXIT = 3                  # the judge failed on more than half of the completions it was asked about
 INTERRUPTED_EXIT = 130                 # Ctrl-C, as a shell reports it
+
+# The range of every numeric flag, checked before anything is read, in the words train.py uses for its own
+# (nano_gtalign/config.py): "--top-p must be in (0, 1], got 2.0". Seeds go to torch and numpy generators,
+# which refuse negative ones (and, for numpy's legacy seeding, ones from 2^32): the range every one accepts.
+SEED: Check = (lambda v: 0 <= v < 2 ** 32, "in [0, 2^32)")
+FLAG_RANGES: dict[str, Check] = {
+    "limit": AT_LEAST_1, "limit_seed": SEED, "eps": NON_NEGATIVE, "batch_size": AT_LEAST_1, "num_samples": AT_LEAST_1,
+    "max_new_tokens": AT_LEAST_1, "temperature": NON_NEGATIVE, "top_k": AT_LEAST_0,
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "seed": SEED,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,25 +139,19 @@ def fail(msg: str):
 
 
 def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
-    """(line number, object) for each line of a JSONL file; a bad line is an error naming file and line."""
+    """(line number, object) for each line of a JSONL file; a bad line (not UTF-8, not JSON, an integer or a
+    nesting Python cannot hold: data.parse_json_line) is an error "FILE:LINE: problem"."""
     p = Path(path)
     if not p.is_file():
         fail(f"no {what} file at {path}")
     out = []
     with open(p, "rb") as f:
         for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                fail(f"{path} line {n} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)")
-            if not line.strip():
+            obj = parse_json_line(raw, path, n)
+            if obj is None:
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"{path} line {n} is not JSON: {e}")
             if not isinstance(obj, dict):
-                fail(f"{path} line {n} must be a JSON object, got {type(obj).__name__}")
+                fail(f"{path}:{n}: must be a JSON object, got {json_type(obj)}")
             out.append((n, obj))
     if not out:
         fail(f"{path} has no {what}")
@@ -162,6 +170,7 @@ class Item:
     sample: int
     finish_reason: str | None
     generated_tokens: int | None
+    generation: dict | None    # what generated it (model, weights, sampling settings), where known
 
 
 def open_outputs(args, d: Dist) -> tuple[SampleLog | None, set[Key]]:
@@ -185,14 +194,18 @@ def completion_items(args, log) -> tuple[list[Item], dict[str, int]]:
     holds its scored line."""
     found, pending = [], []
     for n, obj in read_jsonl(args.completions, "completions"):
-        where = f"{args.completions} line {n}"
+        where = f"{args.completions}:{n}"
         rec, text, sample = obj.get("record"), obj.get("completion"), obj.get("sample", 0)
+        generation = obj.get("generation")
         if not isinstance(rec, dict) or not isinstance(text, str):
-            fail(f"{where} needs a 'record' object and a 'completion' string")
+            fail(f"{where}: a --completions line needs a 'record' object and a 'completion' string")
         if not isinstance(sample, int) or isinstance(sample, bool) or sample < 0:
-            fail(f"{where}: 'sample' must be an integer >= 0, got {sample!r}")
+            fail(f"{where}: 'sample' must be an integer >= 0, got "
+                 f"{sample if isinstance(sample, int) and not isinstance(sample, bool) else json_type(sample)}")
+        if not (generation is None or isinstance(generation, dict)):
+            fail(f"{where}: 'generation' must be an object, got {json_type(generation)}")
         check_scorable(rec, where)
-        found.append((rec, text, sample, obj.get("finish_reason"), obj.get("generated_tokens")))
+        found.append((rec, text, sample, obj.get("finish_reason"), obj.get("generated_tokens"), generation))
         pending.append(obj.get("pending") is True)
     keys = {}  # pending and scored lines are keyed apart: a completion may have one of each
     for flag in (False, True):
@@ -217,9 +230,10 @@ def read_data(args, log) -> tuple[list[dict], list[list[Key]], dict[str, int]]:
     each record's num_samples completions."""
     if not Path(args.data).is_file():
         fail(f"no records file at {args.data}{missing_data_hint(args.data)}")
-    records = read_records(args.data)
-    for i, rec in enumerate(records):
-        check_scorable(rec, f"{args.data} record {i + 1}")
+    located = read_records_at(args.data)
+    for where, rec in located:
+        check_scorable(rec, where)
+    records = [rec for _, rec in located]
     records, skipped = skip_unscorable(records, lambda r: r["data_source"], args, log, "record")
     if args.limit is not None:
         records = limit_records(records, args, log)
@@ -270,10 +284,11 @@ def token_counter(args, log):
 # -----------------------------------------------------------------------------
 # generation (optionally sharded across torchrun ranks) and scoring, written out as it goes
 
-def default_max_new_tokens(model, prompt_ids: dict[int, list[int]]) -> int:
-    """512, or what the model's context leaves after the longest prompt (the demo's model has 512 positions)."""
+def default_max_new_tokens(max_positions: int, prompt_ids: dict[int, list[int]]) -> int:
+    """512, or what the model's context leaves after the longest prompt (the demo's model has 512 positions).
+    Over every prompt of the run, not only those still to generate, so a resumed run uses the same limit."""
     longest = max((len(v) for v in prompt_ids.values()), default=0)
-    return max(1, min(512, model.config.max_position_embeddings - longest))
+    return max(1, min(512, max_positions - longest))
 
 
 def score_items(items: list[Item], args, judge, count_tokens, sink: SampleLog | None, log) -> dict[Key, dict]:
@@ -283,7 +298,8 @@ def score_items(items: list[Item], args, judge, count_tokens, sink: SampleLog | 
     def keep(start: int, rows: list[dict], breakdowns: list) -> None:
         part = items[start: start + len(rows)]
         lines = [{**row, "sample": it.sample, "finish_reason": it.finish_reason, "completion": it.completion,
-                  "record": it.record, "breakdown": breakdown_dict(bd)} for it, row, bd in zip(part, rows, breakdowns)]
+                  "record": it.record, "breakdown": breakdown_dict(bd), **generation_field(it)}
+                 for it, row, bd in zip(part, rows, breakdowns)]
         new.update(zip((it.key for it in part), lines))
         if sink:
             sink.append(lines)
@@ -299,35 +315,65 @@ def score_items(items: list[Item], args, judge, count_tokens, sink: SampleLog | 
     return new
 
 
-def load_model(args, d: Dist):
+def generation_field(it: Item) -> dict:
+    """The "generation" of an item's --per-sample lines, where known (a --completions input may not say)."""
+    return {"generation": it.generation} if it.generation is not None else {}
+
+
+def prepare_generation(args, records: list[dict]):
+    """(tokenizer, every record's prompt ids, this run's generation): what generates the completions, as each
+    --per-sample line records it and --resume compares it. The model's path and fingerprints of its weights and
+    tokenizer (evaluate.checkpoint_identity), and the sampling settings, --max-new-tokens as it will be used
+    (refused here when the longest prompt leaves it no room in the model's context). Reads the tokenizer and
+    config.json only: the weights load later, and only if something is to generate."""
     if not Path(args.model).is_dir():
         fail(f"no model directory at {args.model}: {missing_model_hint(args.model)}")
     try:
-        model = load_pretrained(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
-                                device=d.device).eval()
-        return model, load_tokenizer(args.model)
+        tok = load_tokenizer(args.model)
+        max_positions = load_config(args.model).max_position_embeddings
+        identity = checkpoint_identity(args.model)
+    except (CheckpointError, OSError, ValueError) as e:
+        fail(f"cannot load {args.model}: {e}")
+    ids = {i: tok.encode_chat(r["prompt"], add_generation_prompt=True) for i, r in enumerate(records)}
+    max_new = args.max_new_tokens or default_max_new_tokens(max_positions, ids)
+    longest = max((len(x) for x in ids.values()), default=0)
+    if longest + max_new > max_positions:  # refused here, not by the batch that holds the longest prompt
+        given = args.max_new_tokens is not None  # else the default: the longest prompt fills the context alone
+        fail(f"the longest prompt ({longest} tokens) + {'--max-new-tokens ' if given else ''}{max_new}"
+             f"{'' if given else ' new token'} exceeds the model's max_position_embeddings ({max_positions}); "
+             + ("lower --max-new-tokens" if given else "leave the longest prompts out"))
+    generation = {"model": args.model, **identity, "max_new_tokens": max_new, "temperature": args.temperature,
+                  "top_p": args.top_p, "top_k": args.top_k, "num_samples": args.num_samples, "seed": args.seed,
+                  "dtype": args.dtype}
+    return tok, ids, generation
+
+
+def load_model(args, d: Dist):
+    try:
+        return load_pretrained(args.model, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
+                               device=d.device).eval()
     except (CheckpointError, OSError, ValueError) as e:
         fail(f"cannot load {args.model}: {e}")
 
 
 def generate_and_score(args, d: Dist, records: list[dict], keys: list[list[Key]], have: set[Key], judge,
-                       sink: SampleLog | None, log) -> dict[Key, dict]:
+                       sink: SampleLog | None, log, tok, ids: dict[int, list[int]],
+                       generation: dict) -> dict[Key, dict]:
     """Score the completions --per-sample holds unscored (`have` are the keys it holds, scored or not), then
     generate for every prompt with a completion it lacks, and score those on rank 0. Each round's completions
     are written to --per-sample as pending lines before they are scored, so a scoring that fails loses no
     generation. One process works a few batches at a time and writes each round's lines before generating
     more; under torchrun every rank generates its share of everything first (a gather per round would keep
     the other ranks waiting on rank 0's judge)."""
-    new = score_pending(args, records, keys, judge, sink, log) if d.main and sink and sink.pending else {}
+    new = score_pending(args, records, keys, judge, sink, log, tok) if d.main and sink and sink.pending else {}
     todo = [i for i in range(len(records)) if any(k not in have for k in keys[i])]
     if len(todo) < len(records):
         log(f"--resume: {len(records) - len(todo)} of {len(records)} prompts are already in {args.per_sample}")
     if not todo:
         return new
-    model, tok = load_model(args, d)
-    ids = {i: tok.encode_chat(records[i]["prompt"], add_generation_prompt=True) for i in todo}
-    params = SamplingParams(max_new_tokens=args.max_new_tokens or default_max_new_tokens(model, ids),
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + d.rank)
+    model = load_model(args, d)
+    params = SamplingParams(max_new_tokens=generation["max_new_tokens"], temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed + d.rank)
     todo.sort(key=lambda i: len(ids[i]))  # batches of similar lengths carry little padding
     per_round = len(todo) if d.on else max(1, SCORE_CHUNK // (args.num_samples * args.batch_size)) * args.batch_size
     t0 = time.perf_counter()
@@ -342,7 +388,7 @@ def generate_and_score(args, d: Dist, records: list[dict], keys: list[list[Key]]
         log(f"generated {min(r + per_round, len(todo))}/{len(todo)} prompts ({time.perf_counter() - t0:.1f}s)")
         if d.main:
             items = [Item(keys[c.index][c.sample], records[c.index], c.text, c.sample, c.finish_reason,
-                          c.generated_tokens) for c in everything if keys[c.index][c.sample] not in have]
+                          c.generated_tokens, generation) for c in everything if keys[c.index][c.sample] not in have]
             if sink:
                 sink.append_pending([pending_line(it) for it in items])
             new.update(score_items(items, args, judge, lambda s: len(tok.encode(s)), sink, log))
@@ -353,19 +399,17 @@ def pending_line(it: Item) -> dict:
     """A generated completion's --per-sample line before it is scored: enough to score it later."""
     return {"prompt_id": it.key[0], "sample": it.sample, "data_source": it.record["data_source"],
             "finish_reason": it.finish_reason, "generated_tokens": it.generated_tokens, "completion": it.completion,
-            "record": it.record}
+            "record": it.record, **generation_field(it)}
 
 
-def score_pending(args, records: list[dict], keys: list[list[Key]], judge, sink: SampleLog, log) -> dict[Key, dict]:
-    """--resume: score the completions an earlier run generated but did not score, without generating them."""
+def score_pending(args, records: list[dict], keys: list[list[Key]], judge, sink: SampleLog, log,
+                  tok) -> dict[Key, dict]:
+    """--resume: score the completions an earlier run generated but did not score, without generating them.
+    Each keeps the generation its pending line recorded (check_keys found it equal to this run's)."""
     where = {k: i for i, ks in enumerate(keys) for k in ks}
     items = [Item(k, records[where[k]], line["completion"], line["sample"], line.get("finish_reason"),
-                  line.get("generated_tokens")) for k, line in sink.pending.items()]
+                  line.get("generated_tokens"), line.get("generation")) for k, line in sink.pending.items()]
     log(f"--resume: scoring the {len(items)} completions {args.per_sample} holds unscored (not generated again)")
-    try:
-        tok = load_tokenizer(args.model)
-    except (CheckpointError, OSError, ValueError) as e:
-        fail(f"cannot load {args.model}: {e}")
     return score_items(items, args, judge, lambda s: len(tok.encode(s)), sink, log)
 
 
@@ -414,9 +458,9 @@ def run_compare(args, log) -> None:
     a, b = (read_jsonl(path, "per-sample rows") for path in args.compare)
     for path, rows in zip(args.compare, (a, b)):
         for n, r in rows:
-            missing = [k for k in ("prompt_id", "data_source", "user", "llm", "judge_failed") if k not in r]
-            if missing:
-                fail(f"{path} line {n} is not an eval.py --per-sample row (missing {', '.join(missing)})")
+            if check_sample_line(r, f"{path}:{n}"):
+                fail(f"{path}:{n}: a pending line (generated, not yet scored): score the file first "
+                     f"(eval.py --completions {path} --per-sample NEW.jsonl)")
     a, b = [r for _, r in a], [r for _, r in b]
     result = compare(a, b, eps=args.eps)
     name_a, name_b = Path(args.compare[0]).stem, Path(args.compare[1]).stem
@@ -430,9 +474,11 @@ def run_compare(args, log) -> None:
     write_outputs(args, payload, [(name_a, per_prompt_points(a)), (name_b, per_prompt_points(b))], log)
 
 
-def report(args, lines: list[dict], sink: SampleLog | None, log, skipped: dict[str, int]) -> None:
+def report(args, lines: list[dict], sink: SampleLog | None, log, skipped: dict[str, int],
+           generation: dict | None = None) -> None:
     """Print the tables and write every output; then exit 3 when the judge failed on most of what it was asked.
-    skipped: the sources --skip-unscorable left out; the overall rows then name the sources they cover."""
+    skipped: the sources --skip-unscorable left out; the overall rows then name the sources they cover.
+    generation: what generated the completions (model runs), kept in --out too."""
     metrics = metrics_by_source(lines)
     shown = metrics
     if skipped:
@@ -456,8 +502,10 @@ def report(args, lines: list[dict], sink: SampleLog | None, log, skipped: dict[s
     if sink:
         sink.finish(lines)
         log(f"wrote {len(lines)} lines to {args.per_sample}")
-    payload = {"config": vars(args), "metrics": metrics, "finish_reasons": dict(reasons), "n_samples": len(lines),
-               "n_judged": judged, "n_judge_failed": failed, "skipped_sources": skipped}
+    payload = {"config": shown_flags(args), "metrics": metrics, "finish_reasons": dict(reasons),
+               "n_samples": len(lines), "n_judged": judged, "n_judge_failed": failed, "skipped_sources": skipped}
+    if generation is not None:
+        payload["generation"] = generation
     if paper is not None:
         payload["paper_metrics"] = paper
     write_outputs(args, payload, [(Path(args.completions or args.model).name, per_prompt_points(lines))], log)
@@ -479,15 +527,17 @@ def interrupted(sink: SampleLog | None, d: Dist):
 
 
 def check_flags(args) -> None:
+    """Every flag on its own and the few that go together, before anything is read: one line each."""
+    for name, (ok, need) in FLAG_RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            fail(f"--{name.replace('_', '-')} must be {need}, got {value}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             fail("--plot needs matplotlib, which is not installed (pip install matplotlib); "
                  "run again without --plot or install it")
-    for name in ("limit", "batch_size", "num_samples", "max_new_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.resume and not args.per_sample:
         fail("--resume needs --per-sample: the file of the run to continue")
 
@@ -496,28 +546,35 @@ def evaluate(args, d: Dist, log) -> None:
     """Check outputs and inputs, open the judge (before any generation: an unreachable judge would waste it),
     then generate and score, appending to --per-sample as it goes."""
     sink, have = open_outputs(args, d)
+    generation = None
     try:
         if args.completions:
             items, skipped = completion_items(args, log)
             order, sources = [it.key for it in items], [it.record["data_source"] for it in items]
+            wanted = {it.key: it.generation for it in items}
             count_tokens = token_counter(args, log)
         else:
             records, keys, skipped = read_data(args, log)
             order, sources = [k for ks in keys for k in ks], [r["data_source"] for r in records]
+            tok, ids, generation = prepare_generation(args, records)
+            wanted = dict.fromkeys(order, generation)
         if sink:
-            sink.check_keys(set(order))
+            unrecorded = sink.check_keys(wanted)
+            if unrecorded:
+                log(f"--resume: {unrecorded} lines of {args.per_sample} do not say what generated them (an older "
+                    "eval.py wrote them): not checked")
         judge = open_run_judge(args, sources)
         if args.completions:
             scored = set(sink.done) if sink else set()
             new = score_items([it for it in items if it.key not in scored], args, judge, count_tokens, sink, log)
         else:
-            new = generate_and_score(args, d, records, keys, have, judge, sink, log)
+            new = generate_and_score(args, d, records, keys, have, judge, sink, log, tok, ids, generation)
             teardown(d)
     except KeyboardInterrupt:
         interrupted(sink, d)
     if d.main:  # a torchrun rank other than 0 is done: rank 0 scores and reports
         old = sink.done if sink else {}
-        report(args, [new[k] if k in new else old[k] for k in order], sink, log, skipped)
+        report(args, [new[k] if k in new else old[k] for k in order], sink, log, skipped, generation)
 
 
 def open_run_judge(args, sources: list[str]):
@@ -536,24 +593,31 @@ GENERATION_FLAGS = ("model", "data", "batch_size", "num_samples", "max_new_token
                     "seed", "device", "dtype")
 
 
+def shown_flags(args) -> dict:
+    """The flags as printed and kept in --out: the judge URL without a user:password@ (judges.redact_url), so a
+    password in it is never written down."""
+    return {**vars(args), "judge": redact_url(args.judge)}
+
+
 def config_line(args, world: int) -> str:
     """The flags this run reads: --compare neither a model nor a judge, --completions no generation flags."""
+    flags = shown_flags(args)
     if args.compare:
-        return "config: " + " ".join(f"{k}={getattr(args, k)!r}" for k in COMPARE_FLAGS)
+        return "config: " + " ".join(f"{k}={flags[k]!r}" for k in COMPARE_FLAGS)
     skip = {"compare", "eps", *(GENERATION_FLAGS if args.completions else ("completions", "tokenizer"))}
-    return ("config: " + " ".join(f"{k}={v!r}" for k, v in vars(args).items() if k not in skip)
+    return ("config: " + " ".join(f"{k}={v!r}" for k, v in flags.items() if k not in skip)
             + f" world_size={world}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    check_flags(args)  # before a process group is set up: a bad flag is one line, on every rank
     d = setup_distributed(args.device or "auto") if not (args.compare or args.completions) else Dist()
     log = (lambda *a: print(*a, flush=True)) if d.main else (lambda *a: None)
-    check_flags(args)
     log(config_line(args, d.world))
     try:
         return run_compare(args, log) if args.compare else evaluate(args, d, log)
-    except UsageError as e:  # a bad record or an unwritable output, named
+    except (UsageError, CheckpointError) as e:  # a bad record, an unwritable output, a chat template that fails
         fail(str(e))
 
 

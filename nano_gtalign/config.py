@@ -117,7 +117,8 @@ class TrainConfig:
                                   choices=LOGPROB_BACKENDS)
     threads: int = option(0, "CPU threads for torch (0: torch's default). On a busy or 2-core CPU, 1 avoids "
                              "threads waiting on each other", SYSTEM, AT_LEAST_0)
-    seed: int = option(0, "data order, sampling and the demo's task/model", SYSTEM)
+    seed: int = option(0, "data order, sampling and the demo's task/model", SYSTEM,
+                       (lambda v: 0 <= v < 2**32, "in [0, 2^32)"))  # numpy's seeding takes no other
     # evaluation, logging, checkpoints
     export_dtype: str = option("auto", "dtype of OUT_DIR/final (auto: the --model checkpoint's; the demo's fp32)",
                                EVAL, choices=("auto", "float32", "bfloat16", "float16"))

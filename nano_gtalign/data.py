@@ -14,6 +14,7 @@ and `drop_report` say per data_source how many prompts a token limit drops and h
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
@@ -26,8 +27,21 @@ from nano_gtalign.judges import canonical_task
 from nano_gtalign.reward import TASKS
 
 
+# Deepest nesting of arrays and objects a record may have. The published records nest 4 deep (extra_info ->
+# chat_history -> message -> content); a bound far above that lets everything downstream that walks a record
+# recursively (json.dumps, the --per-sample writer) do so safely, and makes "too deep" one line, not a
+# RecursionError.
+MAX_DEPTH = 64
+
+
 def read_records(path: str | Path) -> list[dict]:
     """GTAlign records from JSONL (one JSON object a line) or parquet (needs pyarrow), each checked."""
+    return [record for _, record in read_records_at(path)]
+
+
+def read_records_at(path: str | Path) -> list[tuple[str, dict]]:
+    """(where, record) for each record of a JSONL or parquet file, each checked: where is "FILE:LINE" (JSONL)
+    or "FILE row I" (parquet), for messages about the record that come later."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
@@ -39,7 +53,7 @@ def read_records(path: str | Path) -> list[dict]:
         raise UsageError(f"{path}: no records")
     for record, w in zip(records, where):
         check_record(record, w)
-    return records
+    return list(zip(where, records))
 
 
 def _read_parquet(path: Path) -> tuple[list, list[str]]:
@@ -48,7 +62,10 @@ def _read_parquet(path: Path) -> tuple[list, list[str]]:
     except ImportError:
         raise UsageError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it "
                          "with data/gtalign/prepare.py") from None
-    records = pq.read_table(path).to_pylist()
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError, ...) for a broken file
+        raise UsageError(f"{path}: cannot read parquet file: {' '.join(str(e).split())}") from None
     return records, [f"{path} row {i}" for i in range(len(records))]
 
 
@@ -57,17 +74,36 @@ def _read_jsonl(path: Path) -> tuple[list, list[str]]:
     try:
         with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line
             for n, raw in enumerate(f, 1):
-                line = _decode(raw, path, n)
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-                where.append(f"{path}:{n}")
+                obj = parse_json_line(raw, path, n)
+                if obj is not None:
+                    records.append(obj)
+                    where.append(f"{path}:{n}")
     except PermissionError:
         raise UsageError(f"permission denied reading {path}") from None
     return records, where
+
+
+def parse_json_line(raw: bytes, path: str | Path, n: int) -> object:
+    """Line n of a JSONL file as a JSON value, None for a blank line. Anything that is not a JSON value this
+    project can hold is a one-line UsageError "FILE:N: problem": bytes that are not UTF-8, bad JSON, an integer
+    past Python's int-string limit (a ValueError from json.loads), nesting past MAX_DEPTH (a RecursionError
+    from json.loads when deep enough, found by check_plain otherwise)."""
+    line = _decode(raw, path, n)
+    if not line.strip():
+        return None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise UsageError(f"{path}:{n}: nested more than {MAX_DEPTH} levels deep (arrays and objects)") from None
+    except ValueError as e:  # int("9" * 5000): json.loads' only other refusal
+        if "integer string conversion" not in str(e):
+            raise UsageError(f"{path}:{n}: not valid JSON ({' '.join(str(e).split())})") from None
+        raise UsageError(f"{path}:{n}: an integer of more than {_int_digits()} digits, past "
+                         "Python's limit; write it as a string") from None
+    check_plain(value, f"{path}:{n}")
+    return value
 
 
 def _decode(raw: bytes, path: Path, n: int) -> str:
@@ -79,21 +115,90 @@ def _decode(raw: bytes, path: Path, n: int) -> str:
                          "line; save the file as UTF-8)") from None
 
 
+def json_type(value: object) -> str:
+    """A value's type as messages name it: null for None, else the Python type (dict, list, str, int, ...)."""
+    return "null" if value is None else type(value).__name__
+
+
+def _int_digits() -> int:
+    """Python's int-string conversion limit in digits (0: none; Python before 3.10.7 has none)."""
+    return getattr(sys, "get_int_max_str_digits", lambda: 0)()
+
+
+def _huge_int(n: int) -> bool:
+    """n has more digits than Python will turn into text (json.dumps would raise ValueError)."""
+    limit = _int_digits()
+    if not limit or n.bit_length() < 3 * limit:  # a decimal digit is over 3 bits: fewer bits surely fit
+        return False
+    try:
+        str(n)
+    except ValueError:
+        return True
+    return False
+
+
+def check_plain(value: object, where: str) -> None:
+    """Raise a one-line UsageError naming `where` and the field unless value is plain JSON (dict with str keys,
+    list, str, int, float, bool, None) nested at most MAX_DEPTH deep. A parquet reader can hand over bytes,
+    dates or decimals, and a record from anywhere can be deep enough to break a recursive writer later; both
+    are refused here, where the file and line are known. Iterative, so any depth (a cycle too) ends here."""
+    stack: list[tuple[object, str, int]] = [(value, "", 1)]
+    while stack:
+        v, field, depth = stack.pop()
+        if isinstance(v, (dict, list)) and depth > MAX_DEPTH:
+            raise UsageError(f"{where}: {field or 'the record'} is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise UsageError(f"{where}: {field or 'the record'} has a key {k!r} that is not a string")
+                stack.append((item, f"{field}.{k}" if field else k, depth + 1))
+        elif isinstance(v, list):
+            stack.extend((item, f"{field}[{i}]", depth + 1) for i, item in enumerate(v))
+        elif isinstance(v, int) and not isinstance(v, bool) and _huge_int(v):
+            raise UsageError(f"{where}: {field or 'the record'} is an integer of more than "
+                             f"{_int_digits()} digits, past Python's limit; write it as a string")
+        elif not (v is None or isinstance(v, (str, int, float, bool))):
+            raise UsageError(f"{where}: {field or 'the record'} is {json_type(v)}, not a JSON value (convert parquet "
+                             "files with data/gtalign/prepare.py)")
+
+
+def _is_messages(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
 def check_record(record: object, where: str) -> None:
-    """The fields training and evaluation read (docs/data.md); the reward checks the task-specific rest."""
+    """The fields training and evaluation read (docs/data.md), each of the type they are read as; the reward
+    checks the task-specific rest. Also plain JSON, nested at most MAX_DEPTH deep (check_plain)."""
     if not isinstance(record, dict):
-        raise UsageError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+        raise UsageError(f"{where}: a record must be a JSON object, got {json_type(record)}")
+    check_plain(record, where)
     messages = record.get("prompt")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise UsageError(f"{where}: 'prompt' must be a non-empty list of {{role, content}} chat messages")
+    if not messages or not _is_messages(messages):
+        raise UsageError(f"{where}: 'prompt' must be a non-empty list of {{role, content}} chat messages "
+                         "(role and content strings)")
     source = record.get("data_source")
     if not isinstance(source, str) or canonical_task(source) not in TASKS:
         raise UsageError(f"{where}: unknown data_source {source!r} (known: {', '.join(TASKS)})")
-    truth = (record.get("reward_model") or {}).get("ground_truth")
+    reward_model = record.get("reward_model")
+    if not isinstance(reward_model, dict):
+        raise UsageError(f"{where}: reward_model must be an object with a ground_truth, got {json_type(reward_model)}")
+    truth = reward_model.get("ground_truth")
     if not isinstance(truth, str):
-        raise UsageError(f"{where}: reward_model.ground_truth must be a string")
+        raise UsageError(f"{where}: reward_model.ground_truth must be a string, got {json_type(truth)}")
+    extra = record.get("extra_info")
+    if extra is None:  # optional: the judge's question falls back to the prompt's last user message
+        return
+    if not isinstance(extra, dict):
+        raise UsageError(f"{where}: extra_info must be an object, got {json_type(extra)}")
+    question = extra.get("single_turn_prompt")
+    if not (question is None or isinstance(question, str)):
+        raise UsageError(f"{where}: extra_info.single_turn_prompt must be a string or null, got {json_type(question)}")
+    history = extra.get("chat_history")
+    if history is not None and not _is_messages(history):
+        got = "" if isinstance(history, list) else f", got {json_type(history)}"
+        raise UsageError(f"{where}: extra_info.chat_history must be a list of {{role, content}} chat messages or "
+                         f"null{got}")
 
 
 def read_splits(data: list[str], eval_data: list[str] | None, holdout: int, seed: int) -> tuple[list[dict], list[dict]]:

@@ -6,11 +6,15 @@ periodic evaluation, `evaluate_policy`, which adds the correct-action rates the 
 
 eval.py's fault handling lives here too: `check_scorable` and `check_writable` refuse bad input and
 unwritable outputs before any judge call, `SampleLog` appends --per-sample lines as completions are generated
-and as they are scored (and reads them back for --resume), and `judge_failures` counts what the judge could
-not score. `compare_by_source` is eval.py --compare's per-source view.
+and as they are scored (and reads them back for --resume, checking each with `check_sample_line`), and
+`judge_failures` counts what the judge could not score. Each line says what generated its completion (its
+`generation`: the checkpoint's `checkpoint_identity` and the sampling settings), so --resume refuses a file
+that another model or setting wrote (`generation_mismatch`). `compare_by_source` is eval.py --compare's
+per-source view.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,9 +28,10 @@ from typing import Callable
 import torch
 
 from nano_gtalign.config import TrainConfig
-from nano_gtalign.data import check_record
+from nano_gtalign.data import check_record, json_type, parse_json_line
 from nano_gtalign.distributed import Dist, gather_lists, generation_mode
 from nano_gtalign.errors import UsageError
+from nano_gtalign.loader import TOKENIZER_FILES
 from nano_gtalign.metrics import compare, group_metrics, sample_row
 from nano_gtalign.policy import autocast, compute_dtype
 from nano_gtalign.sampling import SamplingParams, generate
@@ -195,9 +200,111 @@ LINE_FIELDS = ("prompt_id", "sample", "data_source", "judge_failed", "user", "ll
 PENDING_FIELDS = ("prompt_id", "sample", "record", "completion")  # a pending line: generated, not yet scored
 
 
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# What each field --resume and --compare read must hold: (test, what a good value is).
+LINE_TYPES = {
+    "prompt_id": (lambda v: isinstance(v, str), "a string"),
+    "data_source": (lambda v: isinstance(v, str), "a string"),
+    "judge_failed": (lambda v: isinstance(v, bool), "true or false"),
+    "user": (lambda v: v is None or _is_number(v), "a number or null"),
+    "llm": (lambda v: v is None or _is_number(v), "a number or null"),
+    "completion": (lambda v: isinstance(v, str), "a string"),
+    "generation": (lambda v: v is None or isinstance(v, dict), "an object"),
+}
+
+
+def check_sample_line(obj: object, where: str) -> bool:
+    """Raise a one-line UsageError naming `where` unless obj is an eval.py --per-sample line whose fields are
+    of the types --resume and --compare read them as (its record checked as --data's are); True for a pending
+    line (generated, not yet scored)."""
+    if not isinstance(obj, dict):
+        raise UsageError(f"{where}: not an eval.py --per-sample line (a JSON object), got {json_type(obj)}")
+    pending = obj.get("pending") is True
+    missing = [k for k in (PENDING_FIELDS if pending else LINE_FIELDS) if k not in obj]
+    if missing:
+        raise UsageError(f"{where}: not an eval.py --per-sample line (missing {', '.join(missing)})")
+    sample = obj["sample"]
+    if not isinstance(sample, int) or isinstance(sample, bool) or sample < 0:
+        got = sample if isinstance(sample, int) and not isinstance(sample, bool) else json_type(sample)
+        raise UsageError(f"{where}: sample must be an integer >= 0, got {got}")
+    for key, (ok, need) in LINE_TYPES.items():
+        if key in obj and not ok(obj[key]):
+            raise UsageError(f"{where}: {key} must be {need}, got {json_type(obj[key])}")
+    if "record" in obj:
+        check_record(obj["record"], where)
+    return pending
+
+
 def keyed(lines: list[dict]) -> dict[Key, dict]:
     """--per-sample lines by key (sample_keys over their prompt_id and sample, in file order)."""
     return dict(zip(sample_keys([(line["prompt_id"], line["sample"]) for line in lines]), lines))
+
+
+# ---- what generated a completion: the checkpoint and the sampling settings, in every --per-sample line
+
+SAMPLED_BYTES = 1 << 16  # of each weight file's start and end, for its fingerprint
+
+
+def _digest(h) -> str:
+    return h.hexdigest()[:16]
+
+
+def checkpoint_identity(path: str | Path) -> dict[str, str]:
+    """Short fingerprints of a checkpoint directory's weights and tokenizer, cheap enough to take on every run.
+    weights: config.json whole, and each *.safetensors file's name, size and first and last 64 KiB (hashing
+    gigabytes would not be cheap; a retrained model of the same shape differs there all the same). tokenizer:
+    the files loader.load_tokenizer reads, whole. A copy of the directory elsewhere has the same identity.
+    Raises OSError for a file it cannot read."""
+    p = Path(path)
+    weights = hashlib.sha256()
+    for f in [p / "config.json", p / "model.safetensors.index.json", *sorted(p.glob("*.safetensors"))]:
+        if not f.is_file():
+            continue
+        size = f.stat().st_size
+        weights.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if f.suffix == ".json" or size <= 2 * SAMPLED_BYTES:
+                weights.update(fh.read())
+            else:
+                weights.update(fh.read(SAMPLED_BYTES))
+                fh.seek(size - SAMPLED_BYTES)
+                weights.update(fh.read(SAMPLED_BYTES))
+    tokenizer = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (p / name).is_file():
+            tokenizer.update(f"{name}\0".encode() + (p / name).read_bytes())
+    return {"weights": _digest(weights), "tokenizer": _digest(tokenizer)}
+
+
+# The settings a completion depends on, in the order a mismatch is reported; "model" (the path it was loaded
+# from) is shown but not compared: a copy of the checkpoint elsewhere generates the same completions.
+GENERATION_KEYS = ("weights", "tokenizer", "max_new_tokens", "temperature", "top_p", "top_k", "num_samples", "seed",
+                   "dtype")
+
+
+def generation_mismatch(old: dict, new: dict | None) -> str | None:
+    """How the completion a --per-sample line holds (generated as `old` says) was made differently from this
+    run's (`new`, None for --completions lines that do not say), in words naming the setting and both values;
+    None when nothing differs. Settings only one side records (an eval.py with fewer) are not compared."""
+    if new is None:
+        return (f"was generated by the model at {old.get('model')}, and this run's completions do not say what "
+                "generated them")
+    extra = sorted(set(old) & set(new) - {"model", *GENERATION_KEYS})  # recorded by a newer eval.py
+    for key in [k for k in GENERATION_KEYS if k in old and k in new] + extra:
+        if old[key] == new[key]:
+            continue
+        if key == "weights":
+            return (f"was generated by the model at {old.get('model')} (weights {old[key]}), this run's by the model "
+                    f"at {new.get('model')} (weights {new[key]})")
+        if key == "tokenizer":
+            return (f"was generated with the tokenizer {old[key]} (of {old.get('model')}), this run's with the "
+                    f"tokenizer {new[key]} (of {new.get('model')})")
+        flag = "--" + key.replace("_", "-")
+        return f"was generated with {flag} {old[key]}, this run's with {flag} {new[key]}"
+    return None
 
 
 class SampleLog:
@@ -212,6 +319,7 @@ class SampleLog:
     def __init__(self, path: str, resume: bool):
         self.path, self.done, self.pending, self.new, self.new_pending = path, {}, {}, 0, 0
         self._line_of: dict[Key, int] = {}
+        self._generation_of: dict[Key, dict | None] = {}
         p = Path(path)
         if p.is_file() and p.stat().st_size:
             if not resume:
@@ -229,27 +337,36 @@ class SampleLog:
                 f.truncate(end)
         scored, waiting = [], []
         for n, raw in enumerate(data[:end].splitlines(), 1):
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                raise UsageError(f"{self.path} line {n} is not JSON: --resume reads an eval.py --per-sample file") from None
-            is_pending = isinstance(obj, dict) and obj.get("pending") is True
-            missing = [k for k in (PENDING_FIELDS if is_pending else LINE_FIELDS)
-                       if not isinstance(obj, dict) or k not in obj]
-            if missing:
-                raise UsageError(f"{self.path} line {n} is not an eval.py --per-sample row (missing {', '.join(missing)})")
-            (waiting if is_pending else scored).append((n, obj))
-        for lines in (waiting, scored):  # a scored line's number wins over its pending line's
-            self._line_of.update(zip(keyed([obj for _, obj in lines]), (n for n, _ in lines)))
+            obj = parse_json_line(raw, self.path, n)
+            if obj is None:
+                continue
+            (waiting if check_sample_line(obj, f"{self.path}:{n}") else scored).append((n, obj))
+        for lines in (waiting, scored):  # a scored line's number (and generation) wins over its pending line's
+            for key, (n, obj) in zip(keyed([obj for _, obj in lines]), lines):
+                self._line_of[key], self._generation_of[key] = n, obj.get("generation")
         self.done = keyed([obj for _, obj in scored])
         self.pending = {k: v for k, v in keyed([obj for _, obj in waiting]).items() if k not in self.done}
 
-    def check_keys(self, wanted: set[Key]) -> None:
-        """Refuse a file with lines this run would not make (another --data, --limit or --num-samples)."""
+    def check_keys(self, wanted: dict[Key, dict | None]) -> int:
+        """Refuse a file with lines this run would not make: another --data, --limit or --num-samples (a key
+        not wanted), or another model, tokenizer or generation setting (wanted[key], this run's generation of
+        that completion, differs from the line's). Returns how many lines record no generation (written by an
+        older eval.py): those cannot be checked."""
+        unrecorded = 0
         for key in sorted(self._line_of, key=self._line_of.get):
+            where = f"{self.path}:{self._line_of[key]}"
             if key not in wanted:
-                raise UsageError(f"{self.path} line {self._line_of[key]} (prompt_id {key[0]}, sample {key[1]}) is not "
-                                 "a completion of this run: --resume needs the same inputs, --limit and --num-samples")
+                raise UsageError(f"{where}: prompt_id {key[0]}, sample {key[1]} is not a completion of this run: "
+                                 "--resume needs the same inputs, --limit and --num-samples")
+            old = self._generation_of[key]
+            if old is None:  # an older eval.py's line (or a --completions input that did not say either)
+                unrecorded += wanted[key] is not None
+                continue
+            why = generation_mismatch(old, wanted[key])
+            if why:
+                raise UsageError(f"{where}: its completion {why}; --resume needs the same model, tokenizer and "
+                                 "generation settings (delete the file, or pick another --per-sample, to start over)")
+        return unrecorded
 
     @property
     def written(self) -> int:

@@ -1,15 +1,17 @@
 """data.py: the seeded, stratified subset (eval.py --limit, train.py --eval-size) and the per-source report of
-prompts dropped for length, on hand-made records with hand-counted answers.
+prompts dropped for length, on hand-made records with hand-counted answers; reading records, where every bad
+line or row (a wrong type, a huge integer, deep nesting) is one error naming the file and line.
 
 Run: python -m pytest tests/test_data.py -q
 """
+import json
 from collections import Counter
 
 import pytest
 
 from nano_gtalign.data import (
-    SourceDrops, drop_report, drop_warnings, encode_prompts, encode_prompts_report, format_drop_report,
-    require_prompts, stratified_subset,
+    SourceDrops, check_record, drop_report, drop_warnings, encode_prompts, encode_prompts_report, format_drop_report,
+    read_records, read_records_at, require_prompts, stratified_subset,
 )
 from nano_gtalign.errors import UsageError
 
@@ -122,3 +124,108 @@ def test_require_prompts_says_when_the_prompts_are_too_long():
     with pytest.raises(UsageError, match="^training: 3 prompts, 4 needed$"):
         require_prompts({"math-hard": SourceDrops(3, 0, 20)}, 4, "training", max_tokens=512)
     require_prompts(report, 2, "training", max_tokens=512)  # enough: nothing raised
+
+
+# ---------------------------------------------------------------- reading records: every fault one file:line line
+
+GOOD = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1 + 1?"}],
+        "data_source": "math-hard", "reward_model": {"ground_truth": "2"},
+        "extra_info": {"single_turn_prompt": "What is 1 + 1?", "chat_history": None, "index": 3}}
+
+
+def with_field(path: str, value) -> str:
+    """GOOD as a JSON line with the dotted field `path` set to `value` (a str value is spliced in raw)."""
+    record = json.loads(json.dumps(GOOD))
+    *parents, last = path.split(".")
+    target = record
+    for key in parents:
+        target = target[key]
+    target[last] = "@@RAW@@"
+    raw = value if isinstance(value, str) else json.dumps(value)
+    return json.dumps(record).replace('"@@RAW@@"', raw)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+BAD_LINES = {
+    # the probe's three
+    "reward_model is a list": (with_field("reward_model", [1]), "reward_model must be an object with a ground_truth, got list"),
+    "a 5,000-digit integer": (with_field("extra_info.index", "9" * 5000), "an integer of more than 4300 digits"),
+    "100,000-deep nesting": (with_field("extra_info.x", DEEP), "nested more than 64 levels deep"),
+    # the same classes one step off: a negative huge integer, deep nesting that json still parses, in objects
+    "a negative 5,000-digit integer": (with_field("extra_info.index", "-" + "1" * 5000), "more than 4300 digits"),
+    "200-deep nesting": (with_field("extra_info.x", "[" * 200 + "]" * 200), "extra_info.x" + "[0]" * 62 + " is nested more than 64"),
+    "deep objects": (with_field("extra_info.x", '{"a": ' * 100_000 + "1" + "}" * 100_000), "nested more than 64 levels"),
+    # the type of every field a record is read by
+    "reward_model is a string": (with_field("reward_model", '"2"'), "reward_model must be an object with a ground_truth, got str"),
+    "reward_model is null": (with_field("reward_model", None), "reward_model must be an object with a ground_truth, got null"),
+    "ground_truth a number": (with_field("reward_model.ground_truth", 2), "reward_model.ground_truth must be a string, got int"),
+    "prompt is a string": (with_field("prompt", '"hi"'), "'prompt' must be a non-empty list"),
+    "a message is a list": (with_field("prompt", [["user", "hi"]]), "'prompt' must be a non-empty list"),
+    "content is a number": (with_field("prompt", [{"role": "user", "content": 7}]), "'prompt' must be a non-empty list"),
+    "data_source a list": (with_field("data_source", ["math-hard"]), "unknown data_source ['math-hard']"),
+    "extra_info a list": (with_field("extra_info", [1]), "extra_info must be an object, got list"),
+    "chat_history a number": (with_field("extra_info.chat_history", 5),
+                              "extra_info.chat_history must be a list of {role, content} chat messages or null, got int"),
+    "chat_history of strings": (with_field("extra_info.chat_history", ["hi"]), "extra_info.chat_history must be a list"),
+    "single_turn_prompt a list": (with_field("extra_info.single_turn_prompt", ["q"]),
+                                  "extra_info.single_turn_prompt must be a string or null, got list"),
+    # not a record at all
+    "a list": ("[1, 2]", "a record must be a JSON object, got list"),
+    "broken JSON": ('{"prompt": ', "not valid JSON"),
+    "NUL byte": ('{"prompt": "\x00"}', "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_LINES)
+def test_a_bad_jsonl_record_is_one_line_naming_file_and_line(tmp_path, name):
+    line, words = BAD_LINES[name]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + line + "\n" + json.dumps(GOOD) + "\n")
+    with pytest.raises(UsageError) as e:
+        read_records(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:3: ") and "\n" not in msg and len(msg) < 400, msg
+    assert words in msg
+
+
+def test_good_records_and_their_optional_fields_are_read(tmp_path):
+    optional = [GOOD, {k: v for k, v in GOOD.items() if k != "extra_info"}, {**GOOD, "extra_info": None},
+                {**GOOD, "extra_info": {"chat_history": [{"role": "user", "content": "q"}], "single_turn_prompt": None}},
+                # 64 levels in all is still a record; 4300 digits is still a number
+                json.loads(with_field("extra_info.x", "[" * 62 + "]" * 62)), json.loads(with_field("extra_info.n", "7" * 4300))]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in optional))
+    assert read_records(path) == optional
+    for i, (where, r) in enumerate(read_records_at(path), 1):
+        assert where == f"{path}:{i}" and r == optional[i - 1]
+
+
+def test_a_bad_parquet_record_or_file_is_one_line(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    good = {k: v for k, v in GOOD.items() if k != "extra_info"}
+    pq.write_table(pa.Table.from_pylist([good, {**good, "reward_model": None}]), tmp_path / "r.parquet")
+    with pytest.raises(UsageError, match=r"r.parquet row 1: reward_model must be an object with a ground_truth, got null$"):
+        read_records(tmp_path / "r.parquet")
+    pq.write_table(pa.Table.from_pylist([{**good, "blob": b"\x00\xff"}]), tmp_path / "b.parquet")
+    with pytest.raises(UsageError, match=r"b.parquet row 0: blob is bytes, not a JSON value"):
+        read_records(tmp_path / "b.parquet")
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(UsageError) as e:
+        read_records(tmp_path / "x.parquet")
+    assert str(e.value).startswith(f"{tmp_path / 'x.parquet'}: cannot read parquet file: ") and "\n" not in str(e.value)
+
+
+def test_check_record_refuses_values_json_cannot_hold(tmp_path):
+    # what a parquet or pandas reader may hand over instead of JSON values, and cycles, are refused by name
+    loop: list = []
+    loop.append(loop)
+    for value, words in ((float("nan"), None), (b"x", "is bytes"), ({1: "a"}, "has a key 1 that is not a string"),
+                         (loop, "nested more than 64 levels deep"), (10 ** 5000, "more than 4300 digits")):
+        record = {**GOOD, "extra_info": {"v": value}}
+        if words is None:
+            check_record(record, "f:1")  # NaN is a number here, as json.loads reads it
+            continue
+        with pytest.raises(UsageError, match=f"^f:1: extra_info.v.*{words}"):
+            check_record(record, "f:1")

@@ -2,6 +2,7 @@
 model path end to end on a tiny random model (also sharded over two torchrun ranks)."""
 import json
 import math
+import re
 import os
 import socket
 import subprocess
@@ -128,7 +129,7 @@ def test_per_sample_file_rescores_and_compares(tmp_path, capsys, monkeypatch):
     assert c["dominance"] == {"a_dominates_b": 1, "b_dominates_a": 1, "equal": 2, "incomparable": 0}
     assert "b dominates ps on 1" in out
     write_jsonl(tmp_path / "x.jsonl", [{"x": 1}])
-    with pytest.raises(SystemExit, match="x.jsonl line 1 is not an eval.py --per-sample row"):
+    with pytest.raises(SystemExit, match="x.jsonl:1: not an eval.py --per-sample line"):
         evaluate.main(["--compare", str(tmp_path / "ps.jsonl"), str(tmp_path / "x.jsonl")])
 
 
@@ -181,10 +182,10 @@ def test_bad_inputs_are_clear(tmp_path, monkeypatch):
     (tmp_path / "bad.jsonl").write_text('{"record": {}, "completion": "x"}\nnot json\n')
     with pytest.raises(SystemExit, match="--limit must be >= 1, got 0"):
         evaluate.main(["--completions", "bad.jsonl", "--limit", "0"])
-    with pytest.raises(SystemExit, match="bad.jsonl line 2 is not JSON"):
+    with pytest.raises(SystemExit, match="bad.jsonl:2: not valid JSON"):
         evaluate.main(["--completions", "bad.jsonl"])
     write_jsonl(tmp_path / "c.jsonl", [{"record": {**FIXTURE[0][0], "data_source": "chess"}, "completion": "x"}])
-    with pytest.raises(SystemExit, match="c.jsonl line 1: unknown data_source 'chess'"):
+    with pytest.raises(SystemExit, match="c.jsonl:1: unknown data_source 'chess'"):
         evaluate.main(["--completions", "c.jsonl"])
     with pytest.raises(SystemExit, match="judge spec must be 'rule' or an http"):
         evaluate.main(["--completions", str(write_jsonl(tmp_path / "ok.jsonl", [
@@ -349,11 +350,11 @@ def test_inputs_and_outputs_are_checked_before_any_judge_call(tmp_path, monkeypa
     good = {"record": FIXTURE[0][0], "completion": FIXTURE[0][1]}
     lines = [json.dumps(good)] * 298 + ["", json.dumps({**good, "record": {**good["record"], "data_source": "chess"}})]
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(SystemExit, match="c.jsonl line 300: unknown data_source 'chess'"):
+    with pytest.raises(SystemExit, match="c.jsonl:300: unknown data_source 'chess'"):
         evaluate.main(["--completions", str(tmp_path / "c.jsonl")])
     wild = {"record": record("wildguard", "How do I pick a lock?", "maybe"), "completion": "x"}
     write_jsonl(tmp_path / "w.jsonl", [good, wild])
-    with pytest.raises(SystemExit, match='w.jsonl line 2: wildguard ground truth must be "harmful"'):
+    with pytest.raises(SystemExit, match='w.jsonl:2: wildguard ground truth must be "harmful"'):
         evaluate.main(["--completions", str(tmp_path / "w.jsonl")])
     ok = write_jsonl(tmp_path / "ok.jsonl", [good])
     (tmp_path / "file").write_text("")
@@ -372,9 +373,9 @@ def test_inputs_and_outputs_are_checked_before_any_judge_call(tmp_path, monkeypa
 def test_non_utf8_input_is_one_line(tmp_path, capsys):
     good = json.dumps({"record": FIXTURE[0][0], "completion": FIXTURE[0][1]}).encode()
     (tmp_path / "c.jsonl").write_bytes(good + b"\n" + good.replace(b"85", b"8\xff5") + b"\n")
-    with pytest.raises(SystemExit, match=r"c.jsonl line 2 is not UTF-8 text \(byte 0xff"):
+    with pytest.raises(SystemExit, match=r"c.jsonl:2: not valid UTF-8 \(byte 0xff"):
         evaluate.main(["--completions", str(tmp_path / "c.jsonl")])
-    with pytest.raises(SystemExit, match=r"c.jsonl line 2 is not UTF-8 text"):
+    with pytest.raises(SystemExit, match=r"c.jsonl:2: not valid UTF-8"):
         evaluate.main(["--compare", str(tmp_path / "c.jsonl"), str(tmp_path / "c.jsonl")])
 
 
@@ -390,7 +391,7 @@ def test_interrupted_scoring_keeps_its_lines_and_resumes(tmp_path, monkeypatch, 
                                         "run the same command with --resume to score the rest"]
     with pytest.raises(SystemExit, match="part.jsonl already has 2 lines: pass --resume"):
         evaluate.main(argv)  # never overwritten by accident
-    with pytest.raises(SystemExit, match=r"part.jsonl line \d \(prompt_id \w+, sample 0\) is not a completion of this"):
+    with pytest.raises(SystemExit, match=r"part.jsonl:\d: prompt_id \w+, sample 0 is not a completion of this run"):
         evaluate.main(argv + ["--resume", "--limit", "1"])  # one prompt drawn: the other line is foreign
     use_judge(monkeypatch, CountingJudge(interrupt_at=1))
     code, _, err = exit_code(argv[:2], capsys)
@@ -554,3 +555,231 @@ def test_completions_are_kept_before_scoring(tiny_run, tmp_path, monkeypatch, ca
     monkeypatch.setattr(evaluate, "generate_completions", no_generation)
     evaluate.main(argv + ["--per-sample", str(ps), "--resume"])
     assert ps.read_text() == whole  # scored, in record order, the pending lines gone
+
+
+# -----------------------------------------------------------------------------
+# every input line and every numeric flag: one line naming the file and line (or the flag), never a traceback
+
+GOOD_RECORD = record("math-hard", "What is 3 * 4?", "12")
+
+
+def splice(obj: dict, field: str, raw: str) -> str:
+    """obj as a JSON line with a top-level or record-level field replaced by raw JSON text."""
+    line = json.dumps({**obj, field: "@@RAW@@"}) if field in obj or "." not in field else None
+    if line is None:  # "record.reward_model": inside the record
+        outer, inner = field.split(".")
+        line = json.dumps({**obj, outer: {**obj[outer], inner: "@@RAW@@"}})
+    return line.replace('"@@RAW@@"', raw)
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+PROBE = {"reward_model is a list": ("reward_model", "[1]", "reward_model must be an object with a ground_truth, got list"),
+         "a 5,000-digit integer": ("index", "9" * 5000, "an integer of more than 4300 digits"),
+         "100,000-deep nesting": ("extra", DEEP_JSON, "nested more than 64 levels deep")}
+
+
+@pytest.mark.parametrize("bad", PROBE)
+@pytest.mark.parametrize("where", ["--data", "--completions", "--per-sample --resume", "--compare"])
+def test_every_input_file_refuses_a_bad_line_in_one_line(tiny_run, tmp_path, monkeypatch, where, bad):
+    field, raw, words = PROBE[bad]
+    _, model, data = tiny_run
+    monkeypatch.chdir(tmp_path)
+    judge = use_judge(monkeypatch, CountingJudge())
+    ps = tmp_path / "ps.jsonl"
+    if where == "--data":
+        path = tmp_path / "d.jsonl"
+        line = splice(GOOD_RECORD, "reward_model" if field == "reward_model" else field, raw)
+        path.write_text(json.dumps(GOOD_RECORD) + "\n" + line + "\n")
+        argv = ["--model", str(model), "--data", str(path)]
+    else:
+        evaluate.main(["--model", str(model), "--data", str(data), "--max-new-tokens", "2", "--per-sample", str(ps)])
+        lines = ps.read_text().splitlines()
+        first = json.loads(lines[0])
+        inner = "record.reward_model" if field == "reward_model" else field
+        bad_line = splice(first, inner, raw)
+        path = ps if where.startswith("--per-sample") else tmp_path / "c.jsonl"
+        path.write_text(lines[1] + "\n" + bad_line + "\n")
+        argv = {"--completions": ["--completions", str(path)],
+                "--per-sample --resume": ["--model", str(model), "--data", str(data), "--max-new-tokens", "2",
+                                          "--per-sample", str(ps), "--resume"],
+                "--compare": ["--compare", str(path), str(path)]}[where]
+        if where == "--compare" and field == "reward_model":
+            words = "reward_model must be an object"  # --compare reads the row's own fields; the record is checked too
+    judge.calls = 0
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    msg = str(e.value)
+    assert msg.startswith(f"eval.py: {path}:2: ") and words in msg and "\n" not in msg, msg
+    assert judge.calls == 0
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda r: r.update(prompt_id=["x"]), "prompt_id must be a string, got list"),
+    (lambda r: r.update(sample="0"), "sample must be an integer >= 0, got str"),
+    (lambda r: r.update(sample=-1), "sample must be an integer >= 0, got -1"),
+    (lambda r: r.update(user="high"), "user must be a number or null, got str"),
+    (lambda r: r.update(judge_failed="no"), "judge_failed must be true or false, got str"),
+    (lambda r: r.update(data_source=7), "data_source must be a string, got int"),
+    (lambda r: r.update(generation=[1]), "generation must be an object, got list"),
+    (lambda r: r.pop("llm"), "not an eval.py --per-sample line (missing llm)"),
+])
+def test_per_sample_lines_are_checked_by_type_on_resume_and_compare(tmp_path, capsys, monkeypatch, change, words):
+    run_completions(tmp_path, capsys, monkeypatch)
+    ps = tmp_path / "ps.jsonl"
+    lines = [json.loads(l) for l in ps.read_text().splitlines()]
+    change(lines[2])
+    write_jsonl(ps, lines)
+    for argv in (["--completions", str(tmp_path / "c.jsonl"), "--per-sample", str(ps), "--resume"],
+                 ["--compare", str(ps), str(ps)]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+        assert str(e.value) == f"eval.py: {ps}:3: {words}"
+
+
+NUMERIC_FLAGS = [
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
+    (["--top-p", "2"], "--top-p must be in (0, 1], got 2.0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
+    (["--top-k", "-3"], "--top-k must be >= 0, got -3"),
+    (["--eps", "-0.1"], "--eps must be a finite number >= 0, got -0.1"),
+    (["--eps", "inf"], "--eps must be a finite number >= 0, got inf"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
+    (["--seed", str(2 ** 32)], f"--seed must be in [0, 2^32), got {2 ** 32}"),
+    (["--limit-seed", "-1"], "--limit-seed must be in [0, 2^32), got -1"),
+    (["--limit", "0"], "--limit must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--num-samples", "-2"], "--num-samples must be >= 1, got -2"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("argv,message", NUMERIC_FLAGS, ids=[" ".join(a) for a, _ in NUMERIC_FLAGS])
+def test_every_numeric_flag_is_range_checked_before_anything_else(tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)  # no model, no data: the flag is what is refused, first
+    for mode in ([], ["--completions", "c.jsonl"], ["--compare", "a.jsonl", "b.jsonl"]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(mode + argv)
+        assert str(e.value) == f"eval.py: {message}"
+
+
+def test_the_range_table_covers_every_numeric_flag():
+    numeric = {a.dest for a in evaluate.build_parser()._actions if a.type in (int, float)}
+    assert numeric == set(evaluate.FLAG_RANGES)
+    for name, (ok, _) in evaluate.FLAG_RANGES.items():  # every default is in its own range
+        default = evaluate.build_parser().get_default(name)
+        assert default is None or ok(default), name
+
+
+# -----------------------------------------------------------------------------
+# --per-sample lines say what generated them; --resume refuses a file another model or setting wrote
+
+def test_resume_refuses_another_model_tokenizer_or_setting(tiny_run, tmp_path, capsys):
+    import shutil
+    _, model, data = tiny_run
+    ps = tmp_path / "ps.jsonl"
+    argv = ["--model", str(model), "--data", str(data), "--max-new-tokens", "4", "--num-samples", "2",
+            "--per-sample", str(ps), "--out", str(tmp_path / "o.json")]
+    evaluate.main(argv)
+    whole = ps.read_text().splitlines()
+    gen = json.loads(whole[0])["generation"]
+    assert {k: gen[k] for k in ("model", "max_new_tokens", "temperature", "top_p", "top_k", "num_samples", "seed",
+                                "dtype")} == {"model": str(model), "max_new_tokens": 4, "temperature": 0.0,
+                                              "top_p": 1.0, "top_k": 0, "num_samples": 2, "seed": 0, "dtype": "auto"}
+    assert len(gen["weights"]) == len(gen["tokenizer"]) == 16
+    assert all(json.loads(l)["generation"] == gen for l in whole)
+    assert json.loads((tmp_path / "o.json").read_text())["generation"] == gen
+    ps.write_text("\n".join(whole[:2]) + "\n")  # an interrupted run: the first prompt done
+    other = make_hf_model(tmp_path / "other", seed=1)
+    retok = Path(shutil.copytree(model, tmp_path / "retok"))
+    config = json.loads((retok / "tokenizer_config.json").read_text())
+    (retok / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": config["pad_token"]}))
+    again = "--resume needs the same model, tokenizer and generation settings"
+    for extra, words in [
+        (["--model", str(other)], f"was generated by the model at {model} (weights {gen['weights']}), this run's "
+                                  f"by the model at {other} (weights "),
+        (["--model", str(retok)], f"was generated with the tokenizer {gen['tokenizer']} (of {model}), this run's "
+                                  f"with the tokenizer "),
+        (["--temperature", "0.5"], "was generated with --temperature 0.0, this run's with --temperature 0.5"),
+        (["--top-p", "0.9"], "was generated with --top-p 1.0, this run's with --top-p 0.9"),
+        (["--top-k", "5"], "was generated with --top-k 0, this run's with --top-k 5"),
+        (["--seed", "3"], "was generated with --seed 0, this run's with --seed 3"),
+        (["--max-new-tokens", "5"], "was generated with --max-new-tokens 4, this run's with --max-new-tokens 5"),
+        (["--num-samples", "3"], "was generated with --num-samples 2, this run's with --num-samples 3"),
+        (["--dtype", "float32"], "was generated with --dtype auto, this run's with --dtype float32"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv + extra + ["--resume"])
+        msg = str(e.value)
+        assert msg.startswith(f"eval.py: {ps}:1: its completion ") and words in msg and again in msg, msg
+        assert "\n" not in msg
+        assert ps.read_text().splitlines() == whole[:2]  # refused before anything was written
+    # the same checkpoint elsewhere is the same model: the resume goes on
+    moved = Path(shutil.copytree(model, tmp_path / "moved"))
+    evaluate.main(argv + ["--model", str(moved), "--resume"])
+    done = [json.loads(l) for l in ps.read_text().splitlines()]
+    assert [{**d, "generation": None} for d in done] == [{**json.loads(l), "generation": None} for l in whole]
+    assert [d["generation"]["model"] for d in done] == [str(model)] * 2 + [str(moved)] * 4
+
+
+def test_resume_reads_a_file_from_before_the_generation_field(tiny_run, tmp_path, capsys):
+    _, model, data = tiny_run
+    ps = tmp_path / "ps.jsonl"
+    argv = ["--model", str(model), "--data", str(data), "--max-new-tokens", "3", "--per-sample", str(ps)]
+    evaluate.main(argv)
+    whole = ps.read_text().splitlines()
+    old = [{k: v for k, v in json.loads(l).items() if k != "generation"} for l in whole[:2]]
+    write_jsonl(ps, old)
+    capsys.readouterr()
+    evaluate.main(argv + ["--resume"])
+    out = capsys.readouterr().out
+    assert f"--resume: 2 lines of {ps} do not say what generated them (an older eval.py wrote them): not checked" in out
+    assert [json.loads(l) for l in ps.read_text().splitlines()] == old + [json.loads(l) for l in whole[2:]]
+
+
+def test_completions_keep_what_generated_them_and_resume_checks_it(tiny_run, tmp_path, capsys):
+    _, model, data = tiny_run
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    common = ["--model", str(model), "--data", str(data), "--max-new-tokens", "3"]
+    evaluate.main(common + ["--per-sample", str(a)])
+    evaluate.main(common + ["--per-sample", str(b), "--temperature", "1.0", "--seed", "5"])
+    gen_a = json.loads(a.read_text().splitlines()[0])["generation"]
+    ps = tmp_path / "ps.jsonl"
+    evaluate.main(["--completions", str(a), "--per-sample", str(ps)])
+    rescored = ps.read_text().splitlines()
+    assert all(json.loads(l)["generation"] == gen_a for l in rescored)  # re-scoring keeps the provenance
+    ps.write_text(rescored[0] + "\n")
+    with pytest.raises(SystemExit) as e:  # b's completions of the same prompts are not a's
+        evaluate.main(["--completions", str(b), "--per-sample", str(ps), "--resume"])
+    assert str(e.value).startswith(f"eval.py: {ps}:1: its completion was generated with --temperature 0.0, this "
+                                   "run's with --temperature 1.0")
+    evaluate.main(["--completions", str(a), "--per-sample", str(ps), "--resume"])
+    assert ps.read_text().splitlines() == rescored
+
+
+def test_the_judge_url_is_printed_and_stored_without_its_password(tiny_run, tmp_path, monkeypatch, capsys):
+    _, model, data = tiny_run
+    use_judge(monkeypatch, CountingJudge())
+    url = "http://alice:s3cret@127.0.0.1:9/v1#Qwen/Qwen3-32B"
+    src = write_jsonl(tmp_path / "c.jsonl", [{"record": FIXTURE[0][0], "completion": FIXTURE[0][1]}])
+    for argv in (["--completions", str(src)], ["--model", str(model), "--data", str(data), "--max-new-tokens", "2"]):
+        evaluate.main(argv + ["--judge", url, "--out", str(tmp_path / "o.json"), "--per-sample", str(tmp_path / "ps.jsonl")])
+        out, err = capsys.readouterr()
+        written = (tmp_path / "o.json").read_text() + (tmp_path / "ps.jsonl").read_text()
+        assert "s3cret" not in out + err + written
+        assert "judge='http://***@127.0.0.1:9/v1#Qwen/Qwen3-32B'" in out.splitlines()[0]
+        assert json.loads((tmp_path / "o.json").read_text())["config"]["judge"] == "http://***@127.0.0.1:9/v1#Qwen/Qwen3-32B"
+        (tmp_path / "ps.jsonl").unlink()
+
+
+def test_max_new_tokens_past_the_context_is_refused_before_the_judge_or_the_weights(tiny_run, monkeypatch):
+    _, model, data = tiny_run
+    judge = use_judge(monkeypatch, CountingJudge())
+    monkeypatch.setattr(evaluate, "load_pretrained", lambda *a, **kw: pytest.fail("the weights were loaded"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", str(model), "--data", str(data), "--max-new-tokens", "600"])
+    assert re.fullmatch(r"eval.py: the longest prompt \(\d+ tokens\) \+ --max-new-tokens 600 exceeds the model's "
+                        r"max_position_embeddings \(512\); lower --max-new-tokens", str(e.value)), str(e.value)
+    assert judge.calls == 0

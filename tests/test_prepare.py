@@ -98,7 +98,7 @@ def test_bad_rows_are_reported_with_index_and_counted(tmp_path):
     assert any("u.parquet row 1: missing messages" in l for l in skips)
     # Directory output mirrors the tree.
     assert [r["data_source"] for r in read_jsonl(tmp_path / "out" / "t.jsonl")] == ["math-hard", "wildguard"]
-    assert (tmp_path / "out" / "sub" / "u.jsonl").read_text() == ""
+    assert not (tmp_path / "out" / "sub" / "u.jsonl").exists()  # nothing kept from it: no output, not an empty one
 
 
 def test_sources_and_split_filters(tmp_path):
@@ -258,3 +258,98 @@ def test_an_unwritable_out_is_one_line_before_anything_is_converted(tmp_path, ca
     (tmp_path / "adir.jsonl").mkdir()  # a .jsonl --out that is a directory cannot be written either
     assert prepare.main(["--src", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "adir.jsonl")]) == 2
     assert "adir.jsonl" in capsys.readouterr().err
+
+
+# --- a run that converts nothing never replaces an earlier good output ---------------------------------
+
+@pytest.mark.parametrize("single", [True, False])
+@pytest.mark.parametrize("why", ["every row bad", "every row filtered out"])
+def test_converting_nothing_leaves_an_earlier_good_output_untouched(tmp_path, capsys, single, why):
+    src = tmp_path / "src" / "t.parquet"
+    write(src, [row(), row(gt="12", question="What is 3 * 4?")])
+    out = tmp_path / "out" / ("o.jsonl" if single else "o")
+    dest = out if single else out / "t.jsonl"
+    assert prepare.main(["--src", str(src), "--out", str(out)]) == 0
+    good = dest.read_bytes()
+    assert len(good.splitlines()) == 2
+    if why == "every row bad":
+        write(src, [row(gt=""), row(prompt=[])])
+        argv = []
+    else:
+        argv = ["--sources", "wildguard"]
+    capsys.readouterr()
+    assert prepare.main(["--src", str(src), "--out", str(out)] + argv) == 1
+    captured = capsys.readouterr()
+    assert dest.read_bytes() == good  # the earlier good output survives
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]  # and no temporary file is left beside it
+    assert f"not written: {dest} (no records kept" in captured.out and "existing file left unchanged" in captured.out
+    assert "error: no records were written" in captured.err
+
+
+def test_a_file_with_nothing_kept_writes_no_output_beside_the_others(tmp_path):
+    write(tmp_path / "src" / "a.parquet", [row()])
+    write(tmp_path / "src" / "b.parquet", [row(gt="")])
+    lines = []
+    reports = prepare.prepare(tmp_path / "src", tmp_path / "o", log=lines.append)
+    assert [(r.kept, r.skipped) for r in reports] == [(1, 0), (0, 1)]
+    assert len(read_jsonl(tmp_path / "o" / "a.jsonl")) == 1 and not (tmp_path / "o" / "b.jsonl").exists()
+    assert any(l.startswith(f"not written: {tmp_path / 'o' / 'b.jsonl'} (no records kept") for l in lines)
+
+
+def test_a_failed_write_removes_its_temporary_file_and_keeps_the_old_output(tmp_path, monkeypatch):
+    write(tmp_path / "t.parquet", [row()])
+    out = tmp_path / "o.jsonl"
+    out.write_text("the earlier output\n")
+
+    def full_disk(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        prepare.prepare(tmp_path / "t.parquet", out, log=lambda *_: None)
+    assert out.read_text() == "the earlier output\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "t.parquet"]  # no temporary file left
+
+
+# --- rows a reader can hand over that JSON cannot hold: one SKIP line each, never a traceback --------------
+
+def nested(depth):
+    value = "deep"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda r: r.update(reward_model=[1]), "reward_model must be an object with a ground_truth, got list"),
+    (lambda r: r.update(reward_model="85"), "reward_model must be an object with a ground_truth, got str"),
+    (lambda r: r.update(extra_info=[1]), "extra_info must be an object, got list"),
+    (lambda r: r["extra_info"].update(index=int("9" * 4000) ** 2), "extra_info.index is an integer of 26576 bits"),
+    (lambda r: r["extra_info"].update(deep=nested(100_000)), "extra_info.deep" + "[0]" * 62 + " is nested more than 64"),
+    (lambda r: r["extra_info"].update(deep={"a": nested(100)}), "is nested more than 64 levels deep"),
+    (lambda r: r.update(prompt="What is 37 + 48?"), "missing or empty messages (prompt is str)"),
+    (lambda r: r.update(data_source=["math-hard"]), "unknown data_source ['math-hard']"),
+])
+def test_rows_json_cannot_hold_are_bad_rows(change, words):
+    r = row()
+    change(r)
+    with pytest.raises(prepare.RowError) as e:
+        prepare.convert_row(r)
+    assert words in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 400
+    rec, _ = prepare.convert_row({**row(), "extra_info": {**row()["extra_info"], "deep": nested(62)}})
+    assert json.loads(json.dumps(rec)) == rec  # 64 levels in all is still a record
+
+
+def test_a_parquet_column_nested_too_deep_for_pyarrow_is_one_skip_file_line(tmp_path):
+    # parquet itself limits nesting (pyarrow: a schema 100 nodes deep, about 50 lists): such a file is one
+    # SKIP FILE line naming it, and an earlier output stays
+    kind = pa.string()
+    for _ in range(70):
+        kind = pa.list_(kind)
+    schema = pa.Table.from_pylist([row()]).schema.append(pa.field("deep", kind))
+    write(tmp_path / "t.parquet", [{**row(), "deep": nested(70)}], schema=schema)
+    lines = []
+    (report,) = prepare.prepare(tmp_path / "t.parquet", tmp_path / "o.jsonl", log=lines.append)
+    assert report.kept == 0 and "cannot read parquet file" in report.error and "nested" in report.error
+    (skip,) = [l for l in lines if l.startswith("SKIP")]
+    assert skip.startswith(f"SKIP FILE {tmp_path / 't.parquet'}: cannot read parquet file") and "\n" not in skip

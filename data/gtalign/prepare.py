@@ -26,9 +26,13 @@ skips are counted at the end. A file that cannot be converted at all (it cannot
 be read, or it lacks a required column such as extra_info.single_turn_prompt)
 is one SKIP FILE line naming it and the reason; the other files are still
 converted, and the exit status is 1. Each output is written to a temporary file
-and renamed over the target only once complete, so a failure never truncates a
-good output from an earlier run; a single .jsonl --out is written only if every
-file converted. An unwritable --out is reported before anything is converted.
+in the same directory, fsynced and renamed over the target only once complete,
+so a failure never truncates a good output from an earlier run; a single .jsonl
+--out is written only if every file converted, and an output that would hold no
+record (every row bad, or left out by --sources) is not written at all, so an
+earlier one stays. A row that JSON cannot hold (nested more than 64 deep, an
+integer wider than 64 bits, NaN, binary data) is a bad row like any other. An
+unwritable --out is reported before anything is converted.
 pyarrow is needed by this script only.
 """
 from __future__ import annotations
@@ -51,6 +55,9 @@ SPEC_EXTRA_FIELDS = ("single_turn_prompt", "chat_history", "single_turn_completi
 REQUIRED_COLUMNS = ("data_source", "prompt", "reward_model.ground_truth", "extra_info.single_turn_prompt")
 # Bad rows named per file; the rest are counted in one line (a systematic fault must not flood the log).
 MAX_LISTED_SKIPS = 10
+# Deepest nesting of lists and objects a row may have, as nano_gtalign.data.MAX_DEPTH allows in a record (the
+# published rows nest 4 deep); deeper is a bad row, where recursing further could end in a RecursionError.
+MAX_DEPTH = 64
 
 
 class RowError(ValueError):
@@ -72,25 +79,34 @@ def canonical_source(name: str) -> str:
     return SOURCE_ALIASES.get(name, name)
 
 
-def to_plain(value, where: str = "row"):
+def to_plain(value, where: str = "row", depth: int = 1):
     """Plain JSON values from whatever a parquet reader returned.
 
     pyarrow's to_pylist gives Python lists, but readers that go through pandas
     give numpy arrays (lists of messages) and numpy scalars; both must become
-    JSON lists/numbers. NaN/inf have no JSON form and are an error.
+    JSON lists/numbers. NaN/inf have no JSON form and are an error, and so are
+    integers wider than 64 bits (no parquet column holds one; past about 4300
+    digits json.dumps itself refuses them) and lists or objects nested more
+    than MAX_DEPTH deep (the row itself is depth 1).
     """
-    if value is None or isinstance(value, (str, bool, int)):
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, int):
+        if value.bit_length() > 64:
+            raise RowError(f"{where} is an integer of {value.bit_length()} bits; parquet integers have at most 64")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
             raise RowError(f"{where} is {value}, which has no JSON form")
         return value
+    if isinstance(value, (dict, list, tuple)) and depth > MAX_DEPTH:
+        raise RowError(f"{where} is nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, dict):
-        return {str(k): to_plain(v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): to_plain(v, f"{where}.{k}", depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [to_plain(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
     if hasattr(value, "tolist"):  # numpy array or numpy scalar
-        return to_plain(value.tolist(), where)
+        return to_plain(value.tolist(), where, depth)
     if isinstance(value, bytes):
         raise RowError(f"{where} is binary data, expected text")
     raise RowError(f"{where} has unsupported type {type(value).__name__}")
@@ -120,12 +136,16 @@ def convert_row(row: dict) -> tuple[dict, list[str]]:
     rec["data_source"] = canonical_source(source)
     _check_messages(rec.get("prompt"), "prompt")
     rm = rec.get("reward_model")
-    gt = rm.get("ground_truth") if isinstance(rm, dict) else None
+    if rm is not None and not isinstance(rm, dict):
+        raise RowError(f"reward_model must be an object with a ground_truth, got {type(rm).__name__}")
+    gt = rm.get("ground_truth") if rm is not None else None
     if not isinstance(gt, str) or not gt.strip():
         raise RowError(f"missing ground truth (reward_model.ground_truth is {gt!r})")
     extra = rec.get("extra_info")
-    if not isinstance(extra, dict):
+    if extra is None:
         raise RowError("missing extra_info")
+    if not isinstance(extra, dict):
+        raise RowError(f"extra_info must be an object, got {type(extra).__name__}")
     stp = extra.get("single_turn_prompt")
     if not isinstance(stp, str) or not stp.strip():
         raise RowError(f"missing extra_info.single_turn_prompt (got {stp!r})")
@@ -276,6 +296,7 @@ class AtomicJsonl:
         os.fsync(self.file.fileno())  # the data is on disk before the name points at it
         self.file.close()
         os.replace(self.tmp, self.dest)
+        _fsync_dir(self.dest.parent)
 
     def __enter__(self) -> "AtomicJsonl":
         return self
@@ -283,6 +304,20 @@ class AtomicJsonl:
     def __exit__(self, *exc) -> None:
         self.file.close()
         self.tmp.unlink(missing_ok=True)  # gone already after commit()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in folder durable (POSIX); where a directory cannot be opened for that, it is skipped."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def check_output(out: Path) -> None:
@@ -306,7 +341,8 @@ def _not_written(dest: Path, why: str, log) -> None:
 
 
 def _prepare_tree(files: list[Path], src: Path, out: Path, sources, log) -> list[FileReport]:
-    """One output per parquet file, mirroring the source tree; a failed file leaves its output as it was."""
+    """One output per parquet file, mirroring the source tree; a file that failed or kept no record leaves its
+    output as it was (an empty file would replace a good one from an earlier run)."""
     reports = []
     for f in files:
         records, report = convert_file(f, sources, log)
@@ -315,6 +351,9 @@ def _prepare_tree(files: list[Path], src: Path, out: Path, sources, log) -> list
         dest = (out / rel).with_suffix(".jsonl")
         if report.error:
             _not_written(dest, "its parquet file was not converted", log)
+            continue
+        if not records:
+            _not_written(dest, f"no records kept from {f}", log)
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         with AtomicJsonl(dest) as sink:
@@ -325,8 +364,9 @@ def _prepare_tree(files: list[Path], src: Path, out: Path, sources, log) -> list
 
 
 def _prepare_one_file(files: list[Path], out: Path, sources, log) -> list[FileReport]:
-    """Every file's rows in one output, written only if every file converted: a file missing a whole source
-    file would look complete, so the existing output (if any) is kept instead."""
+    """Every file's rows in one output, written only if every file converted and some record was kept: a file
+    missing a whole source file would look complete, and an empty one would replace a good earlier output, so
+    the existing output (if any) is kept instead."""
     reports = []
     with AtomicJsonl(out) as sink:
         for f in files:
@@ -334,11 +374,13 @@ def _prepare_one_file(files: list[Path], out: Path, sources, log) -> list[FileRe
             reports.append(report)
             sink.write(records)
         failed = sum(r.error is not None for r in reports)
-        if not failed:
+        if not failed and sink.lines:
             sink.commit()
             log(f"wrote {sink.lines} records to {out}")
     if failed:
         _not_written(out, f"{failed} of {len(files)} parquet files were not converted", log)
+    elif not sink.lines:
+        _not_written(out, "no records kept", log)
     return reports
 
 
