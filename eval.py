@@ -34,10 +34,11 @@ call, each problem one line naming the flag or the file and line. Each --per-sam
 its completion ("generation": the model path, a fingerprint of its weights and tokenizer, and the sampling
 settings), and --resume refuses a file another model, tokenizer or setting wrote. --per-sample holds
 each generated completion before it is scored (a "pending" line) and each scored line as its chunk is
-scored (one process generates and scores a few batches at a time), so Ctrl-C (exit 130) or a scoring that
-fails loses no generation: --resume scores only the rest, without generating the pending ones again, and
---completions can score the file as it is. When the judge failed on more than half
-of the completions it was asked about, eval.py says so on stderr, writes its outputs and exits 3.
+scored (one process generates and scores a few batches at a time), so Ctrl-C (exit 130, at once: the judge
+requests in flight are cancelled, not waited for) or a scoring that fails loses no generation: --resume
+scores only the rest, without generating the pending ones again, and --completions can score the file as
+it is. When the judge failed on more than half of the completions it was asked about, eval.py says so on
+stderr, writes its outputs and exits 3.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ from nano_gtalign.evaluate import (
     Key, SampleLog, check_sample_line, check_scorable, check_writable, checkpoint_identity, compare_by_source,
     format_comparison_by_source, generate_completions, judge_failures, json_safe, sample_keys, score_completions,
 )
-from nano_gtalign.http_judge import open_configured_judge
+from nano_gtalign.http_judge import HTTPJudge, open_configured_judge
 from nano_gtalign.judges import RULE_TASKS, add_judge_arguments, canonical_task, judge_options, redact_url
 from nano_gtalign.loader import CheckpointError, load_config, load_pretrained, load_tokenizer
 from nano_gtalign.metrics import (
@@ -546,7 +547,7 @@ def evaluate(args, d: Dist, log) -> None:
     """Check outputs and inputs, open the judge (before any generation: an unreachable judge would waste it),
     then generate and score, appending to --per-sample as it goes."""
     sink, have = open_outputs(args, d)
-    generation = None
+    generation = judge = None
     try:
         if args.completions:
             items, skipped = completion_items(args, log)
@@ -571,6 +572,8 @@ def evaluate(args, d: Dist, log) -> None:
             new = generate_and_score(args, d, records, keys, have, judge, sink, log, tok, ids, generation)
             teardown(d)
     except KeyboardInterrupt:
+        if isinstance(judge, HTTPJudge):   # else the exit would wait out every retry of the requests in flight
+            judge.cancel()
         interrupted(sink, d)
     if d.main:  # a torchrun rank other than 0 is done: rank 0 scores and reports
         old = sink.done if sink else {}

@@ -60,7 +60,7 @@ class _Deadline:
         self.expired = False
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
+        self._timer = threading.Timer(seconds, self.expire)
         self._timer.daemon = True
         self._timer.start()
 
@@ -74,7 +74,8 @@ class _Deadline:
                 return
         _shut(sock)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """Shut the request's sockets now (the timer does it at the deadline, HTTPJudge.cancel earlier)."""
         with self._lock:
             self.expired, socks, self._socks = True, self._socks, []
         for sock in socks:
@@ -296,6 +297,9 @@ class HTTPJudge:
     what the server asked. Whatever still fails becomes a failed Verdict naming
     the URL and the cause; judge_many never raises.
 
+    cancel() ends every request at once, for good: eval.py calls it on Ctrl-C so
+    that exiting does not wait out the attempts and sleeps of the requests in flight.
+
     Credentials: api_key (else $JUDGE_API_KEY, surrounding whitespace dropped;
     a control or non-ASCII character inside is refused) is sent as a Bearer
     token; a base_url with user:password@ connects to the host without them and
@@ -342,6 +346,19 @@ class HTTPJudge:
         self.extra_body = check_extra_body(PAPER_EXTRA_BODY if extra_body is None else extra_body)
         self._rule = RuleJudge()
         self._opener = urllib.request.build_opener(_DeadlineHTTPHandler, _DeadlineHTTPSHandler, _NoRedirects)
+        self._cancelled = threading.Event()
+        self._in_flight: set[_Deadline] = set()   # the attempts cancel() must cut off
+        self._in_flight_lock = threading.Lock()
+
+    def cancel(self) -> None:
+        """Stop every request now and for good: no attempt, retry or wait starts any more, the attempts in flight
+        have their sockets shut (their deadlines expire at once), and each request ends in a failed verdict
+        within moments. Only eval.py's Ctrl-C calls it: train.py's first Ctrl-C lets the step's judging finish."""
+        with self._in_flight_lock:
+            self._cancelled.set()
+            in_flight = list(self._in_flight)
+        for deadline in in_flight:
+            deadline.expire()
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -358,6 +375,10 @@ class HTTPJudge:
         request = urllib.request.Request(url, data=data, headers=self._headers(),
                                          method="GET" if data is None else "POST")
         request.deadline = deadline = _Deadline(self.timeout)
+        with self._in_flight_lock:
+            self._in_flight.add(deadline)
+            if self._cancelled.is_set():   # cancel() came after _ask looked: this attempt is cut off too
+                deadline.expire()
         body, error = b"", None
         try:
             try:
@@ -377,6 +398,8 @@ class HTTPJudge:
                 raise _HTTPStatus(e.code, snippet, wait) from None
         except (_HTTPStatus, _BadReply, *TRANSPORT_ERRORS) as e:
             error = e
+        with self._in_flight_lock:
+            self._in_flight.discard(deadline)
         if deadline.stop():   # whatever the reads saw, it was cut off by the deadline
             raise TimeoutError(f"timed out after {self.timeout:g}s")
         if error is not None:
@@ -414,7 +437,10 @@ class HTTPJudge:
         error, wait = "", 0.0
         for attempt in range(self.retries + 1):
             if wait:
-                time.sleep(wait)
+                self._cancelled.wait(wait)   # a sleep that cancel() cuts short
+            if self._cancelled.is_set():
+                # not the cut-off attempt's error: the deadline cancel() expired reads as a timeout
+                return None, None, f"judge server {self.url}: request cancelled"
             wait = sleeps[attempt] if attempt < self.retries else 0.0
             try:
                 text, finish_reason = _chat_completion(self._fetch(self.url, data))
@@ -474,9 +500,15 @@ class HTTPJudge:
             else:
                 to_ask.append(i)
         if to_ask:
-            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(to_ask))) as pool:
+            pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(to_ask)))
+            try:
                 for i, v in zip(to_ask, pool.map(lambda k: self._judge_llm(requests[k]), to_ask)):
                     verdicts[i] = v
+            finally:
+                # Every future is done unless a KeyboardInterrupt left the loop: then drop the queued requests and
+                # do not wait for those in flight (a `with` block would wait out all their retries); the
+                # caller's cancel() ends them.
+                pool.shutdown(wait=False, cancel_futures=True)
         return verdicts   # type: ignore[return-value]  # every slot is filled above
 
     def judge(self, task: str, question: str, response: str, ground_truth: str,

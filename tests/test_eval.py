@@ -4,9 +4,11 @@ import json
 import math
 import re
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ import nano_gtalign.http_judge as http_judge
 import nano_gtalign.judges as judges
 from nano_gtalign.judges import RuleJudge, Verdict
 from nano_gtalign.loader import load_tokenizer
+from tests.processes import running
+from tests.test_judges import FakeJudgeServer
 from tests.tiny import make_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -405,6 +409,39 @@ def test_interrupted_scoring_keeps_its_lines_and_resumes(tmp_path, monkeypatch, 
     assert ps.read_text() == (tmp_path / "ps.jsonl").read_text()
     with pytest.raises(SystemExit, match="--resume needs --per-sample"):
         evaluate.main(argv[:2] + ["--resume"])
+
+
+def test_ctrl_c_while_the_judge_hangs_exits_130_at_once_keeping_what_is_scored(tmp_path):
+    """The judge server never answers: the first Ctrl-C must not wait out the attempts and backoff sleeps
+    (4 x 10 s here), only cancel them, keep the chunk already scored and exit 130 as any interrupt does."""
+    # A first chunk (eval.SCORE_CHUNK) the rule judge scores without a request, then one the LLM must judge.
+    rule = [(record("math-hard", f"What is {i} + 1?", str(i + 1)), completion("DQ_DA", f"\\boxed{{{i + 1}}}"))
+            for i in range(evaluate.SCORE_CHUNK)]
+    src = write_jsonl(tmp_path / "c.jsonl", [{"record": r, "completion": c} for r, c in rule + [FIXTURE[3]]])
+    ps = tmp_path / "ps.jsonl"
+    server = FakeJudgeServer(lambda payload, n: ("hang", None))   # serves test-model
+    try:
+        with running([sys.executable, "eval.py", "--completions", str(src), "--per-sample", str(ps), "--judge",
+                      server.url + "#test-model", "--judge-timeout", "10"], cwd=ROOT, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True) as proc:
+            start = time.monotonic()
+            while server.requests == 0 and proc.poll() is None and time.monotonic() - start < 60:
+                time.sleep(0.05)
+            assert server.requests, proc.communicate()[1]
+            proc.send_signal(signal.SIGINT)
+            sent = time.monotonic()
+            try:
+                _, err = proc.communicate(timeout=3)
+            except subprocess.TimeoutExpired:
+                pytest.fail("eval.py still runs 3 s after Ctrl-C: it waits for the hanging judge")
+            assert proc.returncode == 130 and time.monotonic() - sent < 3, err
+    finally:
+        server.close()
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"eval.py: interrupted: {evaluate.SCORE_CHUNK} completions are in {ps}; "
+                                            "run the same command with --resume to score the rest")
+    lines = [json.loads(l) for l in ps.read_text().splitlines()]
+    assert len(lines) == evaluate.SCORE_CHUNK and all(l["data_source"] == "math-hard" for l in lines)
 
 
 def test_model_path_writes_as_it_goes_and_resumes_whole_prompts(tiny_run, tmp_path, monkeypatch, capsys):

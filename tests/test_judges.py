@@ -550,6 +550,24 @@ def test_http_hanging_server_times_out(serve):
     assert server.requests == 2 and elapsed < 1.5   # two tries of 0.3 s plus a 0.01 s backoff
 
 
+def test_http_cancel_ends_requests_in_flight_and_their_retries_at_once(serve):
+    """eval.py's Ctrl-C: cancel() cuts the hanging attempts off and starts no retry or backoff sleep."""
+    server = serve(lambda payload, n: ("hang", None))
+    judge = fast(server.url, timeout=10, retries=3, backoff=5)
+    verdicts, requests = [], [JudgeRequest("medium", "q", "r", "ref")] * 2
+    worker = threading.Thread(target=lambda: verdicts.extend(judge.judge_many(requests)))
+    worker.start()
+    t0 = time.monotonic()
+    while server.requests < 2 and time.monotonic() - t0 < 5:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    judge.cancel()
+    worker.join(5)
+    assert time.monotonic() - t0 < 1 and server.requests == 2
+    assert all(v.failed and v.error.endswith("request cancelled") for v in verdicts) and len(verdicts) == 2
+    assert "cancelled" in judge.judge("medium", "q", "r", "ref").error and server.requests == 2   # for good
+
+
 # ---------------------------------------------------------------------------
 # Transport faults: each is a counted failure, retried like a 5xx, never an exception
 
