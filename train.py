@@ -99,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         argv, replace(TrainConfig(), **preset),
         description="GRPO training with the GTAlign welfare reward (no --model: the built-in demo).",
         epilog="demo defaults (no --model): " + flag_list(DEMO_DEFAULTS) + "; with --algo ppo: " +
-               flag_list(PPO_DEFAULTS) + " (the demo also " + flag_list(DEMO_PPO_DEFAULTS) + ")")
+               flag_list(PPO_DEFAULTS) + " (the demo also " + flag_list(DEMO_PPO_DEFAULTS) + "). With --resume "
+               "only these may change: " + ", ".join("--" + f.replace("_", "-") for f in MAY_CHANGE_ON_RESUME))
 
 
 def check_world(cfg: TrainConfig, d: Dist) -> None:

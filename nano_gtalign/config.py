@@ -131,7 +131,7 @@ class TrainConfig:
     eval_samples: int = option(1, "completions per held-out prompt (with sampling)", EVAL, AT_LEAST_1)
     save_every: int = option(50, "checkpoint every K steps (0: only when halting)", EVAL, AT_LEAST_0)
     resume: str | None = option(None, "continue from OUT_DIR's latest checkpoint, or from the given checkpoint file "
-                                      "(the flags listed below may change; any other changed flag is refused)",
+                                      "(the flags listed at the end may change; any other changed flag is refused)",
                                 EVAL, nargs="?", const="latest")
     overwrite: bool = option(False, "start a new run in an --out-dir that holds an earlier run's checkpoints "
                                     "(they are removed)", EVAL)

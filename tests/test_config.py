@@ -81,6 +81,13 @@ def test_presets_are_replacements_of_the_defaults():
     assert train.parse_args(["--lr", "0.5"]).lr == 0.5  # a flag given wins over the preset
 
 
+def test_help_says_which_flags_may_change_on_resume(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "With --resume only these may change: --resume, --steps," in text and "--judge-timeout" in text
+
+
 def test_the_config_line_lists_what_the_run_reads():
     real = applicable_flags(parse_config(REAL, TrainConfig()))
     assert "sft_steps" not in real and "critic_lr" not in real and real["judge_failure"] == "exclude"
