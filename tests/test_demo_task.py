@@ -241,3 +241,11 @@ def test_warm_start_leaves_no_gradient_behind(demo_tokenizer, train):
     model = Transformer(build.demo_model_config(demo_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1))
     sft.warm_start(model, demo_tokenizer, records, comps, steps=2, batch_size=2, log_every=0)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("flag, value", [("--train", "0"), ("--test", "-1"), ("--vague-frac", "2"), ("--seed", "-1")])
+def test_cli_refuses_a_flag_out_of_range_in_one_line(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        task.main(["--out", str(tmp_path), flag, value])
+    assert e.value.code == 2 and "error: need --train >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "train.jsonl").exists()

@@ -95,3 +95,12 @@ def test_format_steps_zero_leaves_random_weights(tmp_path):
 def test_missing_data_names_the_file_and_the_fix(tmp_path):
     with pytest.raises(SystemExit, match=r"no such file \(run data/gtalign/prepare.py first\)"):
         tiny_model.main(["--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "m")])
+
+
+@pytest.mark.parametrize("flag, value, words", [("--layers", "0", "--layers must be >= 1, got 0"),
+                                                ("--vocab-size", "-5", "--vocab-size must be >= 1, got -5"),
+                                                ("--lr", "nan", "a finite --lr > 0"), ("--seed", "-1", "0 <= --seed")])
+def test_cli_refuses_a_flag_out_of_range_in_one_line(tmp_path, capsys, flag, value, words):
+    with pytest.raises(SystemExit) as e:
+        tiny_model.main(["--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "m"), flag, value])
+    assert e.value.code == 2 and words in capsys.readouterr().err

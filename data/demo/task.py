@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vague-frac", type=float, default=0.5, help="fraction of vague (VQ) questions")
     args = p.parse_args(argv)
+    if args.train < 1 or args.test < 1 or not 0 <= args.vague_frac <= 1 or not 0 <= args.seed < 2**32:
+        p.error(f"need --train >= 1, --test >= 1, 0 <= --vague-frac <= 1 and 0 <= --seed < 2^32; got {args.train}, "
+                f"{args.test}, {args.vague_frac}, {args.seed}")
     print(f"arith_demo: {vars(args)}")
     for split, n in (("train", args.train), ("test", args.test)):
         records = make_split(n, args.seed, split, args.vague_frac)

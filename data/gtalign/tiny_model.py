@@ -15,6 +15,7 @@ numbers say that the pipeline runs, nothing about GTAlign.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import time
@@ -97,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="dtype written to disk")
     args = ap.parse_args(argv)
+    for name in ("records", "vocab_size", "hidden_size", "layers", "max_positions", "batch_size"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.format_steps < 0 or not 0 <= args.seed < 2**32 or not (math.isfinite(args.lr) and args.lr > 0):
+        ap.error(f"need --format-steps >= 0, 0 <= --seed < 2^32 and a finite --lr > 0; got {args.format_steps}, "
+                 f"{args.seed}, {args.lr}")
     print("tiny_model: " + " ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
     t0 = time.time()
     torch.manual_seed(args.seed)
