@@ -1,4 +1,4 @@
-"""Sample a completion from a checkpoint (ours or any Hugging Face Qwen2/Qwen3 directory).
+"""Sample a completion from a checkpoint (ours or any Hugging Face Qwen2/Qwen3/Llama directory).
 
     python sample.py --prompt "What is 37 + 48?"                  # the demo model at out/demo/final
     python sample.py --model DIR --prompt "What is 37 + 48?" --temperature 0

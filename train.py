@@ -1,4 +1,4 @@
-"""GRPO (or PPO) training of a Qwen2/Qwen3 model with the GTAlign welfare reward, on CPU, one GPU or many.
+"""GRPO (or PPO) training of a Qwen2/Qwen3/Llama model with the GTAlign welfare reward, on CPU, one GPU or many.
 
     python train.py                                         # the built-in demo (5 to 15 minutes on 2 CPU cores)
     python train.py --algo ppo                              # the demo with PPO: a value model and GAE

@@ -43,7 +43,7 @@ DATA, REWARD, GRPO, PPO, OPT, SYSTEM, EVAL, DEMO = (
 @dataclass
 class TrainConfig:
     # model and data
-    model: str | None = option(None, "Hugging Face Qwen2/Qwen3 directory (omit for the demo)", DATA)
+    model: str | None = option(None, "Hugging Face Qwen2/Qwen3/Llama directory (omit for the demo)", DATA)
     data: list[str] | None = option(None, "training records: .jsonl or .parquet files (docs/data.md)", DATA, nargs="+")
     eval_data: list[str] | None = option(
         None, "held-out records (files); without it --holdout records of --data are held out", DATA, nargs="+")

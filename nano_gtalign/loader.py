@@ -183,7 +183,7 @@ def _as_dtype(dtype) -> torch.dtype | None:
 
 @_reports_permission
 def load_pretrained(path, dtype=None, device="cpu") -> Transformer:
-    """Load a Qwen2/Qwen3 model directory. dtype None keeps the checkpoint's dtype. Returned in eval mode."""
+    """Load a Qwen2/Qwen3/Llama model directory. dtype None keeps the checkpoint's dtype. Returned in eval mode."""
     path = Path(path)
     config = load_config(path)
     dtype = _as_dtype(dtype)

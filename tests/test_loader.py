@@ -23,6 +23,8 @@ from tests.tiny import make_hf_model
 
 transformers = pytest.importorskip("transformers")
 IDS = torch.tensor([[5, 17, 33, 2, 48, 9, 120, 7]])
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
 
 
 def hf_logits(path):
@@ -39,6 +41,10 @@ def dirs(tmp_path_factory):
         "qwen2_sharded": make_hf_model(root / "qwen2_sharded", "qwen2", max_shard_size="60KB"),
         "qwen3_tied": make_hf_model(root / "qwen3_tied", "qwen3", tie_word_embeddings=True),
         "qwen2_bf16": make_hf_model(root / "qwen2_bf16", "qwen2", dtype="bfloat16"),
+        # Llama 3.1-style rope_scaling with an original context of 16, and a Llama with every bias.
+        "llama3_tied": make_hf_model(root / "llama3_tied", "llama", tie_word_embeddings=True, rope_theta=5e5,
+                                     max_position_embeddings=128, rope_scaling=LLAMA3_ROPE),
+        "llama_bias": make_hf_model(root / "llama_bias", "llama", attention_bias=True, mlp_bias=True),
     }
 
 
@@ -98,7 +104,8 @@ def test_tied_checkpoint_that_also_stores_lm_head(dirs, tmp_path):
 
 # ---------------------------------------------------------------- saving
 
-@pytest.mark.parametrize("name, shard", [("qwen2", None), ("qwen3_tied", 40_000)])
+@pytest.mark.parametrize("name, shard", [("qwen2", None), ("qwen3_tied", 40_000), ("llama_bias", None),
+                                         ("llama3_tied", 40_000)])
 def test_save_loads_back_in_transformers_and_here(dirs, tmp_path, name, shard):
     model, tok = load_pretrained(dirs[name]), load_tokenizer(dirs[name])
     out = tmp_path / "saved"
@@ -122,6 +129,30 @@ def test_save_loads_back_in_transformers_and_here(dirs, tmp_path, name, shard):
     assert load_tokenizer(out).apply_chat_template([{"role": "user", "content": "hi"}]) == \
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temporary directory left behind
+
+
+@pytest.mark.parametrize("name", ["llama3_tied", "llama_bias"])
+def test_llama_export_is_a_llama_directory(dirs, tmp_path, name):
+    # config.json says llama with its rope scaling and biases, so transformers builds the same model: same logits
+    # over 100 positions (6x the llama3 variant's original context), and the tokenizer tokenizes the same.
+    model, tok = load_pretrained(dirs[name]), load_tokenizer(dirs[name])
+    out = tmp_path / "saved"
+    save_pretrained(model, tok, out)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("llama", ["LlamaForCausalLM"])
+    assert (config["attention_bias"], config["mlp_bias"]) == ((False, False) if name == "llama3_tied" else (True, True))
+    if name == "llama3_tied":
+        assert config["rope_scaling"] == LLAMA3_ROPE and config["rope_parameters"] == {**LLAMA3_ROPE, "rope_theta": 5e5}
+    else:
+        assert "rope_scaling" not in config and config["rope_parameters"]["rope_type"] == "default"
+    ids = torch.randint(3, 300, (2, 100), generator=torch.Generator().manual_seed(5))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
+    assert load_pretrained(out).config == model.config
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "What is 37 + 48? The quick brown fox."
+    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
 
 
 def test_save_bf16_without_tokenizer_and_overwrite(dirs, tmp_path):
@@ -216,7 +247,7 @@ def tiny_model(vocab_size, model_type):
                                    eos_token_id=2, pad_token_id=0))
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
 @pytest.mark.parametrize("kind", ["tiny", "demo", "qwen"])
 def test_exported_tokenizer_loads_the_same_in_transformers(tmp_path, kind, model_type):
     """AutoTokenizer on an exported model directory tokenizes exactly as we do. transformers 5 builds every
@@ -301,8 +332,12 @@ def test_missing_or_broken_config(dirs, tmp_path):
 def test_unsupported_architecture(dirs, tmp_path):
     path = copy(dirs["qwen2"], tmp_path / "m")
     cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral",
+                                                  "architectures": ["MistralForCausalLM"]}))
+    expect_error(path, "config.json", "unsupported model_type 'mistral'")
+    # A Qwen2 checkpoint relabelled llama: Llama without attention_bias has no q/k/v bias to put them in.
     (path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    expect_error(path, "config.json", "unsupported model_type 'llama'")
+    expect_error(path, "model.safetensors", "unexpected weight 'model.layers.0.self_attn.", "_proj.bias'", "llama")
 
 
 def test_missing_shard(dirs, tmp_path):
@@ -560,6 +595,22 @@ def test_config_that_is_not_an_object_is_one_line(dirs, tmp_path, content):
     path = copy(dirs["qwen2"], tmp_path / "m")
     (path / "config.json").write_text(content)
     expect_error(path, str(path / "config.json"), "not a JSON object")
+
+
+def test_llama_3_2_config_passes_validation():
+    from nano_gtalign.model import Llama3RopeScaling, ModelConfig
+    # Llama-3.2-1B-Instruct's config.json (the fields that matter), as published: rope_scaling, top-level theta.
+    d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "head_dim": 64,
+         "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+         "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+         "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                          "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+         "hidden_act": "silu", "initializer_range": 0.02, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+         "use_cache": True, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
+    c = ModelConfig.from_hf(d)
+    assert (c.head_dim, c.num_key_value_heads, c.tie_word_embeddings, c.attention_bias) == (64, 8, True, False)
+    assert c.rope_scaling == Llama3RopeScaling(32.0, 1.0, 4.0, 8192) and c.rope_theta == 5e5
 
 
 def test_largest_published_shapes_pass_validation():

@@ -1,4 +1,4 @@
-"""Our Qwen2/Qwen3 transformer against hand-computed numbers and against transformers on tiny random models.
+"""Our Qwen2/Qwen3/Llama transformer against hand-computed numbers and against transformers on tiny random models.
 
 Run: python -m pytest tests/test_model.py -q
 """
@@ -9,15 +9,21 @@ import shutil
 import pytest
 import torch
 
-from nano_gtalign.loader import load_pretrained
-from nano_gtalign.model import (KVCache, ModelConfig, RMSNorm, Transformer, apply_rope, attention_mask_4d,
-                                decode_step, gqa_decode_attention, rope_inv_freq)
+from nano_gtalign.loader import load_pretrained, load_tokenizer
+from nano_gtalign.model import (KVCache, Llama3RopeScaling, ModelConfig, RMSNorm, Transformer, apply_rope,
+                                attention_mask_4d, decode_step, gqa_decode_attention, rope_inv_freq)
+from nano_gtalign.sampling import SamplingParams, generate
 from tests.tiny import make_hf_model
 
 transformers = pytest.importorskip("transformers")
 
 # bf16: both implementations run the same bf16 ops, so logits agree to a couple of bf16 ulps at |logit| ~ 1.
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
+# Llama 3.1's rope_scaling with an original context of 16 positions (Llama 3.1: 8192), so that a 100-token test
+# sequence reaches far beyond it; rope_theta 5e5 as Llama 3 has, so some wavelengths exceed 16 and are stretched.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+LLAMA3 = dict(rope_scaling=LLAMA3_ROPE, rope_theta=5e5, max_position_embeddings=128)
 
 
 def hf_model(path, dtype="float32"):
@@ -31,7 +37,7 @@ def checkpoint(tmp_path_factory):
     made = {}
 
     def get(arch="qwen2", tied=False, dtype="float32", sharded=False, **overrides):
-        key = (arch, tied, dtype, sharded, tuple(sorted(overrides.items())))
+        key = (arch, tied, dtype, sharded, repr(sorted(overrides.items())))  # repr: overrides may hold dicts
         if key not in made:
             path = tmp_path_factory.mktemp(f"{arch}_{tied}_{dtype}_{sharded}")
             make_hf_model(path, arch, tie_word_embeddings=tied, dtype=dtype,
@@ -86,9 +92,27 @@ def test_attention_mask_hand_computed():
     assert attention_mask_4d(None, T=4, start=0, device="cpu") is None
 
 
+def test_llama3_rope_scaling_hand_computed():
+    # head_dim 4, theta 100: wavelengths 2*pi (frequency 1) and 20*pi (frequency 0.1). With an original context
+    # of 64, 64 / (2 pi) = 10.2 > high_freq_factor 4: kept; 64 / (20 pi) = 1.02 is just above low_freq_factor 1:
+    # blended, almost fully divided by the factor. With 16: 16 / (2 pi) = 2.5 blends, 16 / (20 pi) < 1 divides.
+    def inv(original):
+        scaling = Llama3RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=original)
+        return rope_inv_freq(tiny_config(head_dim=4, rope_theta=100.0, rope_scaling=scaling)).tolist()
+
+    def blended(f, original):
+        b = (original * f / (2 * math.pi) - 1.0) / 3.0
+        return (1 - b) * f / 8.0 + b * f
+
+    assert inv(64) == pytest.approx([1.0, blended(0.1, 64)], rel=1e-6)
+    assert inv(16) == pytest.approx([blended(1.0, 16), 0.1 / 8.0], rel=1e-6)
+    assert rope_inv_freq(tiny_config(head_dim=4, rope_theta=100.0)).tolist() == pytest.approx([1.0, 0.1])
+
+
 # ---------------------------------------------------------------- parity with transformers
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_logits_match_transformers(checkpoint, arch, tied, dtype):
@@ -114,7 +138,7 @@ def test_logits_match_transformers(checkpoint, arch, tied, dtype):
     torch.testing.assert_close((h @ ours.output_weight().T).float(), got)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
 def test_left_padded_batch_matches_unpadded_rows(checkpoint, arch):
     model = load_pretrained(checkpoint(arch))
     rows = [[5, 9, 17, 33, 4, 8, 21], [7, 3, 12], [40]]
@@ -132,6 +156,45 @@ def test_left_padded_batch_matches_unpadded_rows(checkpoint, arch):
             assert (batch[i, width - len(r):] - alone[0]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("variant", ["llama3_rope", "biases_tied"])
+def test_llama_variants_match_transformers(checkpoint, variant):
+    # llama3 RoPE scaling over 100 positions, 6x its original context of 16; and attention_bias (q/k/v AND
+    # o_proj) with mlp_bias and a tied head. GQA (4 heads over 2 kv heads) in both.
+    overrides = LLAMA3 if variant == "llama3_rope" else dict(attention_bias=True, mlp_bias=True)
+    path = checkpoint("llama", tied=variant == "biases_tied", **overrides)
+    ours, ref = load_pretrained(path), hf_model(path)
+    assert ours.config.num_key_value_heads < ours.config.num_attention_heads
+    if variant == "llama3_rope":
+        assert ours.config.rope_scaling == Llama3RopeScaling(8.0, 1.0, 4.0, 16)
+    else:
+        assert ours.model.layers[0].self_attn.o_proj.bias is not None and ours.model.layers[0].mlp.up_proj.bias \
+            is not None and ours.config.tie_word_embeddings
+    ids = torch.randint(3, ours.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(ids).logits.float()
+        assert (ours(ids) - want).abs().max().item() <= TOL["float32"]
+        if variant == "llama3_rope":  # the scaling must matter, or this test could not fail
+            ours.config.rope_scaling = None
+            ours.init_buffers()
+            assert (ours(ids) - want).abs().max().item() > 1e-3
+
+
+def test_llama3_rope_greedy_decode_matches_transformers(checkpoint):
+    # Our KV-cache sampler against transformers' greedy generate, a ragged batch decoded from positions
+    # 5 and 30 to 95 and 120: mostly beyond the original context of 16.
+    path = checkpoint("llama", **LLAMA3)
+    model, tok, hf = load_pretrained(path), load_tokenizer(path), hf_model(path)
+    gen_ids = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 300, (n,), generator=gen_ids).tolist() for n in (30, 5)]
+    gen = generate(model, tok, prompts, SamplingParams(max_new_tokens=90, temperature=0.0, eos_token_ids=()))
+    hf.generation_config.eos_token_id = None  # EOS disabled on both sides: compare all 90 tokens
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([p])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=90, do_sample=False,
+                          eos_token_id=None, pad_token_id=tok.pad_token_id)
+        assert gen.completion_ids[i].tolist() == out[0, len(p):].tolist(), f"row {i} differs from transformers"
+
+
 def left_padded_pair(seed: int, length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two rows of random token ids and their attention mask; row 1 is left-padded by `pad` columns."""
     ids = torch.randint(3, 300, (2, length), generator=torch.Generator().manual_seed(seed))
@@ -140,7 +203,7 @@ def left_padded_pair(seed: int, length: int, pad: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
 def test_kv_cache_decoding_matches_full_forward(checkpoint, arch):
     model = load_pretrained(checkpoint(arch))
     ids, mask = left_padded_pair(seed=1, length=12, pad=3)
@@ -164,7 +227,7 @@ def test_kv_cache_decoding_matches_full_forward(checkpoint, arch):
     assert (inc - full).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
 def test_static_decode_step_matches_full_forward(checkpoint, arch):
     # decode_step (the GPU path: cache written at a tensor index, attention over all 16 columns under a mask)
     # after a prefill gives the full forward's logits, with a left-padded row.
@@ -261,10 +324,42 @@ def test_from_hf_reads_fields_and_round_trips():
     assert ModelConfig.from_hf(c.to_hf()) == c
     q2 = ModelConfig.from_hf({**d, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "head_dim": None})
     assert (q2.head_dim, q2.qk_norm, q2.attention_bias) == (16, False, True)
+    # Llama 3.2's layout: rope_scaling without rope_theta (top-level), attention/mlp biases off.
+    llama = {**d, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "head_dim": None,
+             "rope_scaling": dict(LLAMA3_ROPE, original_max_position_embeddings=8192), "attention_bias": False,
+             "mlp_bias": False, "pretraining_tp": 1}
+    c = ModelConfig.from_hf(llama)
+    assert (c.head_dim, c.qk_norm, c.attention_bias, c.o_proj_bias, c.mlp_bias, c.rope_theta) == \
+        (16, False, False, False, False, 5e5)
+    assert c.rope_scaling == Llama3RopeScaling(8.0, 1.0, 4.0, 8192)
+    assert ModelConfig.from_hf(c.to_hf()) == c
+    assert c.to_hf()["rope_scaling"] == dict(LLAMA3_ROPE, original_max_position_embeddings=8192)
+    assert c.to_hf()["rope_parameters"] == dict(LLAMA3_ROPE, original_max_position_embeddings=8192, rope_theta=5e5)
+    biased = ModelConfig.from_hf({**llama, "attention_bias": True, "mlp_bias": True, "rope_scaling": None})
+    assert (biased.attention_bias, biased.o_proj_bias, biased.mlp_bias, biased.rope_scaling) == (True, True, True, None)
+    assert ModelConfig.from_hf(biased.to_hf()) == biased
+
+
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "model_type"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "model_type"),
+    ({**LLAMA, "architectures": ["Qwen2ForCausalLM"]}, "architectures"),
+    ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "'linear'"),
+    ({**LLAMA, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic'"),
+    ({**LLAMA, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "'yarn'"),
+    ({**LLAMA, "rope_scaling": {**LLAMA3_ROPE, "factor": None}}, "rope_scaling.factor"),
+    ({**LLAMA, "rope_scaling": {**LLAMA3_ROPE, "factor": -8.0}}, "rope_scaling.factor"),
+    ({**LLAMA, "rope_scaling": {**LLAMA3_ROPE, "high_freq_factor": 1.0}}, "high_freq_factor"),
+    ({**LLAMA, "rope_parameters": {**LLAMA3_ROPE, "low_freq_factor": "1"}}, "rope_parameters.low_freq_factor"),
+    ({**LLAMA, "rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": 0}},
+     "original_max_position_embeddings"),
+    ({**LLAMA, "rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": None}},
+     "original_max_position_embeddings"),
+    ({**LLAMA, "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({**LLAMA, "mlp_bias": "yes"}, "mlp_bias"),
+    ({**LLAMA, "hidden_act": "gelu"}, "hidden_act"),
     ({"architectures": ["Qwen2ForSequenceClassification"]}, "architectures"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope_type"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type"),

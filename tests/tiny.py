@@ -7,6 +7,7 @@ files written by the reference implementation.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def make_hf_model(
     with_tokenizer: bool = True,
     **overrides,
 ) -> Path:
-    """Save a tiny random Qwen2 or Qwen3 model (and tokenizer) with transformers."""
+    """Save a tiny random Qwen2, Qwen3 or Llama model (and tokenizer) with transformers. overrides go to the
+    transformers config (e.g. rope_scaling, attention_bias, mlp_bias for llama)."""
     import torch
     import transformers
 
@@ -97,7 +99,7 @@ def make_hf_model(
         bos_token_id=None,
         pad_token_id=0,
     )
-    common.update(overrides)
+    common.update(copy.deepcopy(overrides))  # transformers fills rope_theta into a rope_scaling dict it is given
     if arch == "qwen2":
         config = transformers.Qwen2Config(**common)
         cls = transformers.Qwen2ForCausalLM
@@ -105,6 +107,9 @@ def make_hf_model(
         common.setdefault("head_dim", 32)
         config = transformers.Qwen3Config(**common)
         cls = transformers.Qwen3ForCausalLM
+    elif arch == "llama":
+        config = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
     else:
         raise ValueError(f"unknown arch {arch!r}")
     torch.manual_seed(seed)
