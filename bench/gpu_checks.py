@@ -254,7 +254,8 @@ class NumberTokenizer:
 
 
 def small_model(device, layers=4, vocab=4096):
-    from nano_gtalign.model import ModelConfig, Transformer
+    from nano_gtalign.model import Transformer
+    from nano_gtalign.model_config import ModelConfig
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
@@ -357,7 +358,8 @@ def host_syncs(device):
 @check("sampler/speed")
 def decode_speed(device):
     """tokens/s of the decode paths at the Qwen2.5-0.5B shape (bf16, 8 ragged prompts x 8 samples): for reading."""
-    from nano_gtalign.model import ModelConfig, Transformer
+    from nano_gtalign.model import Transformer
+    from nano_gtalign.model_config import ModelConfig
     from nano_gtalign.sampling import SamplingParams, generate
 
     torch.manual_seed(0)

@@ -5,10 +5,10 @@
 
 It runs train.py's demo for two steps with a profiler on and records every function of this repository
 that runs during the second step (from drawing its prompts to its optimizer step, its log line and
-metrics), plus the function that holds the training loop. model.py and the sampler (sampling.py,
-static_decode.py, cpu_packing.py) are left out: they are read once, as the model, not as part of the step. A function
-counts whole (a reader reads all of it), each line once. It also prints how many calls below the loop the
-loss and the log-prob kernel sit: the frames between the loop's function and the first call of each.
+metrics), plus the function that holds the training loop. model.py (with model_config.py) and the sampler
+(sampling.py, static_decode.py, cpu_packing.py) are left out: they are read once, as the model, not as part of the
+step. A function counts whole (a reader reads all of it), each line once. It also prints how many calls below the
+loop the loss and the log-prob kernel sit: the frames between the loop's function and the first call of each.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ else:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_COUNTED = {"nano_gtalign/model.py", "nano_gtalign/sampling.py", "nano_gtalign/static_decode.py",
-               "nano_gtalign/cpu_packing.py"}
+NOT_COUNTED = {"nano_gtalign/model.py", "nano_gtalign/model_config.py", "nano_gtalign/sampling.py",
+               "nano_gtalign/static_decode.py", "nano_gtalign/cpu_packing.py"}
 LOSS_NAMES = ("policy_loss",)                    # the clipped surrogate
 KERNEL_NAMES = ("fused_logprobs",)               # the log-prob kernel's entry point
 # The demo with its full warm start (so that completions have the four blocks and every scoring term runs),

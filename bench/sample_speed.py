@@ -35,7 +35,8 @@ import torch
 
 from nano_gtalign.loader import load_pretrained, load_tokenizer, save_pretrained  # noqa: E402
 from nano_gtalign.cpu_packing import onednn_packing_applies  # noqa: E402
-from nano_gtalign.model import ModelConfig, Transformer  # noqa: E402
+from nano_gtalign.model import Transformer  # noqa: E402
+from nano_gtalign.model_config import ModelConfig  # noqa: E402
 from nano_gtalign.sampling import DECODE_MODES, SamplingParams, generate, resolve_decode  # noqa: E402
 from nano_gtalign.tokenizer import Tokenizer  # noqa: E402
 

@@ -71,7 +71,8 @@ def worker(preset: str, backend: str, prompts: int, group: int, prompt_len: int,
 
     from nano_gtalign.config import TrainConfig
     from nano_gtalign.distributed import Dist, generation_mode
-    from nano_gtalign.model import ModelConfig, Transformer
+    from nano_gtalign.model import Transformer
+    from nano_gtalign.model_config import ModelConfig
     from nano_gtalign.policy import Policy
     from nano_gtalign.report import RolloutStats
     from nano_gtalign.rollout import Rollout

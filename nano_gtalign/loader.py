@@ -26,7 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nano_gtalign.errors import CheckpointError
-from nano_gtalign.model import ModelConfig, Transformer
+from nano_gtalign.model import Transformer
+from nano_gtalign.model_config import ModelConfig
 from nano_gtalign.tokenizer import Tokenizer
 
 # Older safetensors releases do not export their error type.

@@ -238,7 +238,8 @@ def export_tokenizer(kind, path):
 
 
 def tiny_model(vocab_size, model_type):
-    from nano_gtalign.model import ModelConfig, Transformer
+    from nano_gtalign.model import Transformer
+    from nano_gtalign.model_config import ModelConfig
     torch.manual_seed(0)
     return Transformer(ModelConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
@@ -598,7 +599,7 @@ def test_config_that_is_not_an_object_is_one_line(dirs, tmp_path, content):
 
 
 def test_llama_3_2_config_passes_validation():
-    from nano_gtalign.model import Llama3RopeScaling, ModelConfig
+    from nano_gtalign.model_config import Llama3RopeScaling, ModelConfig
     # Llama-3.2-1B-Instruct's config.json (the fields that matter), as published: rope_scaling, top-level theta.
     d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "head_dim": 64,
          "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -614,7 +615,7 @@ def test_llama_3_2_config_passes_validation():
 
 
 def test_largest_published_shapes_pass_validation():
-    from nano_gtalign.model import ModelConfig
+    from nano_gtalign.model_config import ModelConfig
     # Qwen2.5-72B-Instruct's config.json (the sizes that matter): the limits must leave real models alone.
     d = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 8192,
          "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,

@@ -21,7 +21,8 @@ from nano_gtalign import evaluate, rollout
 from nano_gtalign.distributed import Dist
 from nano_gtalign.errors import UsageError
 from nano_gtalign.loader import CheckpointError, load_pretrained
-from nano_gtalign.model import ModelConfig, Transformer
+from nano_gtalign.model import Transformer
+from nano_gtalign.model_config import ModelConfig
 from nano_gtalign.policy import Policy
 from nano_gtalign.ppo import (Critic, CriticTrainer, gae_advantages, make_critic, ppo_update,
                               token_rewards, value_loss, whiten)

@@ -295,7 +295,8 @@ def model_dir(tmp_path_factory, tokenizer):
     import torch
 
     from nano_gtalign.loader import save_pretrained
-    from nano_gtalign.model import ModelConfig, Transformer
+    from nano_gtalign.model import Transformer
+    from nano_gtalign.model_config import ModelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nano_gtalign.model import ModelConfig
+from nano_gtalign.model_config import ModelConfig
 from nano_gtalign.tokenizer import CHATML_TEMPLATE, Tokenizer, compile_template
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
