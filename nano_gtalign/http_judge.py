@@ -4,29 +4,26 @@ HTTPJudge sends each request's judge prompt (nano_gtalign/prompts.py) to the ser
 Qwen3-32B) and reads the verdict from its reply (judges.parse_verdict), many requests in flight at once,
 each under a total deadline, with retries; whatever still fails is a failed Verdict. make_judge,
 open_judge and open_configured_judge turn a --judge spec (and the options of judges.judge_options)
-into a judge ready to use: the rule judge, or an HTTPJudge whose server answers. Standard library only.
+into a judge ready to use: the rule judge, or an HTTPJudge whose server answers. Each request itself is
+nano_gtalign/http_transport.py's (a total deadline, no redirects, typed errors). Standard library only.
 """
 from __future__ import annotations
 
 import base64
-import email.utils
-import functools
-import http.client
 import json
-import math
 import os
-import re
-import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from typing import Callable
 
 from nano_gtalign.errors import UsageError
+from nano_gtalign.http_transport import (
+    TRANSPORT_ERRORS, BadReply, Deadline, DeadlineHTTPHandler, DeadlineHTTPSHandler, HTTPStatus, NoRedirects, describe,
+    send,
+)
 from nano_gtalign.judges import (
     MATH_TASKS, PAPER_EXTRA_BODY, RULE_TASKS, VERDICT_SCALES, Judge, JudgeOptions, JudgeRequest, JudgeSettings,
     JudgeUnavailableError, RuleJudge, Verdict, canonical_task, check_extra_body, check_sampling, failed_verdict,
@@ -43,197 +40,23 @@ def _default_prompt(request: JudgeRequest) -> str:
                         extra_info=extra_info if isinstance(extra_info, dict) else None)
 
 
-# A judge reply is a few kB; a body past this is garbage, and reading it all would only fill memory.
-MAX_REPLY_BYTES = 16 * 2**20
-
-
-class _Deadline:
-    """A total time limit for one HTTP request (connect, send, headers and body together).
-
-    When it passes, every socket the request opened is shut down, which wakes a read or write
-    blocked on it: a server that trickles one byte at a time cannot hold a request longer than
-    `seconds`, as it could under a timeout per socket read."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.end = time.monotonic() + seconds
-        self.expired = False
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self.expire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def remaining(self) -> float:
-        return max(self.end - time.monotonic(), 1e-3)
-
-    def watch(self, sock: socket.socket) -> None:
-        with self._lock:
-            if not self.expired:
-                self._socks.append(sock)
-                return
-        _shut(sock)
-
-    def expire(self) -> None:
-        """Shut the request's sockets now (the timer does it at the deadline, HTTPJudge.cancel earlier)."""
-        with self._lock:
-            self.expired, socks, self._socks = True, self._socks, []
-        for sock in socks:
-            _shut(sock)
-
-    def stop(self) -> bool:
-        """Disarm; True if the deadline had passed (then whatever was read is not trusted)."""
-        self._timer.cancel()
-        with self._lock:
-            self._socks = []
-            return self.expired
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:   # already closed
-        pass
-
-
-class _WatchedConnection:
-    """An http.client connection that connects within what is left of its deadline and hands
-    its socket (after any TLS handshake) to the deadline."""
-
-    def __init__(self, *args, deadline: _Deadline, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.deadline = deadline
-
-    def connect(self):
-        self.timeout = self.deadline.remaining()
-        super().connect()
-        self.deadline.watch(self.sock)
-
-
-class _WatchedHTTP(_WatchedConnection, http.client.HTTPConnection):
-    pass
-
-
-_WATCHED: dict[type, type] = {http.client.HTTPConnection: _WatchedHTTP}
-if hasattr(http.client, "HTTPSConnection"):   # Python built with ssl
-    class _WatchedHTTPS(_WatchedConnection, http.client.HTTPSConnection):
-        pass
-    _WATCHED[http.client.HTTPSConnection] = _WatchedHTTPS
-
-
-class _DeadlineHandlerMixin:
-    """urllib handler that opens the request's connection as a _WatchedConnection (urllib keeps
-    doing proxies, TLS and redirects)."""
-
-    def do_open(self, http_class, req, **kwargs):
-        return super().do_open(functools.partial(_WATCHED[http_class], deadline=req.deadline), req, **kwargs)
-
-
-class _DeadlineHTTPHandler(_DeadlineHandlerMixin, urllib.request.HTTPHandler):
-    pass
-
-
-class _DeadlineHTTPSHandler(_DeadlineHandlerMixin, urllib.request.HTTPSHandler):
-    pass
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """Never follow a redirect: it would carry the Authorization header to whatever host the reply names and
-    turn a POST into a GET without the prompt. The 3xx stays an HTTPError, a failed request."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-class _HTTPStatus(Exception):
-    """A non-2xx answer: its code, the start of its body, and the seconds its Retry-After asked to wait
-    (None: no readable Retry-After)."""
-
-    def __init__(self, code: int, snippet: str, retry_after: float | None = None):
-        super().__init__(f"HTTP {code}: {snippet}")
-        self.code, self.snippet, self.retry_after = code, snippet, retry_after
-
-    def asked(self) -> str:
-        """What the server asked for, for an error message ('' when it asked nothing)."""
-        if self.retry_after is None:
-            return ""
-        return f"; it asked to wait {math.ceil(self.retry_after)}s (Retry-After)"
-
-
-def _retry_after(value: str | None) -> float | None:
-    """The seconds a Retry-After header asks to wait: delay-seconds, or an HTTP-date (0 once past); None when
-    absent or unreadable (then the backoff applies as for any retry)."""
-    if value is None:
-        return None
-    value = value.strip()
-    if re.fullmatch(r"[0-9]+", value):
-        return min(float(value), 1e9)   # 400 digits would be inf; any wait this long is past every deadline
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):   # not a date (the error type varies by version)
-        return None
-    if when.tzinfo is None:   # "-0000": an HTTP-date is GMT
-        when = when.replace(tzinfo=timezone.utc)
-    return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
-
-
-class _BadReply(Exception):
-    """A 2xx reply whose body is not a chat completion; the message says how."""
-
-
-# What a request can raise besides _HTTPStatus and _BadReply: refused, reset, DNS, timeouts
-# (URLError and TimeoutError are OSErrors), and broken HTTP (IncompleteRead, BadStatusLine, ...).
-TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
-
-
-def _describe(err: BaseException, timeout: float) -> str:
-    """A short cause for a failed call: 'connection refused', 'timed out after 2s', ..."""
-    reason = err.reason if isinstance(err, urllib.error.URLError) else err
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(reason, TimeoutError):
-        return f"timed out after {timeout:g}s"
-    if isinstance(reason, http.client.RemoteDisconnected):   # a ConnectionResetError: test it first
-        return "the server closed the connection without a reply (RemoteDisconnected)"
-    if isinstance(reason, ConnectionResetError):
-        return "connection reset by the server (ConnectionResetError)"
-    if isinstance(reason, http.client.IncompleteRead):
-        more = f", {reason.expected} more expected" if reason.expected is not None else ""
-        return (f"the reply body is incomplete: the connection closed mid-reply or the chunked encoding "
-                f"broke (IncompleteRead: {len(reason.partial)} bytes read{more})")
-    if isinstance(reason, http.client.BadStatusLine):
-        return f"not an HTTP reply (BadStatusLine: {str(reason)[:80]!r})"
-    if isinstance(reason, http.client.HTTPException):
-        return f"broken HTTP reply ({type(reason).__name__}: {str(reason)[:80]})"
-    if isinstance(reason, _BadReply):
-        return f"it sent {reason}"
-    return f"{type(reason).__name__}: {reason}"
-
-
-def _read_body(resp) -> bytes:
-    body = resp.read(MAX_REPLY_BYTES + 1)
-    if len(body) > MAX_REPLY_BYTES:
-        raise _BadReply(f"a reply body over {MAX_REPLY_BYTES} bytes")
-    if resp.length:   # Content-Length promised more (read(n) returns a short body without raising)
-        raise http.client.IncompleteRead(body, resp.length)
-    return body
 
 
 def _chat_completion(body: bytes) -> tuple[str, str | None]:
-    """(choices[0].message.content, finish_reason) of a chat-completions body, or _BadReply."""
+    """(choices[0].message.content, finish_reason) of a chat-completions body, or BadReply."""
     try:
         reply = json.loads(body)
     except (ValueError, RecursionError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise _BadReply(f"a body that is not JSON ({type(e).__name__}): {body[:200]!r}") from None
+        raise BadReply(f"a body that is not JSON ({type(e).__name__}): {body[:200]!r}") from None
     try:
         choice = reply["choices"][0]
         text = choice["message"].get("content")
     except (KeyError, IndexError, TypeError, AttributeError):
-        raise _BadReply(f"a reply that is not a chat completion (no choices[0].message): {body[:200]!r}") from None
+        raise BadReply(f"a reply that is not a chat completion (no choices[0].message): {body[:200]!r}") from None
     if text is None:   # some servers send null content for an empty reply
         text = ""
     if not isinstance(text, str):
-        raise _BadReply(f"a reply that is not a chat completion (message.content is {type(text).__name__}, "
+        raise BadReply(f"a reply that is not a chat completion (message.content is {type(text).__name__}, "
                         f"not text): {body[:200]!r}")
     finish_reason = choice.get("finish_reason")
     return text, finish_reason if isinstance(finish_reason, str) else None
@@ -257,9 +80,9 @@ def _split_userinfo(base_url: str) -> tuple[str, str | None]:
     """(base_url without its user:password@, the Basic credentials "user:password" percent-decoded, or None).
 
     urllib would take "user:password@host" for the host name (and fail to resolve it); the credentials go in
-    an Authorization header instead, to this server only (_NoRedirects). ValueError, showing the URL redacted,
-    when an '@' is left after the host (an unencoded '/', '?' or '#' in a password splits it there) or the
-    port is not a number."""
+    an Authorization header instead, to this server only (http_transport.NoRedirects). ValueError, showing the
+    URL redacted, when an '@' is left after the host (an unencoded '/', '?' or '#' in a password splits it
+    there) or the port is not a number."""
     scheme, _, rest = base_url.partition("://")
     netloc = rest[:min([i for i in map(rest.find, "/?#") if i >= 0], default=len(rest))]   # as RFC 3986 ends it
     userinfo, at, host = netloc.rpartition("@")
@@ -287,8 +110,8 @@ class HTTPJudge:
     judge_many sends up to max_concurrency requests at once. Each attempt must
     be over within `timeout` seconds in all (connect, send, headers and the
     whole body: a server that trickles bytes is cut off at the deadline, see
-    _Deadline). Transport faults (refused, reset, closed mid-reply, broken HTTP,
-    a body that is not JSON or not a chat completion), timeouts, HTTP 5xx and
+    http_transport.Deadline). Transport faults (refused, reset, closed mid-reply,
+    broken HTTP, a body that is not JSON or not a chat completion), timeouts, HTTP 5xx and
     429 are retried `retries` times, waiting backoff * 2**k between tries;
     other HTTP 4xx are not retried. A 429 or 5xx with a Retry-After is retried
     after the wait it asks for when that fits in the request's time
@@ -345,9 +168,9 @@ class HTTPJudge:
         self._basic = base64.b64encode(basic.encode()).decode() if basic is not None else None
         self.extra_body = check_extra_body(PAPER_EXTRA_BODY if extra_body is None else extra_body)
         self._rule = RuleJudge()
-        self._opener = urllib.request.build_opener(_DeadlineHTTPHandler, _DeadlineHTTPSHandler, _NoRedirects)
+        self._opener = urllib.request.build_opener(DeadlineHTTPHandler, DeadlineHTTPSHandler, NoRedirects)
         self._cancelled = threading.Event()
-        self._in_flight: set[_Deadline] = set()   # the attempts cancel() must cut off
+        self._in_flight: set[Deadline] = set()   # the attempts cancel() must cut off
         self._in_flight_lock = threading.Lock()
 
     def cancel(self) -> None:
@@ -370,33 +193,19 @@ class HTTPJudge:
 
     def _fetch(self, url: str, data: bytes | None = None) -> bytes:
         """The body of a 2xx reply to GET (data None) or POST `url`, all within `timeout` seconds.
-        Raises _HTTPStatus (non-2xx), _BadReply (body over MAX_REPLY_BYTES), TimeoutError (past the
+        Raises HTTPStatus (non-2xx), BadReply (body over MAX_REPLY_BYTES), TimeoutError (past the
         deadline) or one of TRANSPORT_ERRORS."""
         request = urllib.request.Request(url, data=data, headers=self._headers(),
                                          method="GET" if data is None else "POST")
-        request.deadline = deadline = _Deadline(self.timeout)
+        request.deadline = deadline = Deadline(self.timeout)
         with self._in_flight_lock:
             self._in_flight.add(deadline)
             if self._cancelled.is_set():   # cancel() came after _ask looked: this attempt is cut off too
                 deadline.expire()
         body, error = b"", None
         try:
-            try:
-                with self._opener.open(request, timeout=self.timeout) as resp:
-                    body = _read_body(resp)
-            except urllib.error.HTTPError as e:   # before OSError: HTTPError is one
-                try:
-                    snippet = e.read(200).decode("utf-8", "replace").strip()
-                except TRANSPORT_ERRORS:
-                    snippet = ""
-                finally:
-                    e.close()
-                if 300 <= e.code < 400:
-                    snippet = (f"redirect to {e.headers.get('Location')} refused (the judge client follows no "
-                               "redirects: give --judge the URL that answers)")
-                wait = _retry_after(e.headers.get("Retry-After")) if e.headers is not None else None
-                raise _HTTPStatus(e.code, snippet, wait) from None
-        except (_HTTPStatus, _BadReply, *TRANSPORT_ERRORS) as e:
+            body = send(self._opener, request, self.timeout)
+        except (HTTPStatus, BadReply, *TRANSPORT_ERRORS) as e:
             error = e
         with self._in_flight_lock:
             self._in_flight.discard(deadline)
@@ -412,11 +221,11 @@ class HTTPJudge:
         url = self.base_url + "/models"
         try:
             body = json.loads(self._fetch(url))
-        except _HTTPStatus as e:
+        except HTTPStatus as e:
             why = f": {e.snippet}" if 300 <= e.code < 400 else ""
             raise JudgeUnavailableError(f"judge server at {url} answered HTTP {e.code}{why}{e.asked()}") from None
-        except (_BadReply, ValueError, RecursionError, *TRANSPORT_ERRORS) as e:
-            raise JudgeUnavailableError(f"judge server at {url} is unreachable: {_describe(e, self.timeout)}") from None
+        except (BadReply, ValueError, RecursionError, *TRANSPORT_ERRORS) as e:
+            raise JudgeUnavailableError(f"judge server at {url} is unreachable: {describe(e, self.timeout)}") from None
         served = [m.get("id") for m in body.get("data", []) if isinstance(m, dict)] if isinstance(body, dict) else []
         if served and self.model not in served:
             raise JudgeUnavailableError(f"judge server at {self.base_url} does not serve model {self.model!r}; "
@@ -444,7 +253,7 @@ class HTTPJudge:
             wait = sleeps[attempt] if attempt < self.retries else 0.0
             try:
                 text, finish_reason = _chat_completion(self._fetch(self.url, data))
-            except _HTTPStatus as e:
+            except HTTPStatus as e:
                 error = f"judge server {self.url} answered HTTP {e.code}: {e.snippet}{e.asked()}"
                 if e.code != 429 and e.code < 500:
                     return None, None, error
@@ -456,11 +265,11 @@ class HTTPJudge:
                                             f"(gave up after {_attempts(attempt + 1)})")
                     wait = e.retry_after
                 continue
-            except _BadReply as e:   # a broken reply is a transport fault: retried like a 5xx
+            except BadReply as e:   # a broken reply is a transport fault: retried like a 5xx
                 error = f"judge server {self.url} sent {e}"
                 continue
             except TRANSPORT_ERRORS as e:
-                error = f"judge server {self.url}: {_describe(e, self.timeout)}"
+                error = f"judge server {self.url}: {describe(e, self.timeout)}"
                 continue
             return text, finish_reason, None
         return None, None, f"{error} (gave up after {_attempts(self.retries + 1)})"
