@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def check_world(cfg: TrainConfig, d: Dist) -> None:
     if cfg.fsdp and not d.on:
         raise UsageError("--fsdp needs several processes: torchrun --nproc_per_node=N train.py --fsdp ...")
-    mini = cfg.mini_batch_size or cfg.prompts_per_step
+    mini = cfg.prompts_per_mini_batch
     if cfg.prompts_per_step % d.world or mini % d.world:
         raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} and --mini-batch-size {mini} "
                          f"must be multiples of the number of ranks ({d.world})")
@@ -317,14 +317,14 @@ def main(argv: list[str] | None = None) -> RunResult:
     cfg = parse_args(argv)
     d = setup_distributed(cfg.device)
     try:
-        out_dir = Path(cfg.out_dir)
+        out_dir, say = Path(cfg.out_dir), functools.partial(print0, d)
         prepare_out_dir(out_dir)  # exists and is writable, before any work that would be lost
-        with exclusive(out_dir, d, log=functools.partial(print0, d)):  # one run at a time in an out-dir
+        with exclusive(out_dir, d, log=say):  # one run at a time in an out-dir
             if d.main:
                 for stale in remove_stale_temporaries(out_dir):
-                    print0(d, f"removed {stale} (left by an interrupted save)")
+                    say(f"removed {stale} (left by an interrupted save)")
             if not cfg.resume:
-                check_fresh_start(out_dir, cfg.overwrite, log=functools.partial(print0, d), remove=d.main)
+                check_fresh_start(out_dir, cfg.overwrite, log=say, remove=d.main)
             return run(cfg, d)
     finally:
         teardown(d)

@@ -145,9 +145,14 @@ class TrainConfig:
     sft_steps: int = option(300, "supervised warm-start steps", DEMO, AT_LEAST_0)
 
     @property
+    def prompts_per_mini_batch(self) -> int:
+        """--mini-batch-size, or all of the step's prompts when it is not given (on-policy)."""
+        return self.mini_batch_size or self.prompts_per_step
+
+    @property
     def mini_batches(self) -> int:
         """Optimizer steps per epoch: the step's prompts split into mini-batches of --mini-batch-size."""
-        return self.prompts_per_step // (self.mini_batch_size or self.prompts_per_step)
+        return self.prompts_per_step // self.prompts_per_mini_batch
 
     def flags(self) -> dict:
         """Every option by its flag's name (the judge's too), as checkpoints and metrics.jsonl keep them."""
@@ -218,7 +223,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError("--model needs --data (training records, .jsonl or .parquet)")
     if cfg.eval_temperature == 0 and cfg.eval_samples > 1:
         raise UsageError("--eval-temperature must be > 0 when --eval-samples > 1 (greedy draws are identical)")
-    mini = cfg.mini_batch_size or cfg.prompts_per_step
+    mini = cfg.prompts_per_mini_batch
     if cfg.prompts_per_step % mini:
         raise UsageError(f"--mini-batch-size {mini} must divide --prompts-per-step {cfg.prompts_per_step}")
     if cfg.old_logp == "sampler" and (cfg.top_k or cfg.top_p < 1):

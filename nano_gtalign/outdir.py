@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -21,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from nano_gtalign.checkpoint import MANIFEST, read_manifest
+from nano_gtalign.checkpoint import MANIFEST, read_manifest, sha256
 from nano_gtalign.distributed import Dist, all_gather
 from nano_gtalign.errors import UsageError
 
@@ -97,14 +96,7 @@ def check_fresh_start(out_dir: Path, overwrite: bool, log=print, remove: bool = 
 
 def data_fingerprint(files: list[str] | None) -> dict[str, str]:
     """SHA-256 of each training data file (path -> hex digest); {} for the demo, whose data is its flags."""
-    out = {}
-    for name in files or ():
-        h = hashlib.sha256()
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        out[str(name)] = h.hexdigest()
-    return out
+    return {str(name): sha256(Path(name)) for name in files or ()}
 
 
 def check_resume(saved: dict, flags: dict, may_change: tuple[str, ...], accept_changed_data: bool,
